@@ -1,0 +1,64 @@
+# mosmedai: `make up` starts the local platform, `make test` runs the suite.
+# Both install what they need first (virtual environment, Python and Debian packages).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: help install system-deps up down status test test-unit test-integration bench models model-configs clean
+
+help:
+	@echo "make up           start the local platform (Triton + Ray Serve gateway/router); logs in .run/logs"
+	@echo "make down         stop everything make up started"
+	@echo "make status       which local processes run"
+	@echo "make test         unit and integration tests (starts its own platform on other ports)"
+	@echo "make bench        side-by-side throughput/latency of the work, Triton, and the full path"
+	@echo "make models       retrain the reference networks (needs torch; minutes on 2 cores)"
+	@echo "make model-configs  re-render model_repository/*/config.pbtxt from the tool catalog"
+
+# Triton's Python-backend stub links the system libpython of the running minor version.
+system-deps:
+	@ldconfig -p | grep -q 'libpython3.11.so.1.0' || { \
+	  echo "installing libpython3.11 (Triton's Python backend stub needs it)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libpython3.11 >/dev/null; }
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: system-deps $(STAMP)
+
+up: install
+	$(BIN)/mosmedai up
+
+down:
+	@if [ -x $(BIN)/mosmedai ]; then $(BIN)/mosmedai down; else echo "nothing installed, nothing running"; fi
+
+status: install
+	$(BIN)/mosmedai status
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-unit: install
+	$(BIN)/python -m pytest -q -m "not integration"
+
+test-integration: install
+	$(BIN)/python -m pytest -q -m integration
+
+bench: install
+	$(BIN)/python -m mosmedai.bench
+
+models: install
+	$(BIN)/pip install -q -e '.[train]'
+	$(BIN)/python -m mosmedai.training.train --tool all
+	$(BIN)/python -m mosmedai.training.evaluate --tool all --write-cards
+
+model-configs: install
+	$(BIN)/python -m mosmedai.model_repo
+
+clean: down
+	rm -rf .run

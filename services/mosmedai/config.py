@@ -1,0 +1,153 @@
+"""Platform configuration: typed and validated in one place.
+
+Every field reads from the environment with the prefix ``MOSMEDAI_`` (e.g.
+``MOSMEDAI_ROUTER_MAX_BATCH_SIZE=16``). Bad values fail at start with pydantic's message,
+which names the field.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mosmedai.imaging import NETWORK_SIZE, TRANSPORT_MAX_SIDE
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MOSMEDAI_", extra="forbid")
+
+    # --- where things run -------------------------------------------------------------
+    bind_host: str = Field(
+        "127.0.0.1",
+        description="Address the local servers listen on. Loopback by default: the local "
+        "platform has no authentication yet and must not be reachable from the network.",
+    )
+    gateway_http_port: int = Field(8000, ge=1, le=65535, description="Gateway HTTP port (DESIGN.md).")
+    triton_http_port: int = Field(8100, ge=1, le=65535, description="Triton HTTP port.")
+    triton_grpc_port: int = Field(8101, ge=1, le=65535, description="Triton gRPC port.")
+    triton_metrics_port: int = Field(8102, ge=1, le=65535, description="Triton metrics port.")
+    triton_url: str = Field(
+        "",
+        description="host:port of Triton's gRPC endpoint the router calls. Empty: the local "
+        "Triton at bind_host:triton_grpc_port. In a cluster: the region pool's Service.",
+    )
+    model_repository: Path = Field(
+        REPO_ROOT / "model_repository",
+        description="Triton model repository (one folder per model, config.pbtxt + versions).",
+    )
+    run_dir: Path = Field(
+        REPO_ROOT / ".run",
+        description="Where `make up` keeps pid files and logs (logs in run_dir/logs).",
+    )
+
+    # --- which tools ------------------------------------------------------------------
+    enabled_tools: list[str] = Field(
+        default_factory=lambda: ["cxr_opacity", "cxr_nodule", "cxr_pneumothorax"],
+        description="Tools (Triton ensembles) this deployment serves. /readyz waits for each.",
+    )
+
+    # --- router -----------------------------------------------------------------------
+    router_max_batch_size: int = Field(
+        8, ge=1, le=64, description="Most images per tool in one Triton request (images)."
+    )
+    router_batch_wait_ms: float = Field(
+        2.0,
+        ge=0.0,
+        le=1000.0,
+        description="How long a batch may wait for more images (ms) while Triton is busy with "
+        "the tool's previous batch. An image reaching an idle tool is sent at once.",
+    )
+    router_replicas: int = Field(1, ge=1, le=64, description="Router deployment replicas.")
+    gateway_replicas: int = Field(1, ge=1, le=64, description="Gateway deployment replicas.")
+    triton_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="Deadline of one Triton call (s); past it the tool fails with 504."
+    )
+    triton_retries: int = Field(
+        2, ge=0, le=10, description="Retries of a Triton call that failed with UNAVAILABLE (connection)."
+    )
+    triton_instances: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Triton instances per pre/post-processing and network model on CPU. Two "
+        "use both cores of a small machine; one intra-op thread each (DESIGN.md).",
+    )
+
+    # --- input limits -----------------------------------------------------------------
+    max_body_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body the gateway reads (bytes); larger gets 413.",
+    )
+    max_pixels: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Largest frame (rows x columns) the gateway decodes; larger gets 422.",
+    )
+
+    transport_max_side: int = Field(
+        TRANSPORT_MAX_SIDE,
+        ge=NETWORK_SIZE,
+        le=65535,
+        description="Longest side (pixels) an image keeps on its way to Triton; the gateway "
+        "area-averages larger ones. 0.4 MB instead of 10 MB for a 2500x2048 radiograph.",
+    )
+
+    # --- local platform ---------------------------------------------------------------
+    ray_num_cpus: int = Field(
+        2, ge=1, le=256, description="CPUs the local Ray instance may schedule (logical)."
+    )
+    startup_timeout_s: float = Field(
+        180.0, gt=0, description="How long `make up` waits for readiness before giving up (s)."
+    )
+
+    @field_validator("enabled_tools")
+    @classmethod
+    def _tools_known(cls, tools: list[str]) -> list[str]:
+        from mosmedai.tools import CATALOG
+
+        unknown = sorted(set(tools) - set(CATALOG))
+        if unknown:
+            raise ValueError(f"unknown tools {unknown}; known: {sorted(CATALOG)}")
+        if not tools:
+            raise ValueError("at least one tool must be enabled")
+        return tools
+
+    @model_validator(mode="after")
+    def _ports_distinct(self) -> "Settings":
+        ports = {
+            "gateway_http_port": self.gateway_http_port,
+            "triton_http_port": self.triton_http_port,
+            "triton_grpc_port": self.triton_grpc_port,
+            "triton_metrics_port": self.triton_metrics_port,
+        }
+        if len(set(ports.values())) != len(ports):
+            raise ValueError(f"ports must be distinct: {ports}")
+        return self
+
+    @property
+    def triton_grpc_target(self) -> str:
+        return self.triton_url or f"{self.bind_host}:{self.triton_grpc_port}"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as MOSMEDAI_* variables, for the processes `make up` starts."""
+        values = self.model_dump(mode="json")
+        return {
+            f"MOSMEDAI_{key.upper()}": json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            for key, value in values.items()
+        }
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

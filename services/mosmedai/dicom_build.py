@@ -1,0 +1,75 @@
+"""Builds DICOM Part-10 files from pixel arrays: examples, tests and load generation.
+
+Never used on the serving path; results (SR, secondary capture) are built with highdicom.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from datetime import datetime, timezone
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
+
+#: Digital X-Ray Image Storage - For Presentation (PS3.4 B.5).
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+
+
+def build_dataset(pixels: np.ndarray, *, modality: str = "DX", bits_stored: int | None = None,
+                  photometric: str = "MONOCHROME2", **attributes) -> Dataset:
+    """A single-frame grayscale image; ``attributes`` are DICOM keywords (e.g. WindowCenter)."""
+    if pixels.ndim != 2:
+        raise ValueError(f"one 2-D frame expected, got {pixels.shape}")
+    signed = pixels.dtype.kind == "i"
+    bits_allocated = 8 if pixels.dtype.itemsize == 1 else 16
+    dataset = Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.file_meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
+    dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset.SOPClassUID = DX_FOR_PRESENTATION
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
+    dataset.StudyInstanceUID = generate_uid()
+    dataset.SeriesInstanceUID = generate_uid()
+    now = datetime.now(timezone.utc)
+    dataset.StudyDate = dataset.AcquisitionDate = now.strftime("%Y%m%d")
+    dataset.StudyTime = dataset.AcquisitionTime = now.strftime("%H%M%S")
+    dataset.PatientID = "SYNTHETIC"
+    dataset.PatientName = "Synthetic^Phantom"
+    dataset.Modality = modality
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.SamplesPerPixel = 1
+    dataset.PhotometricInterpretation = photometric
+    dataset.BitsAllocated = bits_allocated
+    dataset.BitsStored = bits_stored or bits_allocated
+    dataset.HighBit = dataset.BitsStored - 1
+    dataset.PixelRepresentation = 1 if signed else 0
+    for keyword, value in attributes.items():
+        setattr(dataset, keyword, value)
+    dataset.PixelData = np.ascontiguousarray(pixels).tobytes()
+    return dataset
+
+
+def to_bytes(dataset: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """Part-10 bytes in the given transfer syntax (compressed ones through pydicom's encoders)."""
+    dataset = copy.deepcopy(dataset)  # compress() and the byte swap change it in place
+    buffer = io.BytesIO()
+    if transfer_syntax == ExplicitVRBigEndian:
+        pixels = dataset.pixel_array
+        # A fresh Dataset: one read from a file refuses to change its byte order.
+        swapped = Dataset({element.tag: element for element in dataset})
+        swapped.file_meta = dataset.file_meta
+        swapped.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+        swapped.PixelData = pixels.astype(pixels.dtype.newbyteorder(">")).tobytes()
+        swapped.save_as(buffer, enforce_file_format=True, little_endian=False, implicit_vr=False)
+    else:
+        if transfer_syntax != ExplicitVRLittleEndian:
+            dataset.compress(transfer_syntax)
+        dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

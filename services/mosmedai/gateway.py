@@ -1,0 +1,247 @@
+"""The gateway: the platform's HTTP front door (FastAPI ingress of the Ray Serve app).
+
+- ``POST /v1/studies``: one DICOM Part-10 file -> every enabled tool that reads it.
+- ``GET /healthz``, ``GET /readyz``.
+- The Open Inference Protocol (KServe v2) REST endpoints for raw tensors, passed to
+  Triton unchanged so a stock ``tritonclient.http`` client works, binary tensors included;
+  only enabled tools are reachable.
+"""
+
+
+import asyncio
+import logging
+import time
+
+import httpx
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from mosmedai import __version__
+from mosmedai.config import Settings
+from mosmedai.dicom_input import DecodedImage, InputError, decode
+from mosmedai.imaging import reduce_for_transport
+from mosmedai.router import ImageInput, Router
+from mosmedai.schemas import ErrorBody, Finding, Location, StudyResult, ToolResult
+from mosmedai.tools import CATALOG, select_tools
+
+log = logging.getLogger("mosmedai.gateway")
+
+DICOM_MEDIA_TYPE = "application/dicom"
+
+app = FastAPI(
+    title="mosmedai gateway",
+    version=__version__,
+    description="Medical-imaging AI for regional hospitals: DICOM in, findings out. "
+    "Reference models trained on synthetic data; not for clinical use.",
+)
+
+
+@app.exception_handler(InputError)
+async def _input_error(_: Request, error: InputError) -> JSONResponse:
+    return JSONResponse(error.as_json(), status_code=error.status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise InputError(413, "body_too_large", f"the body is {declared} bytes; the limit is {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InputError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def image_input(image: DecodedImage, max_side: int) -> tuple[ImageInput, tuple[float, float]]:
+    """The tensors one image travels as, and the factors mapping their pixels to the source's."""
+    pixels, row_factor, col_factor = reduce_for_transport(image.stored, max_side)
+    lut = image.params.lut if image.params.lut is not None else np.zeros(1, np.float32)
+    tensors = ImageInput(pixels=pixels, params=image.params.as_vector(), voi_lut=np.asarray(lut, np.float32))
+    return tensors, (row_factor, col_factor)
+
+
+def tool_result(tool: str, outputs: dict, factors: tuple[float, float]) -> ToolResult:
+    spec = CATALOG[tool]
+    findings = []
+    if outputs["positive"]:
+        row0, col0, row1, col1 = outputs["location"]
+        rows, cols = factors  # transport pixels -> source pixels
+        location = (Location(row0=row0 * rows, col0=col0 * cols, row1=row1 * rows, col1=col1 * cols)
+                    if row0 >= 0 else None)
+        findings.append(Finding(finding=spec.finding, probability=outputs["probability"], location=location))
+    return ToolResult(
+        tool=tool,
+        title=spec.title,
+        model_version=str(outputs.get("model_version") or ""),
+        findings=findings,
+        scores={"probability": outputs["probability"]},
+    )
+
+
+@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class Gateway:
+    def __init__(self, router: DeploymentHandle, settings: dict):
+        self.router = router
+        self.settings = Settings(**settings)
+        triton_http = f"http://{self.settings.bind_host}:{self.settings.triton_http_port}"
+        self.triton = httpx.AsyncClient(base_url=triton_http, timeout=self.settings.triton_timeout_s)
+
+    # --- health -------------------------------------------------------------------------
+    @app.get("/healthz", summary="The gateway process is alive")
+    async def healthz(self) -> dict:
+        return {"status": "alive"}
+
+    @app.get("/readyz", summary="Triton and every enabled tool are ready",
+             responses={503: {"model": ErrorBody}})
+    async def readyz(self) -> JSONResponse:
+        try:
+            states = await asyncio.wait_for(self.router.ready.remote(), timeout=5.0)
+        except Exception as error:  # router not up (yet)
+            return JSONResponse({"error": "not_ready", "detail": f"router: {error}"}, status_code=503)
+        not_ready = [name for name, ready in states.items() if not ready]
+        if not states.get("triton"):
+            return JSONResponse({"error": "not_ready", "detail": "Triton is not ready", "states": states}, 503)
+        if not_ready:
+            return JSONResponse(
+                {"error": "not_ready", "detail": f"tools not ready: {', '.join(not_ready)}", "states": states}, 503
+            )
+        return JSONResponse({"status": "ready", "states": states})
+
+    # --- study API ----------------------------------------------------------------------
+    @app.post(
+        "/v1/studies",
+        response_model=StudyResult,
+        summary="Run every enabled tool that reads this image",
+        description="Body: one DICOM Part-10 file, `Content-Type: application/dicom`. "
+        "Optional query `tools=a,b` restricts the run to those tools.",
+        responses={code: {"model": ErrorBody} for code in (400, 413, 415, 422, 502, 503, 504)},
+        openapi_extra={"requestBody": {"required": True, "content": {DICOM_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}},
+    )
+    async def submit_study(self, request: Request, tools: str | None = None) -> JSONResponse:
+        received = time.perf_counter()
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != DICOM_MEDIA_TYPE:
+            raise InputError(415, "unsupported_media_type",
+                             f"Content-Type is '{media_type or '(none)'}'; send one DICOM file as {DICOM_MEDIA_TYPE}")
+        body = await read_body(request, self.settings.max_body_bytes)
+        # Decoding JPEG 2000 takes ~0.4 s: off the event loop, so other requests go on.
+        image = await asyncio.to_thread(decode, body, self.settings.max_pixels) if len(body) > 1 << 20 \
+            else decode(body, self.settings.max_pixels)
+        decoded = time.perf_counter()
+
+        selected = [spec.name for spec in select_tools(image.facts, self.settings.enabled_tools)]
+        if tools:
+            wanted = [name.strip() for name in tools.split(",") if name.strip()]
+            unknown = [name for name in wanted if name not in self.settings.enabled_tools]
+            if unknown:
+                raise InputError(422, "unknown_tool", f"tools not enabled here: {unknown}; "
+                                 f"enabled: {self.settings.enabled_tools}")
+            selected = [name for name in selected if name in wanted]
+        if not selected:
+            raise InputError(
+                422, "no_tool_accepts",
+                "no enabled tool reads this image",
+                looked_at=image.facts.looked_at,
+                enabled_tools=self.settings.enabled_tools,
+            )
+
+        tensors, factors = image_input(image, self.settings.transport_max_side)
+        outputs = await self.router.infer_image.remote(selected, tensors)
+        finished = time.perf_counter()
+        failures = {tool: out for tool, out in outputs.items() if "error" in out}
+        if failures:
+            status = max(out["status"] for out in failures.values())
+            detail = "; ".join(f"{tool}: {out['error']}" for tool, out in failures.items())
+            return JSONResponse({"error": "tool_failed", "detail": detail, "tools": sorted(failures)}, status)
+
+        result = StudyResult(
+            study_instance_uid=image.study_instance_uid,
+            series_instance_uid=image.series_instance_uid,
+            sop_instance_uid=image.sop_instance_uid,
+            modality=image.facts.modality,
+            tools=[tool_result(tool, outputs[tool], factors) for tool in selected],
+            timings_ms={
+                "decode": (decoded - received) * 1000.0,
+                "inference": (finished - decoded) * 1000.0,
+                "triton": max(out["triton_ms"] for out in outputs.values()),
+                "total": (finished - received) * 1000.0,
+            },
+        )
+        return JSONResponse(result.model_dump(mode="json"))
+
+    # --- router statistics (benchmarks, SREs) --------------------------------------------
+    @app.get("/v1/router/batches", summary="Realised batch sizes per tool since the last reset")
+    async def router_batches(self) -> dict:
+        return await self.router.batch_stats.remote()
+
+    @app.post("/v1/router/batches/reset", summary="Start counting batches afresh")
+    async def router_batches_reset(self) -> dict:
+        await self.router.reset_stats.remote()
+        return {"status": "reset"}
+
+    # --- Open Inference Protocol (KServe v2) over REST --------------------------------
+    async def _to_triton(self, request: Request, path: str) -> Response:
+        headers = {key: value for key, value in request.headers.items()
+                   if key.lower() in ("content-type", "inference-header-content-length", "accept-encoding",
+                                      "content-encoding")}
+        try:
+            answer = await self.triton.request(request.method, path, content=await request.body(),
+                                               headers=headers, params=request.query_params)
+        except httpx.HTTPError as error:
+            return JSONResponse({"error": f"Triton unreachable: {error}"}, status_code=503)
+        passed = {key: value for key, value in answer.headers.items()
+                  if key.lower() in ("content-type", "inference-header-content-length", "content-encoding")}
+        return Response(answer.content, status_code=answer.status_code, headers=passed)
+
+    def _known(self, tool: str) -> JSONResponse | None:
+        if tool not in self.settings.enabled_tools:
+            # KServe v2 error body: {"error": "..."}.
+            return JSONResponse({"error": f"unknown model '{tool}'; enabled: {self.settings.enabled_tools}"}, 404)
+        return None
+
+    @app.get("/v2", summary="OIP server metadata")
+    async def oip_server(self) -> dict:
+        return {"name": "mosmedai", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live", summary="OIP server live")
+    async def oip_live(self) -> Response:
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready", summary="OIP server ready")
+    async def oip_ready(self, request: Request) -> Response:
+        answer = await self.readyz()
+        return Response(status_code=answer.status_code)
+
+    @app.api_route("/v2/models/{tool}", methods=["GET"], summary="OIP model metadata")
+    async def oip_model(self, tool: str, request: Request) -> Response:
+        return self._known(tool) or await self._to_triton(request, f"/v2/models/{tool}")
+
+    @app.api_route("/v2/models/{tool}/{action}", methods=["GET", "POST"],
+                   summary="OIP model ready / config / infer")
+    async def oip_action(self, tool: str, action: str, request: Request) -> Response:
+        if action not in ("ready", "config", "infer", "stats"):
+            return JSONResponse({"error": f"unknown endpoint '{action}'"}, 404)
+        return self._known(tool) or await self._to_triton(request, f"/v2/models/{tool}/{action}")
+
+    @app.api_route("/v2/models/{tool}/versions/{version}/{action}", methods=["GET", "POST"],
+                   summary="OIP versioned model ready / infer")
+    async def oip_versioned(self, tool: str, version: str, action: str, request: Request) -> Response:
+        if action not in ("ready", "config", "infer") or not version.isdigit():
+            return JSONResponse({"error": f"unknown endpoint '{version}/{action}'"}, 404)
+        return self._known(tool) or await self._to_triton(
+            request, f"/v2/models/{tool}/versions/{version}/{action}")
+
+
+def build_app(settings: Settings):
+    """The Ray Serve application: the gateway ingress in front of the router."""
+    values = settings.model_dump(mode="json")
+    router = Router.options(num_replicas=settings.router_replicas).bind(values)
+    return Gateway.options(num_replicas=settings.gateway_replicas).bind(router, values)
+

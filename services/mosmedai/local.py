@@ -1,0 +1,263 @@
+"""The local platform: `make up` / `make down` on one machine.
+
+Two supervised process groups, each started in its own session so that `down` stops
+everything a group spawned (Triton's Python stubs, Ray's raylet and workers):
+
+- ``triton``: the ``tritonserver`` binary from the nvidia-pytriton wheel, CPU only.
+- ``serve``: one Python process that starts a local Ray, runs the Serve application
+  (gateway + router) and waits; SIGTERM shuts Serve and Ray down.
+
+Pid files and logs live in ``settings.run_dir`` (``.run/`` by default; logs in
+``.run/logs/``). Ray's own logs stay in its session folder (``/tmp/ray/session_latest``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import httpx
+
+from mosmedai.config import REPO_ROOT, Settings
+
+GROUPS = ("triton", "serve")
+
+
+# --- Triton from the nvidia-pytriton wheel --------------------------------------------------
+def pytriton_root() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).parent
+
+
+def triton_backend_dir(settings: Settings) -> Path:
+    """A backend folder for the running Python: libtriton_python.so, its utils and the stub.
+
+    The wheel ships one stub per Python version; Triton expects the one it runs next to
+    the backend library.
+    """
+    root = pytriton_root() / "tritonserver"
+    target = settings.run_dir / "triton_backends" / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    sources = {
+        root / "backends" / "python" / "libtriton_python.so": "libtriton_python.so",
+        root / "backends" / "python" / "triton_python_backend_utils.py": "triton_python_backend_utils.py",
+        root / "python_backend_stubs" / version / "triton_python_backend_stub": "triton_python_backend_stub",
+    }
+    for source, name in sources.items():
+        if not source.exists():
+            raise RuntimeError(f"nvidia-pytriton has no {source.name} for Python {version} ({source})")
+        destination = target / name
+        if not destination.exists() or destination.stat().st_size != source.stat().st_size:
+            shutil.copy2(source, destination)
+    return target.parent
+
+
+def triton_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
+    binary = pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+    libs = Path(sysconfig.get_paths()["purelib"]) / "nvidia_pytriton.libs"
+    env = {**os.environ, **settings.as_env()}
+    env["LD_LIBRARY_PATH"] = ":".join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH", "")]))
+    # The Python stub finds this virtual environment's packages through PATH, and the
+    # mosmedai package through PYTHONPATH.
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["PYTHONPATH"] = ":".join(filter(None, [str(REPO_ROOT / "services"), env.get("PYTHONPATH", "")]))
+    host = settings.bind_host
+    command = [
+        str(binary),
+        f"--model-repository={settings.model_repository}",
+        f"--backend-directory={triton_backend_dir(settings)}",
+        f"--http-address={host}", f"--http-port={settings.triton_http_port}",
+        f"--grpc-address={host}", f"--grpc-port={settings.triton_grpc_port}",
+        f"--metrics-address={host}", f"--metrics-port={settings.triton_metrics_port}",
+        "--allow-gpu-metrics=false",
+        "--allow-cpu-metrics=true",
+        # Explicit control: only the enabled tools (and their steps) are loaded.
+        "--model-control-mode=explicit",
+        *(f"--load-model={tool}" for tool in settings.enabled_tools),
+        # Tensors reach Python stubs through shared memory; a 2500x2048 UINT16 image is
+        # 10 MB, so start each stub's region at 16 MB and grow in 16 MB steps.
+        "--backend-config=python,shm-default-byte-size=16777216",
+        "--backend-config=python,shm-growth-byte-size=16777216",
+        "--log-verbose=0",
+        "--exit-timeout-secs=10",
+    ]
+    return command, env
+
+
+def serve_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
+    env = {**os.environ, **settings.as_env()}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return [sys.executable, "-m", "mosmedai.local", "serve"], env
+
+
+# --- process groups ---------------------------------------------------------------------
+def _pid_file(settings: Settings, group: str) -> Path:
+    return settings.run_dir / f"{group}.pid"
+
+
+def running_pid(settings: Settings, group: str) -> int | None:
+    path = _pid_file(settings, group)
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return None
+
+
+def _start(settings: Settings, group: str, command: list[str], env: dict[str, str]) -> int:
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    log = open(settings.log_dir / f"{group}.log", "ab")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               env=env, cwd=REPO_ROOT, start_new_session=True)
+    _pid_file(settings, group).write_text(f"{process.pid}\n")
+    return process.pid
+
+
+def _stop(settings: Settings, group: str, grace_s: float = 20.0) -> bool:
+    pid = running_pid(settings, group)
+    if pid is None:
+        _pid_file(settings, group).unlink(missing_ok=True)
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _pid_file(settings, group).unlink(missing_ok=True)
+    return True
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def _wait(what: str, check, timeout_s: float, log_path: Path, pid_group: tuple[Settings, str]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if running_pid(*pid_group) is None:
+            raise RuntimeError(f"{what} exited during start-up; see {log_path}")
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} not ready after {timeout_s:.0f} s; see {log_path}")
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def endpoints(settings: Settings) -> dict[str, str]:
+    host = settings.bind_host
+    return {
+        "gateway": f"http://{host}:{settings.gateway_http_port}",
+        "triton_http": f"http://{host}:{settings.triton_http_port}",
+        "triton_grpc": f"{host}:{settings.triton_grpc_port}",
+        "triton_metrics": f"http://{host}:{settings.triton_metrics_port}/metrics",
+    }
+
+
+def up(settings: Settings) -> dict[str, str]:
+    """Start what is not running, wait until the gateway is ready, return the endpoints."""
+    urls = endpoints(settings)
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    if running_pid(settings, "triton") is None:
+        for port in (settings.triton_http_port, settings.triton_grpc_port, settings.triton_metrics_port):
+            if not _port_free(settings.bind_host, port):
+                raise RuntimeError(f"port {port} is taken by another program; free it or set MOSMEDAI_TRITON_*_PORT")
+        _start(settings, "triton", *triton_command(settings))
+    _wait("Triton", lambda: _http_ok(f"{urls['triton_http']}/v2/health/ready"), settings.startup_timeout_s,
+          settings.log_dir / "triton.log", (settings, "triton"))
+    if running_pid(settings, "serve") is None:
+        if not _port_free(settings.bind_host, settings.gateway_http_port):
+            raise RuntimeError(f"port {settings.gateway_http_port} is taken by another program; "
+                               "free it or set MOSMEDAI_GATEWAY_HTTP_PORT")
+        _start(settings, "serve", *serve_command(settings))
+    _wait("gateway", lambda: _http_ok(f"{urls['gateway']}/readyz"), settings.startup_timeout_s,
+          settings.log_dir / "serve.log", (settings, "serve"))
+    return urls
+
+
+def down(settings: Settings) -> list[str]:
+    """Stop every group `up` started (gateway first, so no request meets a missing Triton)."""
+    return [group for group in reversed(GROUPS) if _stop(settings, group)]
+
+
+def status(settings: Settings) -> dict[str, int | None]:
+    return {group: running_pid(settings, group) for group in GROUPS}
+
+
+# --- the serve process ------------------------------------------------------------------
+def serve_forever(settings: Settings) -> None:
+    import ray
+    from ray import serve
+
+    from mosmedai.gateway import build_app
+
+    ray.init(
+        num_cpus=settings.ray_num_cpus,
+        include_dashboard=False,
+        # Images pass from gateway to router through the object store: 10 MB each,
+        # a few hundred in flight at most.
+        object_store_memory=512 * 1024 * 1024,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT / "services")}},
+        logging_level="WARNING",
+    )
+    serve.start(http_options={"host": settings.bind_host, "port": settings.gateway_http_port})
+    serve.run(build_app(settings), name="mosmedai", route_prefix="/", blocking=False)
+    print(f"mosmedai serve: ready at http://{settings.bind_host}:{settings.gateway_http_port}", flush=True)
+
+    stopping = False
+
+    def _terminate(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    while not stopping:
+        time.sleep(0.5)
+    serve.shutdown()
+    ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["serve"]:
+        serve_forever(Settings())
+    else:
+        sys.exit("usage: python -m mosmedai.local serve  (use `mosmedai up` / `mosmedai down`)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Shared fixtures. The `platform` fixture starts the real local platform (Triton from the
+nvidia-pytriton wheel, a local Ray with the Serve app) on ports of its own, once per run."""
+
+import os
+
+import pytest
+
+from mosmedai.config import Settings
+
+# Ports of the test platform: apart from the local default (8000, 8100-8102), so a
+# `make up` platform and the tests can run side by side.
+TEST_PORTS = {"gateway_http_port": 18000, "triton_http_port": 18100, "triton_grpc_port": 18101,
+              "triton_metrics_port": 18102}
+# A long batch wait makes "an idle tool sends at once" observable: an image that waited
+# for company would take at least this long.
+TEST_BATCH_WAIT_MS = 400.0
+
+
+@pytest.fixture(scope="session")
+def platform_settings(tmp_path_factory) -> Settings:
+    return Settings(run_dir=tmp_path_factory.mktemp("run"), router_batch_wait_ms=TEST_BATCH_WAIT_MS,
+                    **TEST_PORTS)
+
+
+@pytest.fixture(scope="session")
+def platform(platform_settings):
+    from mosmedai import local
+
+    try:
+        urls = local.up(platform_settings)
+    except Exception:
+        for name in ("triton.log", "serve.log"):
+            path = platform_settings.log_dir / name
+            if path.exists():
+                print(f"--- {name} (last 60 lines) ---")
+                print("\n".join(path.read_text(errors="replace").splitlines()[-60:]))
+        local.down(platform_settings)
+        raise
+    yield urls
+    local.down(platform_settings)
+    assert all(pid is None for pid in local.status(platform_settings).values())
+
+
+def pytest_collection_modifyitems(config, items):
+    # Integration tests share one platform; run them after the fast unit tests.
+    items.sort(key=lambda item: "platform" in getattr(item, "fixturenames", ()))
+    for item in items:
+        if "platform" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
