@@ -10,6 +10,7 @@ from mosmedai.config import Settings
 # Ports of the test platform: apart from the local default (8000, 8100-8102), so a
 # `make up` platform and the tests can run side by side.
 TEST_PORTS = {"gateway_http_port": 18000, "triton_http_port": 18100, "triton_grpc_port": 18101,
+              "serve_proxy_port": 18099, "gateway_direct_grpc_port": 18400,
               "triton_metrics_port": 18102}
 # A long batch wait makes "an idle tool sends at once" observable: an image that waited
 # for company would take at least this long.

@@ -98,10 +98,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_example(args: argparse.Namespace) -> int:
-    from mosmedai.training.phantoms import example_dicom
+    from mosmedai.training.phantoms import make_phantom, write_dicom
 
-    example_dicom(Path(args.output), finding=args.finding, seed=args.seed)
-    print(f"wrote {args.output}")
+    findings = [] if args.finding == "none" else [args.finding]
+    phantom = make_phantom((args.seed, 0), shape=(2500, 2048), findings=findings)
+    write_dicom(phantom, args.output)
+    box = phantom.boxes.get(args.finding) if findings else None
+    print(f"wrote {args.output}: synthetic 2500x2048 DX chest radiograph"
+          + (f", {args.finding} drawn at (row0,col0,row1,col1) {box}" if box else ", no finding"))
     return 0
 
 

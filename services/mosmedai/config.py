@@ -29,6 +29,15 @@ class Settings(BaseSettings):
         "platform has no authentication yet and must not be reachable from the network.",
     )
     gateway_http_port: int = Field(8000, ge=1, le=65535, description="Gateway HTTP port (DESIGN.md).")
+    gateway_direct_grpc_port: int = Field(
+        40000, ge=1, le=65535,
+        description="First port of Ray Serve's direct-ingress gRPC listeners (one per gateway replica).",
+    )
+    serve_proxy_port: int = Field(
+        8099, ge=1, le=65535,
+        description="Ray Serve's own HTTP proxy. Ray starts it on the head node even though the "
+        "gateway replicas serve HTTP themselves (direct ingress); nothing of ours uses it.",
+    )
     triton_http_port: int = Field(8100, ge=1, le=65535, description="Triton HTTP port.")
     triton_grpc_port: int = Field(8101, ge=1, le=65535, description="Triton gRPC port.")
     triton_metrics_port: int = Field(8102, ge=1, le=65535, description="Triton metrics port.")
@@ -126,6 +135,8 @@ class Settings(BaseSettings):
             "triton_http_port": self.triton_http_port,
             "triton_grpc_port": self.triton_grpc_port,
             "triton_metrics_port": self.triton_metrics_port,
+            "serve_proxy_port": self.serve_proxy_port,
+            "gateway_direct_grpc_port": self.gateway_direct_grpc_port,
         }
         if len(set(ports.values())) != len(ports):
             raise ValueError(f"ports must be distinct: {ports}")

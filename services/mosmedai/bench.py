@@ -1,0 +1,227 @@
+"""`make bench`: one chest X-ray tool measured three ways, side by side in one run.
+
+(a) the work in one process: decode + preprocess + ONNX Runtime network + postprocess;
+(b) Triton directly: the tool's ensemble over gRPC (asyncio tritonclient), sent the
+    tensors the router sends (decoded once beforehand);
+(c) the full path: DICOM bytes over HTTP to the gateway, Ray Serve router, Triton.
+
+Ratios b/a and c/a compare throughput at each concurrency (the load generator shares the
+machine's cores with the platform, as a client on the same host would). The machine is
+noisy: read ratios from one run, not absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+from mosmedai import local
+from mosmedai.config import Settings
+from mosmedai.dicom_input import decode
+from mosmedai.gateway import image_input
+from mosmedai.imaging import preprocess
+from mosmedai.postprocess import Calibration, postprocess
+from mosmedai.router import OUTPUTS
+from mosmedai.tools import CATALOG
+from mosmedai.training.phantoms import dicom_bytes, make_phantom
+
+TOOL = "cxr_nodule"
+CONCURRENCIES = (1, 4, 16)
+
+
+@dataclass
+class Run:
+    label: str
+    concurrency: int
+    images: int
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q))
+
+
+def in_process(body: bytes, settings: Settings, seconds: float) -> Run:
+    """(a): the same code the platform runs, in one process and one thread."""
+    import onnxruntime
+
+    from mosmedai.training.evaluate import read_threshold
+
+    spec = CATALOG[TOOL]
+    repository = settings.model_repository
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(str(repository / spec.network_model / "1" / "model.onnx"), options,
+                                           providers=["CPUExecutionProvider"])
+    calibration = Calibration.load(repository / spec.postprocess_model / "1" / "calibration.json")
+    threshold = read_threshold(repository, TOOL)
+
+    def once():
+        image = decode(body, settings.max_pixels)
+        network_input, geometry = preprocess(image.stored, image.params)
+        logit, heatmap = session.run(["logit", "heatmap"], {"image": network_input[None, None]})
+        return postprocess(logit[0], heatmap[0], geometry.as_vector(), calibration, threshold)
+
+    for _ in range(3):
+        once()
+    latencies, started = [], time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        begin = time.perf_counter()
+        once()
+        latencies.append((time.perf_counter() - begin) * 1000)
+    return Run("(a) in-process", 1, len(latencies), time.perf_counter() - started, latencies)
+
+
+async def _closed_loop(send, concurrency: int, seconds: float, label: str) -> Run:
+    """`concurrency` clients, each sending its next request when the last one answers."""
+    for _ in range(concurrency):
+        await send()  # warm connections and the models
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def client():
+        while time.perf_counter() < deadline:
+            begin = time.perf_counter()
+            await send()
+            latencies.append((time.perf_counter() - begin) * 1000)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return Run(label, concurrency, len(latencies), time.perf_counter() - started, latencies)
+
+
+async def through_triton(body: bytes, settings: Settings, seconds: float) -> list[Run]:
+    import tritonclient.grpc.aio as grpcclient
+
+    tensors, _ = image_input(decode(body, settings.max_pixels), settings.transport_max_side)
+    client = grpcclient.InferenceServerClient(settings.triton_grpc_target)
+    inputs = []
+    for name, array, dtype in (("pixels", tensors.pixels[None], "UINT16"), ("params", tensors.params[None], "FP32"),
+                               ("voi_lut", tensors.voi_lut[None], "FP32")):
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
+
+    async def send():
+        await client.infer(TOOL, inputs, outputs=outputs)
+
+    runs = [await _closed_loop(send, c, seconds, "(b) Triton gRPC") for c in CONCURRENCIES]
+    await client.close()
+    return runs
+
+
+async def through_gateway(body: bytes, url: str, seconds: float) -> tuple[list[Run], list[float]]:
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    batch_sizes = []
+    async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits) as client:
+        async def send():
+            answer = await client.post("/v1/studies", params={"tools": TOOL}, content=body,
+                                       headers={"Content-Type": "application/dicom"})
+            if answer.status_code != 200:
+                raise RuntimeError(f"gateway answered {answer.status_code}: {answer.text}")
+
+        runs = []
+        for concurrency in CONCURRENCIES:
+            await client.post("/v1/router/batches/reset")
+            runs.append(await _closed_loop(send, concurrency, seconds, "(c) full path"))
+            batch_sizes.append((await client.get("/v1/router/batches")).json()[TOOL]["mean_batch_size"])
+    return runs, batch_sizes
+
+
+def platform_memory(settings: Settings) -> tuple[float, float, int]:
+    """PSS and RSS (MiB) summed over the platform's processes, and their count.
+
+    `make up` starts each group in a session of its own; Triton's stubs and Ray's
+    processes stay in their group's session. PSS shares shared pages out fairly.
+    """
+    sessions = {pid for pid in local.status(settings).values() if pid}
+    pss = rss = 0.0
+    count = 0
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) not in sessions:
+                continue
+            info = process.memory_full_info()
+        except (psutil.Error, OSError):
+            continue
+        pss += info.pss / 2**20
+        rss += info.rss / 2**20
+        count += 1
+    return pss, rss, count
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=6.0, help="measuring time per row (s)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    settings = Settings()
+
+    already_running = all(local.status(settings).values())
+    up_seconds = None
+    if not already_running:
+        started = time.perf_counter()
+        local.up(settings)
+        up_seconds = time.perf_counter() - started
+    try:
+        phantom = make_phantom((5_000_001, 1), shape=(2500, 2048), findings=[TOOL])
+        body = dicom_bytes(phantom)
+        print(f"bench: {TOOL}, one {phantom.stored.shape[0]}x{phantom.stored.shape[1]} DX image "
+              f"({len(body) / 2**20:.1f} MiB, explicit VR little endian), {args.seconds:.0f} s per row")
+        a = in_process(body, settings, args.seconds)
+        b = asyncio.run(through_triton(body, settings, args.seconds))
+        c, batch_sizes = asyncio.run(through_gateway(body, local.endpoints(settings)["gateway"], args.seconds))
+        pss, rss, processes = platform_memory(settings)
+    finally:
+        if not already_running:
+            local.down(settings)
+
+    print(f"\n{'path':18s} {'conc':>4s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'ratio':>6s} {'batch':>6s}")
+    print(f"{a.label:18s} {1:4d} {a.rate:8.1f} {a.percentile(50):8.1f} {a.percentile(99):8.1f} {1.0:6.2f}")
+    for run in b:
+        print(f"{run.label:18s} {run.concurrency:4d} {run.rate:8.1f} {run.percentile(50):8.1f} "
+              f"{run.percentile(99):8.1f} {run.rate / a.rate:6.2f}")
+    for run, batch in zip(c, batch_sizes):
+        print(f"{run.label:18s} {run.concurrency:4d} {run.rate:8.1f} {run.percentile(50):8.1f} "
+              f"{run.percentile(99):8.1f} {run.rate / a.rate:6.2f} {batch:6.2f}")
+    b_best, c_best = max(r.rate for r in b), max(r.rate for r in c)
+    added_p50 = c[0].percentile(50) - a.percentile(50)
+    added_p99 = c[0].percentile(99) - a.percentile(99)
+    print(f"\nsaturation: b/a = {b_best / a.rate:.2f}, c/a = {c_best / a.rate:.2f}   (target c/a >= 0.8)")
+    print(f"added latency of the full path over (a) at concurrency 1: p50 {added_p50:+.1f} ms (target <= 5), "
+          f"p99 {added_p99:+.1f} ms (target <= 15)")
+    print(f"platform memory: {pss:.0f} MiB PSS ({rss:.0f} MiB RSS summed) in {processes} processes")
+    if up_seconds is not None:
+        print(f"make up (installed, cold processes): ready in {up_seconds:.1f} s (target <= 60)")
+    if args.json:
+        figures = {
+            "a": vars(a) | {"rate": a.rate},
+            "b": [{"concurrency": r.concurrency, "rate": r.rate, "p50": r.percentile(50), "p99": r.percentile(99)} for r in b],
+            "c": [{"concurrency": r.concurrency, "rate": r.rate, "p50": r.percentile(50), "p99": r.percentile(99),
+                   "mean_batch_size": s} for r, s in zip(c, batch_sizes)],
+            "b_over_a": b_best / a.rate, "c_over_a": c_best / a.rate,
+            "added_p50_ms": added_p50, "added_p99_ms": added_p99, "pss_mib": pss, "rss_mib": rss,
+            "up_seconds": up_seconds,
+        }
+        figures["a"].pop("latencies_ms")
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

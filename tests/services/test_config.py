@@ -1,0 +1,55 @@
+"""Configuration: bad values stop start-up with a message that names the field."""
+
+import socket
+
+import pytest
+from pydantic import ValidationError
+
+from mosmedai import local
+from mosmedai.config import Settings
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("router_max_batch_size", 0, "router_max_batch_size"),
+        ("router_batch_wait_ms", -1, "router_batch_wait_ms"),
+        ("gateway_http_port", 70000, "gateway_http_port"),
+        ("enabled_tools", ["cxr_opacity", "ct_brain_bleed"], "ct_brain_bleed"),
+        ("enabled_tools", [], "at least one tool"),
+    ],
+)
+def test_bad_settings_name_the_field(field, value, words):
+    with pytest.raises(ValidationError) as caught:
+        Settings(**{field: value})
+    assert words in str(caught.value)
+
+
+def test_bad_environment_names_the_variable(monkeypatch):
+    monkeypatch.setenv("MOSMEDAI_TRITON_TIMEOUT_S", "soon")
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert "triton_timeout_s" in str(caught.value)
+
+
+def test_clashing_ports_are_refused():
+    with pytest.raises(ValidationError, match="ports must be distinct"):
+        Settings(gateway_http_port=8100)
+
+
+def test_settings_survive_the_trip_through_the_environment(monkeypatch):
+    settings = Settings(enabled_tools=["cxr_nodule"], router_batch_wait_ms=7.5, gateway_http_port=8123)
+    for key, value in settings.as_env().items():
+        monkeypatch.setenv(key, value)
+    assert Settings() == settings
+
+
+def test_up_refuses_a_port_taken_by_another_program(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = Settings(run_dir=tmp_path, triton_http_port=port, triton_grpc_port=port + 1 if port < 65535 else 1)
+        with pytest.raises(RuntimeError, match=f"port {port} is taken"):
+            local.up(settings)
+    assert local.status(settings) == {"triton": None, "serve": None}

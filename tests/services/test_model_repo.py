@@ -1,0 +1,77 @@
+"""The Triton model repository: rendered configs, ensemble wiring, ONNX signatures."""
+
+from pathlib import Path
+
+import onnx
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from mosmedai.config import REPO_ROOT
+from mosmedai.model_repo import rendered_files
+from mosmedai.tools import CATALOG
+
+REPOSITORY = REPO_ROOT / "model_repository"
+DATA_TYPES = {"TYPE_FP32": onnx.TensorProto.FLOAT}
+
+
+def parse(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_committed_files_are_what_the_catalog_renders():
+    for relative, content in rendered_files().items():
+        path = REPOSITORY / relative
+        assert path.exists(), f"{relative} missing: run `make model-configs`"
+        assert path.read_text() == content, f"{relative} differs from the catalog: run `make model-configs`"
+
+
+def test_every_config_parses_and_names_its_folder():
+    configs = sorted(REPOSITORY.glob("*/config.pbtxt"))
+    assert len(configs) == 1 + 3 * len(CATALOG)  # one shared preprocess, three models a tool
+    for path in configs:
+        config = parse(path)
+        assert config.name == path.parent.name
+        versions = [child for child in path.parent.iterdir() if child.is_dir()]
+        assert [v.name for v in versions] == ["1"], f"{path.parent.name}: numbered version folders"
+
+
+@pytest.mark.parametrize("tool", sorted(CATALOG))
+def test_ensemble_steps_line_up(tool):
+    ensemble = parse(REPOSITORY / tool / "config.pbtxt")
+    assert ensemble.platform == "ensemble"
+    available = {tensor.name: tensor for tensor in ensemble.input}  # tensors produced so far
+    for step in ensemble.ensemble_scheduling.step:
+        model = parse(REPOSITORY / step.model_name / "config.pbtxt")
+        assert model.max_batch_size >= ensemble.max_batch_size, step.model_name
+        model_inputs = {tensor.name: tensor for tensor in model.input}
+        assert set(step.input_map) == set(model_inputs), f"{step.model_name}: every input mapped"
+        for model_input, ensemble_tensor in step.input_map.items():
+            assert ensemble_tensor in available, f"{step.model_name}.{model_input} <- {ensemble_tensor} not produced yet"
+            source = available[ensemble_tensor]
+            assert source.data_type == model_inputs[model_input].data_type
+            assert list(source.dims) == list(model_inputs[model_input].dims), (step.model_name, model_input)
+        model_outputs = {tensor.name: tensor for tensor in model.output}
+        for model_output, ensemble_tensor in step.output_map.items():
+            available[ensemble_tensor] = model_outputs[model_output]
+    for output in ensemble.output:
+        assert output.name in available and available[output.name].data_type == output.data_type
+
+
+@pytest.mark.parametrize("tool", sorted(CATALOG))
+def test_network_onnx_matches_its_config(tool):
+    spec = CATALOG[tool]
+    config = parse(REPOSITORY / spec.network_model / "config.pbtxt")
+    path = REPOSITORY / spec.network_model / "1" / "model.onnx"
+    assert path.stat().st_size < 2 * 2**20, "keep the repository lean: ONNX under 2 MB"
+    graph = onnx.load(str(path)).graph
+    for tensors, declared in ((graph.input, config.input), (graph.output, config.output)):
+        signature = {t.name: t.type.tensor_type for t in tensors}
+        assert set(signature) == {t.name for t in declared}
+        for tensor in declared:
+            onnx_type = signature[tensor.name]
+            assert onnx_type.elem_type == DATA_TYPES[model_config_pb2.DataType.Name(tensor.data_type)]
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in onnx_type.shape.dim]
+            assert dims[1:] == list(tensor.dims), f"{tool}: {tensor.name} {dims} vs config {list(tensor.dims)}"
+    assert (REPOSITORY / spec.postprocess_model / "1" / "calibration.json").exists()
+    assert (REPOSITORY / tool / "MODEL_CARD.md").exists()
