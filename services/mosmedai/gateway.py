@@ -190,16 +190,17 @@ class Gateway:
 
     # --- Open Inference Protocol (KServe v2) over REST --------------------------------
     async def _to_triton(self, request: Request, path: str) -> Response:
+        # The body goes on as it came (compressed or not); answers come back uncompressed
+        # (httpx decodes them), so Accept-Encoding is not passed on.
         headers = {key: value for key, value in request.headers.items()
-                   if key.lower() in ("content-type", "inference-header-content-length", "accept-encoding",
-                                      "content-encoding")}
+                   if key.lower() in ("content-type", "inference-header-content-length", "content-encoding")}
         try:
             answer = await self.triton.request(request.method, path, content=await request.body(),
                                                headers=headers, params=request.query_params)
         except httpx.HTTPError as error:
             return JSONResponse({"error": f"Triton unreachable: {error}"}, status_code=503)
         passed = {key: value for key, value in answer.headers.items()
-                  if key.lower() in ("content-type", "inference-header-content-length", "content-encoding")}
+                  if key.lower() in ("content-type", "inference-header-content-length")}
         return Response(answer.content, status_code=answer.status_code, headers=passed)
 
     def _known(self, tool: str) -> JSONResponse | None:

@@ -109,8 +109,10 @@ def ray_serve_environment(settings: Settings) -> dict[str, str]:
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + settings.gateway_replicas),
         "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(settings.gateway_direct_grpc_port),
         "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(settings.gateway_direct_grpc_port + settings.gateway_replicas),
-        # Keep the ports for the next `make up` at once (quarantine exists for HAProxy).
+        # Keep the ports for the next `make up` at once (quarantine exists for HAProxy),
+        # and do not hold a stopping replica open for a load balancer there is not.
         "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
     }
 
 
@@ -144,27 +146,42 @@ def _start(settings: Settings, group: str, command: list[str], env: dict[str, st
     return process.pid
 
 
+def _session_members(session: int) -> list[int]:
+    """Every live process of a session: Ray puts its workers in process groups of their own."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == session:
+                    members.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                continue
+    return members
+
+
+def _signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
 def _stop(settings: Settings, group: str, grace_s: float = 20.0) -> bool:
+    """SIGTERM the group's leader (it shuts its children down), then SIGKILL whatever of its
+    session is left after ``grace_s``."""
     pid = running_pid(settings, group)
     if pid is None:
         _pid_file(settings, group).unlink(missing_ok=True)
         return False
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
+    _signal_all([pid], signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            break
+    while time.monotonic() < deadline and _session_members(pid):
+        if pid not in _session_members(pid):
+            # The leader is gone; give its children a moment, then no more waiting.
+            deadline = min(deadline, time.monotonic() + 2.0)
         time.sleep(0.2)
-    else:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    _signal_all(_session_members(pid), signal.SIGKILL)
     _pid_file(settings, group).unlink(missing_ok=True)
     return True
 
