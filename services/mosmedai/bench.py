@@ -1,8 +1,8 @@
 """`make bench`: one chest X-ray tool measured three ways, side by side in one run.
 
 (a) the work in one process: decode + preprocess + ONNX Runtime network + postprocess;
-(b) Triton directly: the tool's ensemble over gRPC (asyncio tritonclient), sent the
-    tensors the router sends (decoded once beforehand);
+(b) Triton directly: per request the client decodes the DICOM and reduces it as the
+    gateway does, then calls the tool's ensemble over gRPC (asyncio tritonclient);
 (c) the full path: DICOM bytes over HTTP to the gateway, Ray Serve router, Triton.
 
 Ratios b/a and c/a compare throughput at each concurrency (the load generator shares the
@@ -106,19 +106,22 @@ async def _closed_loop(send, concurrency: int, seconds: float, label: str) -> Ru
 
 
 async def through_triton(body: bytes, settings: Settings, seconds: float) -> list[Run]:
+    """(b): per request, the client decodes and reduces the DICOM as the gateway does, then
+    calls the tool's ensemble; no HTTP server and no Ray in between."""
     import tritonclient.grpc.aio as grpcclient
 
-    tensors, _ = image_input(decode(body, settings.max_pixels), settings.transport_max_side)
     client = grpcclient.InferenceServerClient(settings.triton_grpc_target)
-    inputs = []
-    for name, array, dtype in (("pixels", tensors.pixels[None], "UINT16"), ("params", tensors.params[None], "FP32"),
-                               ("voi_lut", tensors.voi_lut[None], "FP32")):
-        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
     outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
 
     async def send():
+        tensors, _ = image_input(decode(body, settings.max_pixels), settings.transport_max_side)
+        inputs = []
+        for name, array, dtype in (("pixels", tensors.pixels[None], "UINT16"),
+                                   ("params", tensors.params[None], "FP32"),
+                                   ("voi_lut", tensors.voi_lut[None], "FP32")):
+            tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
         await client.infer(TOOL, inputs, outputs=outputs)
 
     runs = [await _closed_loop(send, c, seconds, "(b) Triton gRPC") for c in CONCURRENCIES]

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_modality_lut, pixel_array
 
 from mosmedai.imaging import SIGNED_SHIFT, GrayscaleParams, VoiFunction
 from mosmedai.tools import HeaderFacts
@@ -155,6 +155,21 @@ def _acquired_at(dataset: pydicom.Dataset) -> datetime | None:
         return None
 
 
+def _mask_unused_bits(stored: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
+    """Clear (unsigned) or sign-extend (signed) the bits above Bits Stored, in place."""
+    unused = stored.dtype.itemsize * 8 - bits_stored
+    if unused <= 0:
+        return stored
+    if not stored.flags.writeable:
+        stored = stored.copy()
+    if signed:
+        np.left_shift(stored, unused, out=stored)
+        np.right_shift(stored, unused, out=stored)  # arithmetic shift: sign-extends
+    else:
+        np.bitwise_and(stored, stored.dtype.type((1 << bits_stored) - 1), out=stored)
+    return stored
+
+
 def decode(body: bytes, max_pixels: int) -> DecodedImage:
     """Parse, check and decode one single-frame grayscale image."""
     dataset = read_dataset(body)
@@ -184,7 +199,10 @@ def decode(body: bytes, max_pixels: int) -> DecodedImage:
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
 
     try:
-        stored = dataset.pixel_array
+        # pydicom's own masking of unused high bits takes several full-size passes;
+        # one in-place pass below does the same (PS3.5 8.1.1: bits above Bits Stored
+        # are not part of the value).
+        stored = pixel_array(dataset, correct_unused_bits=False)
     except NotImplementedError as error:
         name = getattr(transfer_syntax, "name", str(transfer_syntax))
         raise InputError(
@@ -202,6 +220,7 @@ def decode(body: bytes, max_pixels: int) -> DecodedImage:
         )
 
     signed = int(dataset.get("PixelRepresentation", 0) or 0) == 1
+    stored = _mask_unused_bits(stored, int(dataset.get("BitsStored", bits_allocated) or bits_allocated), signed)
     if "ModalityLUTSequence" in dataset:
         # Rare in radiography; applied here so the tensor stays plain stored-like values.
         stored = np.clip(apply_modality_lut(stored, dataset), 0, 65535).astype(np.uint16)

@@ -146,3 +146,17 @@ def test_missing_uid_is_named():
     with pytest.raises(InputError) as caught:
         decode(to_bytes(dataset), MAX_PIXELS)
     assert "StudyInstanceUID (0020,000D)" in caught.value.message
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_bits_above_bits_stored_are_not_part_of_the_value(signed):
+    values = (gradient(bits=12).astype(np.int32) - (2048 if signed else 0))
+    pixels = values.astype(np.int16 if signed else np.uint16)
+    noisy = pixels.view(np.uint16).copy()
+    noisy |= np.uint16(0xA000)  # garbage in the four unused high bits (an old overlay, say)
+    if not signed:
+        noisy &= np.uint16(0xAFFF)
+    dataset = build_dataset(noisy.view(pixels.dtype), bits_stored=12)
+    image = decode(to_bytes(dataset), MAX_PIXELS)
+    expected = values + (32768 if signed else 0)
+    np.testing.assert_array_equal(image.stored.astype(np.int32), expected)

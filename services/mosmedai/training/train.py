@@ -1,0 +1,337 @@
+"""Train, export and calibrate the reference chest X-ray networks.
+
+    python -m mosmedai.training.train [--tool NAME|all] [--out model_repository]
+
+For each tool: a small CNN is trained on synthetic phantoms (`mosmedai.training.phantoms`,
+split TRAIN_SEED) turned into network input by `mosmedai.imaging.preprocess` - the serving
+path's own function. It is exported to ONNX (opset 17, dynamic batch, input ``image``
+[N, 1, 256, 256], outputs ``logit`` [N, 1] and ``heatmap`` [N, 1, 32, 32]) at
+``<out>/<tool>_net/1/model.onnx``. Platt scaling is then fitted on the exported model's
+outputs over a separate calibration split (CALIBRATION_SEED) and written to
+``<out>/<tool>_post/1/calibration.json`` with the suggested operating threshold.
+
+The three tools train on the same phantoms (each with its own labels; the other findings
+appear as distractors), generated once and kept in memory. Reference models on synthetic
+data: not for clinical use.
+
+Cost on a 2-core machine: the 3,600 phantoms take 2-3.5 minutes (two processes), then each
+tool trains 8 epochs in about 3.5 minutes on two torch threads when the machine is otherwise
+idle (longer when shared). Then run ``python -m mosmedai.training.evaluate --write-cards``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from mosmedai.training import CALIBRATION_SEED, TRAIN_SEED
+from mosmedai.training.evaluate import auc_score, onnx_outputs, sensitivity_specificity
+from mosmedai.training.phantoms import HEATMAP_SIZE, TOOLS, network_arrays
+from mosmedai.imaging import NETWORK_SIZE
+from mosmedai.postprocess import Calibration, calibrated_probability
+
+N_TRAIN = 3000
+N_CALIBRATION = 600
+EPOCHS = 8
+BATCH = 32
+LEARNING_RATE = 3e-3
+#: Weight of the heatmap loss against the image loss.
+HEATMAP_LOSS_WEIGHT = 1.0
+#: Operating point: the highest threshold (0.01 steps) keeping sensitivity >= this on the
+#: calibration split, and never above 0.5 (the Bayes threshold at the split's ~50 % prevalence).
+TARGET_SENSITIVITY = 0.9
+OPSET = 17
+
+
+def _block(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class CxrNet(nn.Module):
+    """256 x 256 radiograph -> finding logit and a 32 x 32 heatmap of logits.
+
+    Three stride-2 stages to 1/8 resolution, then dilated convolutions (receptive field
+    about 135 input pixels, ~20 cm of chest) for context such as a missing lung edge. The
+    logit reads the mean and max of the features and the heatmap's max, so a small finding
+    that lights one cell can decide the image.
+    """
+
+    def __init__(self, widths: tuple[int, int, int] = (12, 24, 48)):
+        super().__init__()
+        w1, w2, w3 = widths
+        self.features = nn.Sequential(
+            _block(1, w1, stride=2),  # 128
+            _block(w1, w2, stride=2),  # 64
+            _block(w2, w2),
+            _block(w2, w3, stride=2),  # 32
+            _block(w3, w3),
+            _block(w3, w3, dilation=2),
+            _block(w3, w3, dilation=4),
+        )
+        self.heatmap = nn.Conv2d(w3, 1, 1)
+        self.classifier = nn.Linear(2 * w3 + 1, 1)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(image)
+        heatmap = self.heatmap(features)
+        pooled = torch.cat(
+            [features.mean(dim=(2, 3)), features.amax(dim=(2, 3)), heatmap.amax(dim=(2, 3))], dim=1
+        )
+        return self.classifier(pooled), heatmap
+
+
+def count_macs(model: nn.Module, size: int = NETWORK_SIZE) -> int:
+    """Multiply-accumulates of one image's forward pass (convolutions and linear layers)."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            total += output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+        elif isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 1, size, size))
+    for handle in handles:
+        handle.remove()
+    return total
+
+
+def _augment(images: torch.Tensor, heatmaps: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-right flips and a display gamma (0.8-1.25): cheap variety on top of the phantoms."""
+    n = images.shape[0]
+    flip = torch.rand(n, generator=generator) < 0.5
+    images = torch.where(flip[:, None, None, None], images.flip(3), images)
+    heatmaps = torch.where(flip[:, None, None, None], heatmaps.flip(3), heatmaps)
+    gamma = torch.exp((torch.rand(n, generator=generator) - 0.5) * 0.45)
+    images = images.clamp_min(0.0) ** gamma[:, None, None, None]
+    return images, heatmaps
+
+
+def heatmap_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Class-balanced BCE over heatmap cells: the mean over the finding's cells plus the mean
+    over the others. A nodule covers 1-4 of 1024 cells; unbalanced, an all-zero map wins."""
+    per_cell = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    positive = target > 0.5
+    loss = per_cell[~positive].mean()
+    if bool(positive.any()):
+        loss = loss + per_cell[positive].mean()
+    return loss
+
+
+def train_tool(tool: str, data: dict[str, np.ndarray], epochs: int = EPOCHS, log=print) -> tuple[CxrNet, dict]:
+    """Train one tool's network on `data` (from `network_arrays`); returns it and a summary."""
+    index = TOOLS.index(tool)
+    torch.manual_seed(TRAIN_SEED + index)
+    generator = torch.Generator().manual_seed(TRAIN_SEED + index)
+    images = torch.from_numpy(data["image"])[:, None]  # float16, converted per batch
+    labels = torch.from_numpy(data["labels"][:, index].astype(np.float32))[:, None]
+    heat = torch.from_numpy(data["heatmaps"][:, index])[:, None]
+    n = len(labels)
+
+    model = CxrNet()
+    steps = epochs * (n // BATCH)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LEARNING_RATE, total_steps=steps, pct_start=0.2)
+    image_loss = nn.BCEWithLogitsLoss()
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(n, generator=generator)
+        totals = [0.0, 0.0]
+        for step in range(n // BATCH):
+            batch = order[step * BATCH : (step + 1) * BATCH]
+            x, h = _augment(images[batch].float(), heat[batch].float(), generator)
+            logit, heatmap = model(x)
+            loss_image = image_loss(logit, labels[batch])
+            loss_heat = heatmap_loss(heatmap, h)
+            loss = loss_image + HEATMAP_LOSS_WEIGHT * loss_heat
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            totals[0] += float(loss_image.detach())
+            totals[1] += float(loss_heat.detach())
+        steps_done = n // BATCH
+        log(
+            f"{tool}: epoch {epoch + 1}/{epochs} image loss {totals[0] / steps_done:.4f} "
+            f"heatmap loss {totals[1] / steps_done:.4f} ({time.perf_counter() - started:.0f} s)"
+        )
+    model.eval()
+    summary = {
+        "epochs": epochs,
+        "batch": BATCH,
+        "learning_rate": LEARNING_RATE,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "macs_per_image": count_macs(model),
+        "torch_threads": torch.get_num_threads(),
+    }
+    return model, summary
+
+
+def export_onnx(model: CxrNet, path: Path, metadata: dict[str, str]) -> None:
+    """ONNX opset 17, dynamic batch axis, input ``image``, outputs ``logit`` and ``heatmap``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    example = torch.zeros(1, 1, NETWORK_SIZE, NETWORK_SIZE)
+    temporary = path.with_suffix(".tmp.onnx")
+    torch.onnx.export(
+        model,
+        (example,),
+        str(temporary),
+        input_names=["image"],
+        output_names=["logit", "heatmap"],
+        dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}, "heatmap": {0: "batch"}},
+        opset_version=OPSET,
+        do_constant_folding=True,
+        dynamo=False,  # the TorchScript exporter: no onnxscript needed, plain Conv/Relu graph
+    )
+    proto = onnx.load(str(temporary))
+    proto.doc_string = "mosmedai reference model trained on synthetic phantoms; not for clinical use"
+    onnx.helper.set_model_props(proto, {key: str(value) for key, value in metadata.items()})
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    temporary.unlink()
+    # The exported graph must agree with the network it came from.
+    check = torch.rand(3, 1, NETWORK_SIZE, NETWORK_SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logit, heatmap = model(check)
+    ort_logit, ort_heatmap = onnx_outputs(path, check.numpy())
+    if not (np.allclose(ort_logit, logit.numpy(), atol=1e-3) and np.allclose(ort_heatmap, heatmap.numpy(), atol=1e-3)):
+        raise RuntimeError(f"{path}: ONNX Runtime outputs differ from PyTorch's")
+
+
+def fit_platt(logits: np.ndarray, labels: np.ndarray, iterations: int = 100) -> Calibration:
+    """Platt scaling by Newton's method on the log-loss, with Platt's smoothed targets
+    ((N+ + 1) / (N+ + 2) and 1 / (N- + 2)) so a separable split does not give infinite a."""
+    logits = np.asarray(logits, np.float64).ravel()
+    labels = np.asarray(labels, bool).ravel()
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    target = np.where(labels, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
+    a, b = 1.0, 0.0
+    design = np.stack([logits, np.ones_like(logits)], axis=1)
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(a * logits + b, -50, 50)))
+        gradient = design.T @ (p - target)
+        hessian = design.T @ (design * (p * (1 - p))[:, None]) + 1e-6 * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        a, b = a - step[0], b - step[1]
+        if np.abs(step).max() < 1e-9:
+            break
+    return Calibration(float(a), float(b))
+
+
+def suggest_threshold(probability: np.ndarray, labels: np.ndarray) -> float:
+    """Highest threshold on a 0.01 grid with sensitivity >= TARGET_SENSITIVITY, at most 0.5."""
+    labels = np.asarray(labels, bool)
+    best = 0.01
+    for threshold in np.round(np.arange(0.01, 0.505, 0.01), 2):
+        sensitivity = float((probability[labels] >= threshold).mean())
+        if sensitivity >= TARGET_SENSITIVITY:
+            best = float(threshold)
+    return best
+
+
+def calibrate(tool: str, onnx_path: Path, data: dict[str, np.ndarray], out: Path) -> dict:
+    """Fit Platt scaling on the exported model's calibration-split outputs; write calibration.json."""
+    index = TOOLS.index(tool)
+    labels = data["labels"][:, index]
+    logits, _ = onnx_outputs(onnx_path, data["image"][:, None].astype(np.float32))
+    logits = logits[:, 0]
+    calibration = fit_platt(logits, labels)
+    probability = calibrated_probability(logits, calibration)
+    threshold = suggest_threshold(probability, labels)
+    sensitivity, specificity, _ = sensitivity_specificity(probability >= threshold, labels)
+    record = {
+        "a": calibration.a,
+        "b": calibration.b,
+        "fitted_on": (
+            f"calibration split: phantoms (seed {CALIBRATION_SEED}, i) for i in 0..{len(labels) - 1}, "
+            f"outputs of {onnx_path.parent.parent.name}/1/model.onnx under ONNX Runtime; "
+            "Platt scaling, Newton's method on log-loss with Platt's smoothed targets"
+        ),
+        "seed": CALIBRATION_SEED,
+        "n": int(len(labels)),
+        "n_positive": int(labels.sum()),
+        "auc": round(auc_score(logits, labels), 4),
+        "suggested_threshold": threshold,
+        "threshold_rule": (
+            f"highest threshold (0.01 steps, at most 0.5) with sensitivity >= {TARGET_SENSITIVITY} "
+            "on this split"
+        ),
+        "sensitivity_at_suggested": round(sensitivity, 4),
+        "specificity_at_suggested": round(specificity, 4),
+        "model_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+    }
+    path = out / f"{tool}_post" / "1" / "calibration.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tool", default="all", choices=("all", *TOOLS))
+    parser.add_argument("--out", type=Path, default=Path("model_repository"))
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--n-train", type=int, default=N_TRAIN)
+    parser.add_argument("--n-calibration", type=int, default=N_CALIBRATION)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
+    args = parser.parse_args(argv)
+    tools = TOOLS if args.tool == "all" else (args.tool,)
+
+    started = time.perf_counter()
+    train = network_arrays(TRAIN_SEED, args.n_train, workers=args.workers)
+    calibration_data = network_arrays(CALIBRATION_SEED, args.n_calibration, workers=args.workers)
+    generated = time.perf_counter() - started
+    print(f"phantoms: {args.n_train} training + {args.n_calibration} calibration in {generated:.0f} s", flush=True)
+
+    torch.set_num_threads(args.threads)
+    for tool in tools:
+        model, summary = train_tool(tool, train, epochs=args.epochs, log=lambda m: print(m, flush=True))
+        index = TOOLS.index(tool)
+        onnx_path = args.out / f"{tool}_net" / "1" / "model.onnx"
+        metadata = {
+            "mosmedai.tool": tool,
+            "mosmedai.architecture": "CxrNet (mosmedai.training.train)",
+            "mosmedai.train_seed": TRAIN_SEED,
+            "mosmedai.n_train": args.n_train,
+            "mosmedai.n_train_positive": int(train["labels"][:, index].sum()),
+            "mosmedai.heatmap_size": HEATMAP_SIZE,
+            "mosmedai.generation_seconds_all_tools": round(generated, 1),
+            "mosmedai.torch_version": torch.__version__,
+            **{f"mosmedai.{key}": value for key, value in summary.items()},
+        }
+        export_onnx(model, onnx_path, metadata)
+        record = calibrate(tool, onnx_path, calibration_data, args.out)
+        print(
+            f"{tool}: trained in {summary['train_seconds']} s, {summary['parameters']} parameters, "
+            f"{summary['macs_per_image'] / 1e6:.0f} M MACs/image, ONNX {onnx_path.stat().st_size / 1024:.0f} KiB; "
+            f"calibration AUC {record['auc']}, a={record['a']:.3f} b={record['b']:.3f}, "
+            f"suggested threshold {record['suggested_threshold']} "
+            f"(sens {record['sensitivity_at_suggested']}, spec {record['specificity_at_suggested']})",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
