@@ -17,11 +17,16 @@ help:
 	@echo "make models       retrain the reference networks (needs torch; minutes on 2 cores)"
 	@echo "make model-configs  re-render model_repository/*/config.pbtxt from the tool catalog"
 
-# Triton's Python-backend stub links the system libpython of the running minor version.
+# Debian packages: Triton's Python-backend stub links the system libpython of the running
+# minor version; Prometheus and promtool serve the operator's (and the rules') tests.
 system-deps:
-	@ldconfig -p | grep -q 'libpython3.11.so.1.0' || { \
-	  echo "installing libpython3.11 (Triton's Python backend stub needs it)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libpython3.11 >/dev/null; }
+	@missing=""; \
+	ldconfig -p | grep -q 'libpython3.11.so.1.0' || missing="$$missing libpython3.11"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
