@@ -14,6 +14,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
 
@@ -35,11 +37,13 @@ def build_dataset(pixels: np.ndarray, *, modality: str = "DX", bits_stored: int 
     dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     dataset.SOPClassUID = DX_FOR_PRESENTATION
     dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
+    dataset.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     dataset.StudyInstanceUID = generate_uid()
     dataset.SeriesInstanceUID = generate_uid()
+    dataset.FrameOfReferenceUID = generate_uid()
     now = datetime.now(timezone.utc)
-    dataset.StudyDate = dataset.AcquisitionDate = now.strftime("%Y%m%d")
-    dataset.StudyTime = dataset.AcquisitionTime = now.strftime("%H%M%S")
+    dataset.StudyDate = dataset.SeriesDate = dataset.ContentDate = dataset.AcquisitionDate = now.strftime("%Y%m%d")
+    dataset.StudyTime = dataset.SeriesTime = dataset.ContentTime = dataset.AcquisitionTime = now.strftime("%H%M%S")
     dataset.PatientID = "SYNTHETIC"
     dataset.PatientName = "Synthetic^Phantom"
     dataset.Modality = modality
@@ -60,14 +64,16 @@ def to_bytes(dataset: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) ->
     """Part-10 bytes in the given transfer syntax (compressed ones through pydicom's encoders)."""
     dataset = copy.deepcopy(dataset)  # compress() and the byte swap change it in place
     buffer = io.BytesIO()
-    if transfer_syntax == ExplicitVRBigEndian:
+    if transfer_syntax in (ExplicitVRBigEndian, ImplicitVRLittleEndian):
         pixels = dataset.pixel_array
-        # A fresh Dataset: one read from a file refuses to change its byte order.
-        swapped = Dataset({element.tag: element for element in dataset})
-        swapped.file_meta = dataset.file_meta
-        swapped.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
-        swapped.PixelData = pixels.astype(pixels.dtype.newbyteorder(">")).tobytes()
-        swapped.save_as(buffer, enforce_file_format=True, little_endian=False, implicit_vr=False)
+        big_endian = transfer_syntax == ExplicitVRBigEndian
+        # A fresh Dataset: one read from a file refuses to change its encoding.
+        fresh = Dataset({element.tag: element for element in dataset})
+        fresh.file_meta = dataset.file_meta
+        fresh.file_meta.TransferSyntaxUID = transfer_syntax
+        fresh.PixelData = pixels.astype(pixels.dtype.newbyteorder(">" if big_endian else "<")).tobytes()
+        fresh.save_as(buffer, enforce_file_format=True, little_endian=not big_endian,
+                      implicit_vr=not big_endian)
     else:
         if transfer_syntax != ExplicitVRLittleEndian:
             dataset.compress(transfer_syntax)

@@ -7,6 +7,7 @@ and a message that names the problem; nothing below raises anything else for bad
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -14,11 +15,14 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, pixel_array
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from mosmedai.imaging import SIGNED_SHIFT, GrayscaleParams, VoiFunction
 from mosmedai.tools import HeaderFacts
 
 PIXEL_DATA = 0x7FE00010
+PIXEL_DATA_TAG_LE = b"\xe0\x7f\x10\x00"  # (7FE0,0010) as a little-endian file stores it
+NATIVE_LITTLE_ENDIAN = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
 
 
 class InputError(Exception):
@@ -85,12 +89,17 @@ def header_facts(dataset: pydicom.Dataset) -> HeaderFacts:
     )
 
 
-def read_dataset(body: bytes) -> pydicom.Dataset:
-    """Parse a Part-10 file (PS3.10 7.1: 128-byte preamble, 'DICM', file meta)."""
+def read_dataset(body: bytes, stop_before_pixels: bool = False) -> tuple[pydicom.Dataset, int]:
+    """Parse a Part-10 file (PS3.10 7.1: 128-byte preamble, 'DICM', file meta).
+
+    Returns the dataset and the offset in ``body`` where parsing stopped: with
+    ``stop_before_pixels``, the Pixel Data element's tag when there is one.
+    """
     if not body:
         raise InputError(400, "empty_body", "the request body is empty; send one DICOM Part-10 file")
+    stream = io.BytesIO(body)
     try:
-        dataset = pydicom.dcmread(io.BytesIO(body), force=False)
+        dataset = pydicom.dcmread(stream, force=False, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
         raise InputError(
             422,
@@ -102,7 +111,7 @@ def read_dataset(body: bytes) -> pydicom.Dataset:
     meta = getattr(dataset, "file_meta", None)
     if meta is None or "TransferSyntaxUID" not in meta:
         raise InputError(422, "no_transfer_syntax", "the file meta has no Transfer Syntax UID (0002,0010)")
-    return dataset
+    return dataset, stream.tell()
 
 
 def _uid(dataset: pydicom.Dataset, keyword: str) -> str:
@@ -155,10 +164,45 @@ def _acquired_at(dataset: pydicom.Dataset) -> datetime | None:
         return None
 
 
+def _native_frame(body: bytes, offset: int, syntax: str, rows: int, columns: int, bits_allocated: int,
+                  signed: bool) -> np.ndarray:
+    """The first frame of uncompressed little-endian pixel data: a view of ``body``, no copy.
+
+    Uncompressed radiographs are 10 MB; pydicom would copy them twice on the way.
+    PS3.5 7.1.2: an explicit-VR OB/OW element has a 12-byte header, implicit VR 8 bytes.
+    """
+    header = 12 if syntax == ExplicitVRLittleEndian else 8
+    if len(body) < offset + header:
+        raise InputError(422, "corrupt_pixel_data", "the file ends inside the Pixel Data element's header")
+    (length,) = struct.unpack_from("<I", body, offset + header - 4)
+    bytes_per_pixel = bits_allocated // 8
+    needed = rows * columns * bytes_per_pixel
+    if length == 0xFFFFFFFF:
+        raise InputError(422, "corrupt_pixel_data",
+                         f"encapsulated (compressed) pixel data in the uncompressed transfer syntax {syntax}")
+    available = min(length, len(body) - offset - header)
+    if available < needed:
+        raise InputError(422, "corrupt_pixel_data",
+                         f"the pixel data holds {available} bytes; one {rows} x {columns} frame of "
+                         f"{bits_allocated}-bit pixels needs {needed} (truncated file?)")
+    dtype = np.dtype(("<i" if signed else "<u") + str(bytes_per_pixel))
+    return np.frombuffer(body, dtype, count=rows * columns, offset=offset + header).reshape(rows, columns)
+
+
 def _mask_unused_bits(stored: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
-    """Clear (unsigned) or sign-extend (signed) the bits above Bits Stored, in place."""
+    """Clear (unsigned) or sign-extend (signed) the bits above Bits Stored.
+
+    Checked first with one read-only pass: most files have nothing there, and a view of
+    the request body then stays a view.
+    """
     unused = stored.dtype.itemsize * 8 - bits_stored
-    if unused <= 0:
+    if unused <= 0 or bits_stored <= 0:
+        return stored
+    if signed:
+        limit = 1 << (bits_stored - 1)
+        if -limit <= int(stored.min()) and int(stored.max()) < limit:
+            return stored
+    elif int(stored.max()) < (1 << bits_stored):
         return stored
     if not stored.flags.writeable:
         stored = stored.copy()
@@ -171,14 +215,12 @@ def _mask_unused_bits(stored: np.ndarray, bits_stored: int, signed: bool) -> np.
 
 
 def decode(body: bytes, max_pixels: int) -> DecodedImage:
-    """Parse, check and decode one single-frame grayscale image."""
-    dataset = read_dataset(body)
+    """Parse, check and decode one single-frame grayscale image (the first frame of several)."""
+    dataset, pixel_offset = read_dataset(body, stop_before_pixels=True)
     transfer_syntax = dataset.file_meta.TransferSyntaxUID
     facts = header_facts(dataset)
     uids = [_uid(dataset, key) for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
 
-    if PIXEL_DATA not in dataset:
-        raise InputError(422, "no_pixel_data", "the DICOM file has no Pixel Data (7FE0,0010)")
     samples = int(dataset.get("SamplesPerPixel", 1) or 1)
     if samples != 1:
         raise InputError(
@@ -197,29 +239,37 @@ def decode(body: bytes, max_pixels: int) -> DecodedImage:
             422, "unsupported_bit_depth", f"Bits Allocated is {bits_allocated}; the tools read 8 or 16"
         )
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
-
-    try:
-        # pydicom's own masking of unused high bits takes several full-size passes;
-        # one in-place pass below does the same (PS3.5 8.1.1: bits above Bits Stored
-        # are not part of the value).
-        stored = pixel_array(dataset, correct_unused_bits=False)
-    except NotImplementedError as error:
-        name = getattr(transfer_syntax, "name", str(transfer_syntax))
-        raise InputError(
-            422,
-            "undecodable_transfer_syntax",
-            f"pixel data in transfer syntax {transfer_syntax} ({name}) cannot be decoded: {error}",
-        ) from None
-    except Exception as error:  # truncated or corrupt pixel data
-        raise InputError(422, "corrupt_pixel_data", f"the pixel data cannot be decoded: {error}") from None
-    if frames > 1:
-        stored = stored[0]
-    if stored.shape != (rows, columns):
-        raise InputError(
-            422, "corrupt_pixel_data", f"decoded frame is {stored.shape}, the header says {rows} x {columns}"
-        )
-
     signed = int(dataset.get("PixelRepresentation", 0) or 0) == 1
+
+    if transfer_syntax in NATIVE_LITTLE_ENDIAN:
+        if body[pixel_offset : pixel_offset + 4] != PIXEL_DATA_TAG_LE:
+            raise InputError(422, "no_pixel_data", "the DICOM file has no Pixel Data (7FE0,0010)")
+        stored = _native_frame(body, pixel_offset, transfer_syntax, rows, columns, bits_allocated, signed)
+    else:
+        dataset, _ = read_dataset(body)
+        if PIXEL_DATA not in dataset:
+            raise InputError(422, "no_pixel_data", "the DICOM file has no Pixel Data (7FE0,0010)")
+        try:
+            # pydicom's own masking of unused high bits takes several full-size passes;
+            # _mask_unused_bits does the same in one (PS3.5 8.1.1: bits above Bits Stored
+            # are not part of the value).
+            stored = pixel_array(dataset, correct_unused_bits=False)
+        except NotImplementedError as error:
+            name = getattr(transfer_syntax, "name", str(transfer_syntax))
+            raise InputError(
+                422,
+                "undecodable_transfer_syntax",
+                f"pixel data in transfer syntax {transfer_syntax} ({name}) cannot be decoded: {error}",
+            ) from None
+        except Exception as error:  # truncated or corrupt pixel data
+            raise InputError(422, "corrupt_pixel_data", f"the pixel data cannot be decoded: {error}") from None
+        if frames > 1:
+            stored = stored[0]
+        if stored.shape != (rows, columns):
+            raise InputError(
+                422, "corrupt_pixel_data", f"decoded frame is {stored.shape}, the header says {rows} x {columns}"
+            )
+
     stored = _mask_unused_bits(stored, int(dataset.get("BitsStored", bits_allocated) or bits_allocated), signed)
     if "ModalityLUTSequence" in dataset:
         # Rare in radiography; applied here so the tensor stays plain stored-like values.

@@ -93,6 +93,11 @@ class Gateway:
         triton_http = f"http://{self.settings.bind_host}:{self.settings.triton_http_port}"
         self.triton = httpx.AsyncClient(base_url=triton_http, timeout=self.settings.triton_timeout_s)
 
+    def _prepare(self, body: bytes) -> tuple[DecodedImage, ImageInput, tuple[float, float]]:
+        image = decode(body, self.settings.max_pixels)
+        tensors, factors = image_input(image, self.settings.transport_max_side)
+        return image, tensors, factors
+
     # --- health -------------------------------------------------------------------------
     @app.get("/healthz", summary="The gateway process is alive")
     async def healthz(self) -> dict:
@@ -132,9 +137,9 @@ class Gateway:
                              f"Content-Type is '{media_type or '(none)'}'; send one DICOM file as {DICOM_MEDIA_TYPE}")
         body = await read_body(request, self.settings.max_body_bytes)
         read = time.perf_counter()
-        # Decoding JPEG 2000 takes ~0.4 s: off the event loop, so other requests go on.
-        image = await asyncio.to_thread(decode, body, self.settings.max_pixels) if len(body) > 1 << 20 \
-            else decode(body, self.settings.max_pixels)
+        # Off the event loop: decoding JPEG 2000 takes ~0.4 s, and NumPy/OpenCV release
+        # the GIL, so other uploads are received meanwhile.
+        image, tensors, factors = await asyncio.to_thread(self._prepare, body)
         decoded = time.perf_counter()
 
         selected = [spec.name for spec in select_tools(image.facts, self.settings.enabled_tools)]
@@ -153,7 +158,6 @@ class Gateway:
                 enabled_tools=self.settings.enabled_tools,
             )
 
-        tensors, factors = image_input(image, self.settings.transport_max_side)
         outputs = await self.router.infer_image.remote(selected, tensors)
         finished = time.perf_counter()
         failures = {tool: out for tool, out in outputs.items() if "error" in out}

@@ -7,6 +7,7 @@ import pytest
 from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
     RLELossless,
@@ -26,7 +27,9 @@ def gradient(shape=(300, 240), bits=12, dtype=np.uint16):
 
 
 @pytest.mark.parametrize(
-    "syntax", [ExplicitVRLittleEndian, ExplicitVRBigEndian, RLELossless, JPEG2000Lossless, JPEGLSLossless]
+    "syntax",
+    [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, RLELossless, JPEG2000Lossless,
+     JPEGLSLossless],
 )
 def test_every_transfer_syntax_decodes_to_the_same_stored_values(syntax):
     pixels = gradient()
@@ -160,3 +163,17 @@ def test_bits_above_bits_stored_are_not_part_of_the_value(signed):
     image = decode(to_bytes(dataset), MAX_PIXELS)
     expected = values + (32768 if signed else 0)
     np.testing.assert_array_equal(image.stored.astype(np.int32), expected)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_uncompressed_pixel_data_cut_short_is_named(syntax):
+    body = to_bytes(build_dataset(gradient()), syntax)
+    with pytest.raises(InputError) as caught:
+        decode(body[:-10], MAX_PIXELS)
+    assert caught.value.code == "corrupt_pixel_data" and "truncated" in caught.value.message
+
+
+def test_a_view_of_the_body_is_decoded_without_copying():
+    body = to_bytes(build_dataset(gradient()))
+    image = decode(body, MAX_PIXELS)
+    assert not image.stored.flags.owndata  # frombuffer over the request body

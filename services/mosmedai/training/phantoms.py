@@ -31,7 +31,6 @@ import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import cv2
 import numpy as np
@@ -599,7 +598,6 @@ def heatmap_target(
 
 
 # Digital X-Ray Image Storage - For Presentation (PS3.4 B.5).
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 
 
 def _ds(value: float) -> str:
@@ -611,70 +609,50 @@ def _ds(value: float) -> str:
     return text
 
 
-def to_dataset(phantom: Phantom, **overrides) -> "pydicom.dataset.FileDataset":  # noqa: F821
+def to_dataset(phantom: Phantom, **overrides) -> "pydicom.dataset.Dataset":  # noqa: F821
     """The phantom as a DX For Presentation dataset, Explicit VR Little Endian, uncompressed.
 
     overrides: DICOM keywords set last (``PatientID="X"``); None deletes the element.
     """
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+    from mosmedai.dicom_build import build_dataset
 
-    sop_instance = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
-    meta.MediaStorageSOPInstanceUID = sop_instance
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    now = datetime.now(timezone.utc)
     seed_text = "-".join(str(s) for s in phantom.seed) if isinstance(phantom.seed, Sequence) else str(phantom.seed)
-    ds.SOPClassUID = DX_FOR_PRESENTATION
-    ds.SOPInstanceUID = sop_instance
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.FrameOfReferenceUID = generate_uid()
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
-    ds.AccessionNumber = ""
-    ds.StudyID = "1"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.Modality = "DX"
-    ds.Manufacturer = "mosmedai phantom"
-    ds.ReferringPhysicianName = ""
-    ds.PatientName = f"PHANTOM^{seed_text}"
-    ds.PatientID = f"PHANTOM-{seed_text}"
-    ds.PatientBirthDate = ""
-    ds.PatientSex = ""
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
-    ds.PatientOrientation = ["L", "F"]  # PA: columns towards the patient's left, rows towards the feet
-    ds.ImageType = ["DERIVED", "PRIMARY"]
-    ds.PresentationIntentType = "FOR PRESENTATION"
-    ds.SeriesDescription = "Chest PA (synthetic phantom)"
-    ds.BurnedInAnnotation = "NO"
-    ds.ImageLaterality = "U"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = phantom.photometric_interpretation
-    ds.Rows, ds.Columns = phantom.shape
-    ds.BitsAllocated = 16
-    ds.BitsStored = phantom.bits_stored
-    ds.HighBit = phantom.bits_stored - 1
-    ds.PixelRepresentation = 0
-    ds.PixelIntensityRelationship = "LIN"
-    ds.PixelIntensityRelationshipSign = -1 if phantom.params.invert else 1
-    ds.RescaleSlope = _ds(phantom.params.rescale_slope)
-    ds.RescaleIntercept = _ds(phantom.params.rescale_intercept)
-    ds.RescaleType = "US"
-    ds.PixelSpacing = [_ds(round(phantom.pixel_spacing_mm, 6))] * 2
-    ds.ImagerPixelSpacing = [_ds(round(phantom.pixel_spacing_mm, 6))] * 2
+    spacing = [_ds(round(phantom.pixel_spacing_mm, 6))] * 2
+    attributes = dict(
+        AccessionNumber="",
+        StudyID="1",
+        SeriesNumber=1,
+        InstanceNumber=1,
+        Manufacturer="mosmedai phantom",
+        ReferringPhysicianName="",
+        PatientName=f"PHANTOM^{seed_text}",
+        PatientID=f"PHANTOM-{seed_text}",
+        PatientBirthDate="",
+        PatientSex="",
+        BodyPartExamined="CHEST",
+        ViewPosition="PA",
+        PatientOrientation=["L", "F"],  # PA: columns towards the patient's left, rows towards the feet
+        ImageType=["DERIVED", "PRIMARY"],
+        PresentationIntentType="FOR PRESENTATION",
+        SeriesDescription="Chest PA (synthetic phantom)",
+        BurnedInAnnotation="NO",
+        ImageLaterality="U",
+        PixelIntensityRelationship="LIN",
+        PixelIntensityRelationshipSign=-1 if phantom.params.invert else 1,
+        RescaleSlope=_ds(phantom.params.rescale_slope),
+        RescaleIntercept=_ds(phantom.params.rescale_intercept),
+        RescaleType="US",
+        PixelSpacing=spacing,
+        ImagerPixelSpacing=spacing,
+        LossyImageCompression="00",
+    )
     if phantom.params.voi_function != VoiFunction.AUTO and phantom.params.window_width > 0:
-        ds.WindowCenter = _ds(phantom.params.window_center)
-        ds.WindowWidth = _ds(phantom.params.window_width)
-        ds.VOILUTFunction = phantom.params.voi_function.name
-    ds.LossyImageCompression = "00"
-    ds.PixelData = np.ascontiguousarray(phantom.stored, dtype="<u2").tobytes()
+        attributes.update(WindowCenter=_ds(phantom.params.window_center),
+                          WindowWidth=_ds(phantom.params.window_width),
+                          VOILUTFunction=phantom.params.voi_function.name)
+    ds = build_dataset(np.ascontiguousarray(phantom.stored, dtype=np.uint16), modality="DX",
+                       bits_stored=phantom.bits_stored, photometric=phantom.photometric_interpretation,
+                       **attributes)
     ds["PixelData"].VR = "OW"
     for keyword, value in overrides.items():
         if value is None:
