@@ -24,16 +24,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from mosmedai import local
 from mosmedai.config import Settings
+from mosmedai.dicom_build import to_bytes
 from mosmedai.dicom_input import decode
 from mosmedai.gateway import image_input
 from mosmedai.imaging import preprocess
 from mosmedai.postprocess import Calibration, postprocess
 from mosmedai.router import OUTPUTS
 from mosmedai.tools import CATALOG
-from mosmedai.training.phantoms import dicom_bytes, make_phantom
+from mosmedai.training.phantoms import make_phantom, to_dataset
 
 TOOL = "cxr_nodule"
 CONCURRENCIES = (1, 4, 16)
@@ -169,33 +171,21 @@ def platform_memory(settings: Settings) -> tuple[float, float, int]:
     return pss, rss, count
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=6.0, help="measuring time per row (s)")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args(argv)
-    settings = Settings()
+SYNTAXES = {
+    "uncompressed": ExplicitVRLittleEndian,  # transfer-bound: 10 MB per image over HTTP
+    "rle": RLELossless,  # lossless, 10 ms to decode: the common compressed case
+    "jpegls": JPEGLSLossless,  # decode-bound: slow to decode on a noisy image
+    "jpeg2000": JPEG2000Lossless,
+}
 
-    already_running = all(local.status(settings).values())
-    up_seconds = None
-    if not already_running:
-        started = time.perf_counter()
-        local.up(settings)
-        up_seconds = time.perf_counter() - started
-    try:
-        phantom = make_phantom((5_000_001, 1), shape=(2500, 2048), findings=[TOOL])
-        body = dicom_bytes(phantom)
-        print(f"bench: {TOOL}, one {phantom.stored.shape[0]}x{phantom.stored.shape[1]} DX image "
-              f"({len(body) / 2**20:.1f} MiB, explicit VR little endian), {args.seconds:.0f} s per row")
-        a = in_process(body, settings, args.seconds)
-        b = asyncio.run(through_triton(body, settings, args.seconds))
-        c, batch_sizes = asyncio.run(through_gateway(body, local.endpoints(settings)["gateway"], args.seconds))
-        pss, rss, processes = platform_memory(settings)
-    finally:
-        if not already_running:
-            local.down(settings)
 
-    print(f"\n{'path':18s} {'conc':>4s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'ratio':>6s} {'batch':>6s}")
+def measure(body: bytes, settings: Settings, seconds: float) -> dict:
+    """(a), (b) and (c) for one image, printed as a table; returns the figures."""
+    a = in_process(body, settings, seconds)
+    b = asyncio.run(through_triton(body, settings, seconds))
+    c, batch_sizes = asyncio.run(through_gateway(body, local.endpoints(settings)["gateway"], seconds))
+
+    print(f"{'path':18s} {'conc':>4s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'ratio':>6s} {'batch':>6s}")
     print(f"{a.label:18s} {1:4d} {a.rate:8.1f} {a.percentile(50):8.1f} {a.percentile(99):8.1f} {1.0:6.2f}")
     for run in b:
         print(f"{run.label:18s} {run.concurrency:4d} {run.rate:8.1f} {run.percentile(50):8.1f} "
@@ -206,23 +196,59 @@ def main(argv: list[str] | None = None) -> None:
     b_best, c_best = max(r.rate for r in b), max(r.rate for r in c)
     added_p50 = c[0].percentile(50) - a.percentile(50)
     added_p99 = c[0].percentile(99) - a.percentile(99)
-    print(f"\nsaturation: b/a = {b_best / a.rate:.2f}, c/a = {c_best / a.rate:.2f}   (target c/a >= 0.8)")
+    print(f"saturation: b/a = {b_best / a.rate:.2f}, c/a = {c_best / a.rate:.2f}   (target c/a >= 0.8)")
     print(f"added latency of the full path over (a) at concurrency 1: p50 {added_p50:+.1f} ms (target <= 5), "
-          f"p99 {added_p99:+.1f} ms (target <= 15)")
+          f"p99 {added_p99:+.1f} ms (target <= 15)\n")
+    summary = lambda run: {"concurrency": run.concurrency, "rate": run.rate,  # noqa: E731
+                           "p50_ms": run.percentile(50), "p99_ms": run.percentile(99)}
+    return {
+        "a": summary(a),
+        "b": [summary(run) for run in b],
+        "c": [summary(run) | {"mean_batch_size": size} for run, size in zip(c, batch_sizes)],
+        "b_over_a": b_best / a.rate, "c_over_a": c_best / a.rate,
+        "added_p50_ms": added_p50, "added_p99_ms": added_p99,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per row (s)")
+    parser.add_argument("--syntaxes", default="uncompressed,rle",
+                        help=f"transfer syntaxes of the image, comma-separated, from {sorted(SYNTAXES)}")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    syntaxes = [name.strip() for name in args.syntaxes.split(",") if name.strip()]
+    unknown = [name for name in syntaxes if name not in SYNTAXES]
+    if unknown:
+        parser.error(f"unknown syntaxes {unknown}; choose from {sorted(SYNTAXES)}")
+    settings = Settings()
+
+    already_running = all(local.status(settings).values())
+    up_seconds = None
+    if not already_running:
+        started = time.perf_counter()
+        local.up(settings)
+        up_seconds = time.perf_counter() - started
+    figures: dict = {}
+    try:
+        phantom = make_phantom((5_000_001, 1), shape=(2500, 2048), findings=[TOOL])
+        dataset = to_dataset(phantom)
+        print(f"bench: tool {TOOL}, one {phantom.stored.shape[0]}x{phantom.stored.shape[1]} DX image, "
+              f"{args.seconds:.0f} s per row; ratio = img/s over (a)'s\n")
+        for name in syntaxes:
+            body = to_bytes(dataset, SYNTAXES[name])
+            print(f"== {name} ({SYNTAXES[name].name}): {len(body) / 2**20:.1f} MiB")
+            figures[name] = measure(body, settings, args.seconds)
+        pss, rss, processes = platform_memory(settings)
+    finally:
+        if not already_running:
+            local.down(settings)
+
     print(f"platform memory: {pss:.0f} MiB PSS ({rss:.0f} MiB RSS summed) in {processes} processes")
     if up_seconds is not None:
         print(f"make up (installed, cold processes): ready in {up_seconds:.1f} s (target <= 60)")
     if args.json:
-        figures = {
-            "a": vars(a) | {"rate": a.rate},
-            "b": [{"concurrency": r.concurrency, "rate": r.rate, "p50": r.percentile(50), "p99": r.percentile(99)} for r in b],
-            "c": [{"concurrency": r.concurrency, "rate": r.rate, "p50": r.percentile(50), "p99": r.percentile(99),
-                   "mean_batch_size": s} for r, s in zip(c, batch_sizes)],
-            "b_over_a": b_best / a.rate, "c_over_a": c_best / a.rate,
-            "added_p50_ms": added_p50, "added_p99_ms": added_p99, "pss_mib": pss, "rss_mib": rss,
-            "up_seconds": up_seconds,
-        }
-        figures["a"].pop("latencies_ms")
+        figures.update(pss_mib=pss, rss_mib=rss, up_seconds=up_seconds)
         args.json.write_text(json.dumps(figures, indent=2))
 
 
