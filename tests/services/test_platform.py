@@ -4,6 +4,7 @@ Real processes, real DICOM bytes; nothing of ours is mocked.
 """
 
 import concurrent.futures
+from pathlib import Path
 import subprocess
 import sys
 import time
@@ -212,3 +213,14 @@ def test_up_again_does_not_start_a_second_copy(platform, platform_settings):
     before = local.status(platform_settings)
     assert local.up(platform_settings) == platform
     assert local.status(platform_settings) == before
+
+
+def test_down_stops_everything_and_up_starts_again(platform, platform_settings, gateway):
+    pids = [pid for pid in local.status(platform_settings).values() if pid]
+    local.down(platform_settings)
+    assert all(pid is None for pid in local.status(platform_settings).values())
+    for pid in pids:  # whole sessions gone: Triton's stubs, Ray's raylet and workers
+        assert not any(Path(f"/proc/{p}").exists() for p in local._session_members(pid))
+    assert local.up(platform_settings) == platform
+    body = dicom_bytes(make_phantom((TEST_SEED, 11), shape=(600, 500)))
+    assert submit(gateway, body).status_code == 200
