@@ -4,10 +4,10 @@ Real processes, real DICOM bytes; nothing of ours is mocked.
 """
 
 import concurrent.futures
-from pathlib import Path
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
