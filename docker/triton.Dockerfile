@@ -1,0 +1,17 @@
+# syntax=docker/dockerfile:1
+# Triton Inference Server for the GpuPool operator's pools: NVIDIA's image (TensorRT and
+# Python backends) plus what the platform's Python-backend models import
+# (model_repository/*/1/model.py -> mosmedai.triton_models: numpy, opencv, onnxruntime).
+# The models themselves come from object storage (--model-repository=s3://...).
+# Build from the repository root:  docker build -f docker/triton.Dockerfile -t mosmedai/triton:0.1.0 .
+ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:25.01-py3
+FROM ${TRITON_IMAGE}
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# The image's system Python runs the Python-backend stub; ranges as in pyproject.toml.
+RUN pip install --break-system-packages 'numpy>=1.26,<2' 'opencv-python-headless>=4.10,<4.11' 'onnxruntime>=1.22,<1.33'
+# Source only: the stub imports mosmedai.triton_models, imaging and postprocess.
+COPY services/mosmedai /opt/mosmedai/mosmedai
+RUN find /opt/mosmedai -name __pycache__ -type d -prune -exec rm -rf {} +
+ENV PYTHONPATH=/opt/mosmedai PYTHONDONTWRITEBYTECODE=1
+# NVIDIA's image's non-root user (uid 1000); the operator's pods run as it.
+USER 1000:1000

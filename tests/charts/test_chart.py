@@ -1,0 +1,567 @@
+"""The Helm chart charts/mosmedai, rendered by the real helm v4 binary.
+
+Each scenario (the defaults and every ci/*-values.yaml) is linted with --strict and
+rendered once per session; every rendered object is validated against the Kubernetes
+schemas of a pinned version (kubernetes-validate) and every GpuPool against the operator's
+CRD; policy tests check the secure defaults on every container; bad values must fail
+`helm template` (what `helm install` runs) with a message that names the value.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "mosmedai"
+OPERATOR_CRD = ROOT / "operators" / "crds" / "gpupools.mosmedai.io.yaml"
+KOPF_CRDS = ROOT / "operators" / "crds" / "kopf-peering.yaml"
+K8S_VERSION = "1.32.0"  # the Kubernetes version rendered objects are validated against
+NAMESPACE = "mosmedai"
+SCENARIOS = ["defaults", *sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))]
+# Kinds that come from CRDs (not in kubernetes-validate's built-in schemas).
+CUSTOM_KINDS = {"GpuPool", "RayService", "ServiceMonitor", "PodMonitor", "PrometheusRule", "KopfPeering"}
+GPU_RESOURCE_SUFFIX = "/gpu"  # nvidia.com/gpu, amd.com/gpu...
+
+
+def helm_binary() -> str:
+    helm = os.environ.get("HELM") or str(ROOT / ".tools" / "helm")
+    if not Path(helm).is_file():
+        helm = shutil.which("helm") or ""
+    if not helm:
+        pytest.skip("no helm binary: `make helm` fetches it into .tools/helm (make test does it first)")
+    return helm
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([helm_binary(), *args], capture_output=True, text=True, check=check)
+
+
+def values_args(scenario: str) -> list[str]:
+    return [] if scenario == "defaults" else ["-f", str(CHART / "ci" / scenario)]
+
+
+def load_all(text: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    """Every scenario rendered once (with the test hook, as `helm test` would create it)."""
+    out = {}
+    for scenario in SCENARIOS:
+        result = helm("template", "mosmedai", str(CHART), "-n", NAMESPACE, *values_args(scenario))
+        out[scenario] = load_all(result.stdout)
+    return out
+
+
+def docs_of(rendered, kind: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    for scenario, docs in rendered.items():
+        for doc in docs:
+            if kind is None or doc["kind"] == kind:
+                yield scenario, doc
+
+
+def pod_specs(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(where, pod spec) of every pod template in an object."""
+    kind, name = doc["kind"], doc["metadata"]["name"]
+    if kind in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+        return [(f"{kind}/{name}", doc["spec"]["template"]["spec"])]
+    if kind == "RayService":
+        cluster = doc["spec"]["rayClusterConfig"]
+        found = [(f"{kind}/{name}/head", cluster["headGroupSpec"]["template"]["spec"])]
+        found += [(f"{kind}/{name}/{g['groupName']}", g["template"]["spec"]) for g in cluster["workerGroupSpecs"]]
+        return found
+    return []
+
+
+def all_pods(rendered) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    for scenario, doc in docs_of(rendered):
+        for where, spec in pod_specs(doc):
+            yield f"{scenario}: {where}", doc, spec
+
+
+def containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+# --- helm lint and render -------------------------------------------------------------
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_helm_lint_strict(scenario: str) -> None:
+    result = helm("lint", "--strict", str(CHART), *values_args(scenario), check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_required_scenarios_exist() -> None:
+    names = {p.name for p in (CHART / "ci").glob("*-values.yaml")}
+    assert {"minimal-cpu-values.yaml", "three-gpu-regions-values.yaml", "kuberay-values.yaml",
+            "airgapped-values.yaml", "monitoring-values.yaml"} <= names
+
+
+def test_helm_is_v4() -> None:
+    assert helm("version", "--short").stdout.startswith("v4.")
+
+
+# --- schemas ------------------------------------------------------------------------
+def test_every_object_passes_the_kubernetes_schemas(rendered) -> None:
+    checked = 0
+    for scenario, doc in docs_of(rendered):
+        if doc["kind"] in CUSTOM_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{scenario}: {doc['kind']}/{doc['metadata']['name']}: {error}")
+        checked += 1
+    assert checked > 50
+
+
+def test_kubernetes_validate_really_rejects() -> None:
+    # The validator is not a no-op: an unknown field and a wrong type fail.
+    bad = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
+           "spec": {"ports": [{"port": "eighty"}], "nonsense": 1}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+def test_only_known_custom_kinds(rendered) -> None:
+    api = {"GpuPool": "mosmedai.io/v1alpha1", "RayService": "ray.io/v1", "ServiceMonitor": "monitoring.coreos.com/v1",
+           "PodMonitor": "monitoring.coreos.com/v1", "PrometheusRule": "monitoring.coreos.com/v1",
+           "KopfPeering": "kopf.dev/v1"}
+    for scenario, doc in docs_of(rendered):
+        if doc["kind"] in CUSTOM_KINDS:
+            assert doc["apiVersion"] == api[doc["kind"]], f"{scenario}: {doc['kind']}"
+
+
+@pytest.fixture(scope="module")
+def crd_schema() -> dict[str, Any]:
+    (version,) = load_all(OPERATOR_CRD.read_text())[0]["spec"]["versions"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def test_every_gpupool_passes_the_crd_schema_and_the_operator(rendered, crd_schema) -> None:
+    from mosmedai_operator.spec import GpuPoolSpec, semantic_problems
+
+    pools = 0
+    for scenario, doc in docs_of(rendered, "GpuPool"):
+        jsonschema.Draft4Validator(crd_schema, format_checker=jsonschema.FormatChecker()).validate(doc)
+        spec = GpuPoolSpec.model_validate(doc["spec"])
+        assert semantic_problems(spec, known_tools=None) == [], scenario
+        pools += 1
+    assert pools >= 7
+
+
+def test_chart_crds_are_the_operators() -> None:
+    assert load_all((CHART / "crds" / "gpupools.mosmedai.io.yaml").read_text()) == load_all(OPERATOR_CRD.read_text())
+    kopf_crds = [d for d in load_all(KOPF_CRDS.read_text()) if d["kind"] == "CustomResourceDefinition"]
+    assert load_all((CHART / "crds" / "kopf-peering.yaml").read_text()) == kopf_crds
+    for path in (CHART / "crds").glob("*.yaml"):
+        for doc in load_all(path.read_text()):
+            assert doc["kind"] == "CustomResourceDefinition", path  # crds/ holds CRDs only
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_one_gpupool_per_region(rendered) -> None:
+    for scenario in SCENARIOS:
+        values = yaml.safe_load((CHART / "values.yaml").read_text())
+        if scenario != "defaults":
+            values.update(yaml.safe_load((CHART / "ci" / scenario).read_text()))
+        pools = {d["spec"]["region"]: d for d in rendered[scenario] if d["kind"] == "GpuPool"}
+        assert sorted(pools) == sorted(r["code"] for r in values["regions"]), scenario
+        for region in values["regions"]:
+            spec = pools[region["code"]]["spec"]
+            assert spec["tools"] == region["tools"]
+            assert spec.get("gpu", {}).get("product") == (region.get("gpu", {}).get("product") or None)
+            assert spec.get("replicas") == region.get("replicas")
+            assert spec.get("schedule", []) == region.get("schedule", [])
+
+
+def test_values_yaml_passes_its_schema() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.Draft7Validator(schema).validate(yaml.safe_load((CHART / "values.yaml").read_text()))
+    assert schema["additionalProperties"] is False
+
+
+# --- policy: secure defaults ----------------------------------------------------------
+def test_every_container_is_locked_down(rendered) -> None:
+    for where, doc, spec in all_pods(rendered):
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True, where
+        assert pod["seccompProfile"]["type"] == "RuntimeDefault", where
+        for container in containers(spec):
+            name = f"{where}/{container['name']}"
+            sc = container["securityContext"]
+            assert sc["runAsNonRoot"] is True, name
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert sc["allowPrivilegeEscalation"] is False, name
+            assert sc["capabilities"]["drop"] == ["ALL"], name
+            assert "add" not in sc["capabilities"], name
+            assert sc["seccompProfile"]["type"] == "RuntimeDefault", name
+            assert sc.get("privileged", False) is False, name
+
+
+def test_service_account_tokens_only_for_the_operator(rendered) -> None:
+    for where, doc, spec in all_pods(rendered):
+        operator = doc["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+        assert spec["automountServiceAccountToken"] is operator, where
+    for scenario, doc in docs_of(rendered, "ServiceAccount"):
+        operator = doc["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+        assert doc["automountServiceAccountToken"] is operator, f"{scenario}: {doc['metadata']['name']}"
+
+
+def test_every_container_has_requests_and_limits(rendered) -> None:
+    for where, doc, spec in all_pods(rendered):
+        for container in containers(spec):
+            resources = container["resources"]
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(resources.get(kind, {})), f"{where}/{container['name']} {kind}"
+
+
+def test_no_gpu_in_the_charts_pods(rendered) -> None:
+    """GPUs go to Triton only, and Triton's pods are the operator's: the chart asks for
+    GPUs through GpuPool.spec.gpu, never in a container of its own."""
+    for where, doc, spec in all_pods(rendered):
+        for container in containers(spec):
+            for kind in ("requests", "limits"):
+                gpus = [r for r in container["resources"].get(kind, {}) if r.endswith(GPU_RESOURCE_SUFFIX)]
+                assert not gpus, f"{where}/{container['name']} asks for {gpus}"
+
+
+def test_triton_pods_the_operator_makes_get_the_gpus_and_a_model_loading_startup_probe(rendered, tmp_path) -> None:
+    """The operator's own builder, fed the rendered GpuPools and the chart's operator env:
+    GPU limits on the triton container only (count 0: none), a startup probe that waits at
+    least modelLoadTimeoutSeconds, liveness and readiness probes, the chart's Triton image."""
+    from mosmedai_operator import children
+    from mosmedai_operator.config import OperatorConfig
+    from mosmedai_operator.spec import GpuPoolSpec
+
+    for scenario, docs in rendered.items():
+        (operator,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"]
+        env = {e["name"]: e["value"] for e in operator["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+        config = OperatorConfig(
+            metrics_port=None, health_port=None, model_repository_path=tmp_path,
+            triton_image=env["MOSMEDAI_OPERATOR_TRITON_IMAGE"],
+            triton_model_repository=env["MOSMEDAI_OPERATOR_TRITON_MODEL_REPOSITORY"],
+            triton_model_repository_secret=env["MOSMEDAI_OPERATOR_TRITON_MODEL_REPOSITORY_SECRET"],
+        )
+        for pool in (d for d in docs if d["kind"] == "GpuPool"):
+            pool = copy.deepcopy(pool)
+            pool["metadata"]["uid"] = "00000000-0000-4000-8000-000000000001"
+            spec = GpuPoolSpec.model_validate(pool["spec"])
+            (deployment,) = [c for c in children.children(pool, spec, config, replicas=2) if c["kind"] == "Deployment"]
+            (triton,) = deployment["spec"]["template"]["spec"]["containers"]
+            limits = triton["resources"]["limits"]
+            gpu = pool["spec"].get("gpu", {})
+            if gpu.get("count", 1) > 0:
+                assert limits[gpu.get("resourceName", "nvidia.com/gpu")] == str(gpu.get("count", 1)), scenario
+            else:
+                assert not any(r.endswith(GPU_RESOURCE_SUFFIX) for r in limits), scenario
+            probe = triton["startupProbe"]
+            assert probe["periodSeconds"] * probe["failureThreshold"] >= spec.model_load_timeout_seconds
+            assert triton["livenessProbe"] and triton["readinessProbe"]
+            assert triton["image"] == env["MOSMEDAI_OPERATOR_TRITON_IMAGE"]
+            envfrom = [e["secretRef"]["name"] for e in triton["envFrom"]]
+            assert envfrom == [env["MOSMEDAI_OPERATOR_TRITON_MODEL_REPOSITORY_SECRET"]]
+
+
+def test_every_server_has_liveness_and_readiness_probes(rendered) -> None:
+    for where, doc, spec in all_pods(rendered):
+        if doc["kind"] == "Job":
+            continue  # run-to-completion, not a server
+        for container in spec["containers"]:
+            assert "livenessProbe" in container and "readinessProbe" in container, f"{where}/{container['name']}"
+
+
+def test_gateway_startup_probe_covers_ray_start(rendered) -> None:
+    for scenario, doc in docs_of(rendered, "Deployment"):
+        if doc["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway":
+            (container,) = doc["spec"]["template"]["spec"]["containers"]
+            probe = container["startupProbe"]
+            assert probe["periodSeconds"] * probe["failureThreshold"] >= 120, scenario
+
+
+def test_every_deployment_with_more_than_one_replica_has_a_pdb(rendered) -> None:
+    for scenario, docs in rendered.items():
+        pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+        hpas = {d["spec"]["scaleTargetRef"]["name"]: d for d in docs if d["kind"] == "HorizontalPodAutoscaler"}
+        for deployment in (d for d in docs if d["kind"] == "Deployment"):
+            name = deployment["metadata"]["name"]
+            most = hpas[name]["spec"]["maxReplicas"] if name in hpas else deployment["spec"]["replicas"]
+            if most <= 1:
+                continue
+            labels = deployment["spec"]["template"]["metadata"]["labels"]
+            matching = [p for p in pdbs if p["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+            assert matching, f"{scenario}: Deployment {name} may run {most} pods and has no PDB"
+
+
+def images(rendered) -> Iterator[tuple[str, str]]:
+    for where, doc, spec in all_pods(rendered):
+        for container in containers(spec):
+            yield where, container["image"]
+            for env in container.get("env", []):
+                if env["name"].endswith("_IMAGE"):
+                    yield f"{where} env {env['name']}", env["value"]
+
+
+def test_no_latest_and_every_image_pinned(rendered) -> None:
+    for where, image in images(rendered):
+        name, _, digest = image.partition("@")
+        tag = name.rpartition(":")[2] if ":" in name.rpartition("/")[2] else ""
+        assert tag or digest, f"{where}: {image} has neither tag nor digest"
+        assert tag != "latest", f"{where}: {image}"
+
+
+def test_airgapped_images_come_from_the_mirror_by_digest(rendered) -> None:
+    found = list(images({"airgapped-values.yaml": rendered["airgapped-values.yaml"]}))
+    assert len(found) >= 4
+    for where, image in found:
+        assert image.startswith("registry.mosmedai.local:5000/") and "@sha256:" in image, f"{where}: {image}"
+    for where, doc, spec in all_pods({"airgapped-values.yaml": rendered["airgapped-values.yaml"]}):
+        assert spec["imagePullSecrets"] == [{"name": "mirror-pull"}], where
+    # Credentials from the SRE's Secret: the chart renders none of its own.
+    assert not [d for d in rendered["airgapped-values.yaml"] if d["kind"] == "Secret"]
+
+
+def test_credentials_only_in_secrets(rendered) -> None:
+    credentials = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+    for where, doc, spec in all_pods(rendered):
+        for container in containers(spec):
+            for env in container.get("env", []):
+                assert env["name"] not in credentials, f"{where}: {env['name']} in plain env"
+    for scenario, doc in docs_of(rendered):
+        if doc["kind"] == "ConfigMap":
+            assert not credentials & set(doc.get("data", {})), scenario
+
+
+# --- what each scenario deploys -------------------------------------------------------
+def kinds(docs: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for doc in docs:
+        counts[doc["kind"]] = counts.get(doc["kind"], 0) + 1
+    return counts
+
+
+def test_plain_mode_runs_the_serve_app_against_the_regions_triton(rendered, monkeypatch) -> None:
+    docs = rendered["three-gpu-regions-values.yaml"]
+    (gateway,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
+    (container,) = gateway["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "mosmedai.local", "serve"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    # The operator names the Triton Service like the pool; gRPC on 8001.
+    assert env["MOSMEDAI_TRITON_URL"] == f"ru-mow.{NAMESPACE}.svc:8001"
+    assert env["MOSMEDAI_BIND_HOST"] == "0.0.0.0"
+    assert json.loads(env["MOSMEDAI_ENABLED_TOOLS"]) == ["cxr_opacity", "cxr_nodule", "cxr_pneumothorax"]
+    # The platform's own settings class accepts every MOSMEDAI_* value the chart sets.
+    from mosmedai.config import Settings
+
+    for name, value in env.items():
+        if name.startswith("MOSMEDAI_"):
+            monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.triton_grpc_target == f"ru-mow.{NAMESPACE}.svc:8001"
+    assert kinds(docs)["GpuPool"] == 3 and "HorizontalPodAutoscaler" in kinds(docs) and "Ingress" in kinds(docs)
+
+
+def test_operator_env_is_valid_operator_config(rendered, monkeypatch) -> None:
+    from mosmedai_operator.config import OperatorConfig
+
+    for scenario, doc in docs_of(rendered, "Deployment"):
+        if doc["metadata"]["labels"]["app.kubernetes.io/component"] != "operator":
+            continue
+        env = {e["name"]: e["value"] for e in doc["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+        fields = {k.removeprefix("MOSMEDAI_OPERATOR_").lower(): v for k, v in env.items() if k.startswith("MOSMEDAI_OPERATOR_")}
+        assert set(fields) <= set(OperatorConfig.model_fields), scenario
+        with monkeypatch.context() as patch:
+            for name, value in env.items():
+                if name.startswith("MOSMEDAI_OPERATOR_"):
+                    patch.setenv(name, value)
+            config = OperatorConfig()
+        assert config.namespaces == [NAMESPACE]
+        assert config.standalone is (doc["spec"]["replicas"] == 1)
+
+
+def test_model_repository_uri_for_triton(rendered) -> None:
+    def uri(scenario: str) -> str:
+        (op,) = [d for d in rendered[scenario] if d["kind"] == "Deployment" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"]
+        return {e["name"]: e.get("value") for e in op["spec"]["template"]["spec"]["containers"][0]["env"]}["MOSMEDAI_OPERATOR_TRITON_MODEL_REPOSITORY"]
+
+    assert uri("defaults") == "s3://mosmedai-models/model_repository"
+    # Triton: plain HTTP to a custom endpoint unless the host is prefixed with https://.
+    assert uri("airgapped-values.yaml") == "s3://minio.storage.svc:9000/mosmedai-models/releases/0.1.0/model_repository"
+    assert uri("monitoring-values.yaml") == "s3://https://s3.storage.example.org/mosmedai-models/model_repository"
+
+
+def test_kuberay_scenario_renders_a_rayservice_instead_of_the_gateway_deployment(rendered) -> None:
+    docs = rendered["kuberay-values.yaml"]
+    (ray,) = [d for d in docs if d["kind"] == "RayService"]
+    serve = yaml.safe_load(ray["spec"]["serveConfigV2"])
+    assert serve["applications"][0]["import_path"] == "mosmedai.gateway:app_from_env"
+    assert not [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
+    (service,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
+    head_labels = ray["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= head_labels.items()
+    workers = ray["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert (workers["minReplicas"], workers["maxReplicas"]) == (2, 6)
+
+
+def test_network_policies_expose_only_the_gateway(rendered) -> None:
+    for scenario in ("monitoring-values.yaml", "kuberay-values.yaml"):
+        policies = [d for d in rendered[scenario] if d["kind"] == "NetworkPolicy"]
+        assert policies, scenario
+        gateway_port = 8000
+        for policy in policies:
+            for rule in policy["spec"]["ingress"]:
+                peers = rule.get("from")
+                if peers == [{"podSelector": {}}]:
+                    continue  # same namespace
+                selector = policy["spec"]["podSelector"].get("matchLabels", {})
+                if peers is None:  # from anywhere: the gateway's port only
+                    assert selector.get("app.kubernetes.io/component") == "gateway", policy["metadata"]["name"]
+                    assert [p["port"] for p in rule["ports"]] == [gateway_port]
+                else:  # from one named namespace (Prometheus, KubeRay): named ports only
+                    (peer,) = peers
+                    assert set(peer) == {"namespaceSelector"}
+                    assert rule["ports"] and all(p["port"] != gateway_port or selector for p in rule["ports"])
+
+
+def test_monitoring_scenario(rendered) -> None:
+    docs = rendered["monitoring-values.yaml"]
+    counts = kinds(docs)
+    assert counts["ServiceMonitor"] == 1 and counts["PodMonitor"] == 1 and counts["KopfPeering"] == 1
+    for pool in (d for d in docs if d["kind"] == "GpuPool"):
+        assert pool["spec"]["serviceMonitor"] == {"enabled": True, "interval": "30s"}
+    for monitor in (d for d in docs if d["kind"] in ("ServiceMonitor", "PodMonitor")):
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    # Rules and dashboards come from charts/mosmedai/files (the observability work): when
+    # those files exist, the PrometheusRule and the ConfigMap carry them; else none renders.
+    rule_files = sorted((CHART / "files" / "prometheus" / "rules").glob("*.y*ml"))
+    dashboards = sorted((CHART / "files" / "grafana").glob("*.json"))
+    assert ("PrometheusRule" in counts) == bool(rule_files)
+    assert ("ConfigMap" in counts) == bool(dashboards)
+
+
+def test_rules_and_dashboards_are_picked_up_from_files(tmp_path: Path) -> None:
+    """A copy of the chart with one rule file and one dashboard: both are rendered."""
+    chart = tmp_path / "mosmedai"
+    shutil.copytree(CHART, chart)
+    rules, grafana = chart / "files" / "prometheus" / "rules", chart / "files" / "grafana"
+    rules.mkdir(parents=True, exist_ok=True)
+    grafana.mkdir(parents=True, exist_ok=True)
+    rule = {"groups": [{"name": "zz-test", "rules": [{"alert": "ZzTest", "expr": "vector(1) > 2",
+                                                       "annotations": {"summary": "{{ $labels.region }} test"}}]}]}
+    (rules / "zz-test.yml").write_text(yaml.safe_dump(rule))
+    (grafana / "zz-test.json").write_text(json.dumps({"title": "zz test", "panels": []}))
+    out = load_all(helm("template", "mosmedai", str(chart), "-n", NAMESPACE,
+                        "-f", str(CHART / "ci" / "monitoring-values.yaml")).stdout)
+    (prometheus_rule,) = [d for d in out if d["kind"] == "PrometheusRule"]
+    assert {"name": "zz-test", "rules": rule["groups"][0]["rules"]} in prometheus_rule["spec"]["groups"]
+    (dashboards,) = [d for d in out if d["kind"] == "ConfigMap"]
+    assert json.loads(dashboards["data"]["zz-test.json"])["title"] == "zz test"
+    assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
+    for doc in (prometheus_rule, dashboards):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True) if doc["kind"] == "ConfigMap" else None
+
+
+def test_helm_test_hook_sends_a_study(rendered) -> None:
+    for scenario, docs in rendered.items():
+        (job,) = [d for d in docs if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+        assert job["kind"] == "Job"
+        script = job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+        compile(script, "helm-test", "exec")  # the Python the Job runs is at least valid
+        assert "/v1/studies" in script and "findings" in script
+
+
+def test_minimal_cpu_scenario(rendered) -> None:
+    docs = rendered["minimal-cpu-values.yaml"]
+    (pool,) = [d for d in docs if d["kind"] == "GpuPool"]
+    assert pool["spec"]["gpu"]["count"] == 0
+    assert "PodDisruptionBudget" not in kinds(docs)  # one replica each: a PDB would block drains
+
+
+# --- bad values fail at install time with the value's name ----------------------------
+def region(**changes: Any) -> dict[str, Any]:
+    base = {"code": "RU-MOW", "timeZone": "Europe/Moscow", "tools": ["cxr_opacity"],
+            "targets": {"queueTimeP95Ms": 200}, "replicas": {"min": 1, "max": 4}}
+    return {**base, **changes}
+
+
+# (id, values file content, what the error must name). Files, not --set: --set on a list
+# index replaces the whole entry (Helm's documented behaviour) and would test something else.
+BAD_VALUES = [
+    ("wrong-type", {"gateway": {"replicas": "two"}}, "gateway/replicas"),
+    ("wrong-type-bool", {"networkPolicy": {"enabled": "yes"}}, "networkPolicy/enabled"),
+    ("wrong-type-list", {"gateway": {"enabledTools": "cxr_nodule"}}, "gateway/enabledTools"),
+    ("unknown-top-level-key", {"replicaCount": 3}, "replicaCount"),
+    ("region-not-iso-3166-2", {"regions": [region(code="Moscow")]}, "regions/0/code"),
+    ("region-lower-case", {"regions": [region(code="ru-mow")]}, "regions/0/code"),
+    ("replicas-min-above-max", {"regions": [region(replicas={"min": 5, "max": 2})]}, "regions[0].replicas.min"),
+    ("second-region-min-above-max", {"regions": [region(), region(code="RU-KAM", timeZone="Asia/Kamchatka",
+                                                            replicas={"min": 3, "max": 1})]},
+     "regions[1].replicas.min"),
+    ("hpa-min-above-max", {"gateway": {"autoscaling": {"minReplicas": 8, "maxReplicas": 4}}},
+     "gateway.autoscaling.minReplicas"),
+    ("schedule-floor-above-max", {"regions": [region(schedule=[{"start": "08:00", "end": "20:00", "minReplicas": 6}])]},
+     "regions[0].schedule[0].minReplicas"),
+    ("duplicate-region", {"regions": [region(), region()]}, "regions[1]"),
+    ("latest-tag", {"images": {"gateway": {"tag": "latest"}}}, "images/gateway/tag"),
+    ("unknown-key-in-region", {"regions": [region(gpus=2)]}, "regions/0"),
+    ("gpu-count-too-high", {"regions": [region(gpu={"count": 64})]}, "regions/0/gpu/count"),
+    # Values merge onto the defaults: null is how a user removes a default (Helm docs).
+    ("container-without-limits", {"gateway": {"resources": {"limits": None}}},
+     "gateway/resources"),
+    ("gateway-region-not-deployed", {"gateway": {"tritonRegion": "RU-KAM"}}, "gateway.tritonRegion"),
+    ("dimse-not-available", {"dimse": {"enabled": True}}, "dimse.enabled"),
+    ("half-credentials", {"objectStorage": {"accessKeyId": "AKIA"}}, "objectStorage.accessKeyId"),
+]
+
+
+@pytest.mark.parametrize("values,named", [(v, n) for _, v, n in BAD_VALUES], ids=[i for i, _, _ in BAD_VALUES])
+def test_bad_values_fail_with_the_values_name(values: dict[str, Any], named: str, tmp_path: Path) -> None:
+    path = tmp_path / "bad-values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    result = helm("template", "mosmedai", str(CHART), "-n", NAMESPACE, "-f", str(path), check=False)
+    assert result.returncode != 0, f"rendered although bad: {values}"
+    assert named in result.stderr, result.stderr
+
+
+def test_publisher_job_is_renamed_when_its_template_changes(tmp_path: Path) -> None:
+    """A Job's pod template is immutable: an upgrade that changes it must bring a new name,
+    and an upgrade that changes nothing must keep it (no needless re-run)."""
+    def job_name(*args: str) -> str:
+        out = load_all(helm("template", "mosmedai", str(CHART), "-n", NAMESPACE, *args).stdout)
+        (job,) = [d for d in out if d["kind"] == "Job" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "model-publisher"]
+        return job["metadata"]["name"]
+
+    base = job_name()
+    assert base == job_name("--set", "gateway.replicas=3")
+    assert base != job_name("--set", "images.modelPublisher.tag=0.1.1")
+    assert base != job_name("--set", "objectStorage.bucket=other-bucket")
+    assert base != job_name("--set", "modelRepository.publish.resources.limits.memory=1Gi")
+
+
+def test_prometheus_rule_carries_every_rule_file_group(rendered) -> None:
+    """The observability rule files (when present) reach the PrometheusRule whole: the same
+    groups, each a name and rules that record or alert on an expression."""
+    files = sorted((CHART / "files" / "prometheus" / "rules").glob("*.y*ml"))
+    if not files:
+        pytest.skip("no rule files in charts/mosmedai/files/prometheus/rules yet")
+    expected = [group for path in files for group in yaml.safe_load(path.read_text())["groups"]]
+    (rule,) = [d for d in rendered["monitoring-values.yaml"] if d["kind"] == "PrometheusRule"]
+    assert rule["spec"]["groups"] == expected
+    names = [group["name"] for group in expected]
+    assert len(names) == len(set(names)), "rule group names must be unique within one PrometheusRule"
+    for group in expected:
+        for entry in group["rules"]:
+            assert ("record" in entry) != ("alert" in entry) and entry["expr"], entry
