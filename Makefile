@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install system-deps up down status test test-unit test-integration bench models model-configs clean
+.PHONY: help install system-deps up down status test test-unit test-integration bench loadtest models model-configs clean
 
 help:
 	@echo "make up           start the local platform (Triton + Ray Serve gateway/router); logs in .run/logs"
@@ -14,6 +14,7 @@ help:
 	@echo "make status       which local processes run"
 	@echo "make test         unit and integration tests (starts its own platform on other ports)"
 	@echo "make bench        side-by-side throughput/latency of the work, Triton, and the full path"
+	@echo "make loadtest     short Locust run against the local platform; report in .run/loadtest"
 	@echo "make models       retrain the reference networks (needs torch; minutes on 2 cores)"
 	@echo "make model-configs  re-render model_repository/*/config.pbtxt from the tool catalog"
 
@@ -56,6 +57,9 @@ test-integration: install
 
 bench: install
 	$(BIN)/python -m mosmedai.bench
+
+loadtest: install
+	$(BIN)/python -m mosmedai_load.loadtest --out .run/loadtest
 
 models: install
 	$(BIN)/pip install -q -e '.[train]'
