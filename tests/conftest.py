@@ -11,7 +11,10 @@ from mosmedai.config import Settings
 # `make up` platform and the tests can run side by side.
 TEST_PORTS = {"gateway_http_port": 18000, "triton_http_port": 18100, "triton_grpc_port": 18101,
               "serve_proxy_port": 18099, "gateway_direct_grpc_port": 18400,
-              "triton_metrics_port": 18102}
+              "triton_metrics_port": 18102, "router_metrics_port": 18201, "prometheus_port": 19090}
+# The test Prometheus scrapes and evaluates every second so that recorded series appear
+# within seconds of the traffic that makes them.
+TEST_PROMETHEUS = {"prometheus_scrape_interval_s": 1.0, "prometheus_evaluation_interval_s": 1.0}
 # A long batch wait makes "an idle tool sends at once" observable: an image that waited
 # for company would take at least this long.
 TEST_BATCH_WAIT_MS = 400.0
@@ -20,7 +23,7 @@ TEST_BATCH_WAIT_MS = 400.0
 @pytest.fixture(scope="session")
 def platform_settings(tmp_path_factory) -> Settings:
     return Settings(run_dir=tmp_path_factory.mktemp("run"), router_batch_wait_ms=TEST_BATCH_WAIT_MS,
-                    **TEST_PORTS)
+                    **TEST_PORTS, **TEST_PROMETHEUS)
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +33,7 @@ def platform(platform_settings):
     try:
         urls = local.up(platform_settings)
     except Exception:
-        for name in ("triton.log", "serve.log"):
+        for name in ("triton.log", "serve.log", "prometheus.log"):
             path = platform_settings.log_dir / name
             if path.exists():
                 print(f"--- {name} (last 60 lines) ---")

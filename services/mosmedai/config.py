@@ -108,6 +108,47 @@ class Settings(BaseSettings):
         "area-averages larger ones. 0.4 MB instead of 10 MB for a 2500x2048 radiograph.",
     )
 
+    # --- metrics (Prometheus) ------------------------------------------------------------
+    region: str = Field(
+        "RU-MOW",
+        pattern=r"^RU-[A-Z]{2,3}$",
+        description="ISO 3166-2:RU code of the region this deployment counts its images under "
+        "(label `region`). There is no authentication yet, so every request is this region's; "
+        "a configured value keeps the label's values bounded.",
+    )
+    institution: str = Field(
+        "local",
+        pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$",
+        description="Institution label of every request (configuration, never request text).",
+    )
+    region_utc_offset_hours: float = Field(
+        3.0,
+        ge=-12,
+        le=14,
+        description="The region's UTC offset (hours; Moscow +3). DICOM acquisition times carry no "
+        "zone unless Timezone Offset From UTC is set; they are read as this zone's local time for "
+        "the acquisition time-to-result, and rules derive the region's working hours from it.",
+    )
+    router_metrics_port: int = Field(
+        8201,
+        ge=1,
+        le=65535,
+        description="First port of the routers' Prometheus endpoints (/metrics); replica i takes "
+        "the first free one of router_metrics_port .. + router_replicas - 1.",
+    )
+    prometheus_port: int = Field(9090, ge=1, le=65535, description="Port of the local Prometheus `make up` starts.")
+    prometheus_binary: str = Field(
+        "prometheus",
+        description="The Prometheus server `make up` runs (a name on PATH or a path; the Debian "
+        "package installs /usr/bin/prometheus). Missing: the platform starts without it.",
+    )
+    prometheus_scrape_interval_s: float = Field(
+        15.0, gt=0, le=300, description="Scrape interval of the local Prometheus (s)."
+    )
+    prometheus_evaluation_interval_s: float = Field(
+        15.0, gt=0, le=300, description="Rule evaluation interval of the local Prometheus (s)."
+    )
+
     # --- local platform ---------------------------------------------------------------
     ray_num_cpus: int = Field(
         2, ge=1, le=256, description="CPUs the local Ray instance may schedule (logical)."
@@ -137,6 +178,8 @@ class Settings(BaseSettings):
             "triton_metrics_port": self.triton_metrics_port,
             "serve_proxy_port": self.serve_proxy_port,
             "gateway_direct_grpc_port": self.gateway_direct_grpc_port,
+            "router_metrics_port": self.router_metrics_port,
+            "prometheus_port": self.prometheus_port,
         }
         if len(set(ports.values())) != len(ports):
             raise ValueError(f"ports must be distinct: {ports}")

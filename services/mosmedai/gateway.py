@@ -1,7 +1,7 @@
 """The gateway: the platform's HTTP front door (FastAPI ingress of the Ray Serve app).
 
 - ``POST /v1/studies``: one DICOM Part-10 file -> every enabled tool that reads it.
-- ``GET /healthz``, ``GET /readyz``.
+- ``GET /healthz``, ``GET /readyz``; ``GET /metrics`` (Prometheus text format, not in OpenAPI).
 - The Open Inference Protocol (KServe v2) REST endpoints for raw tensors, passed to
   Triton unchanged so a stock ``tritonclient.http`` client works, binary tensors included;
   only enabled tools are reachable.
@@ -23,6 +23,7 @@ from mosmedai import __version__
 from mosmedai.config import Settings
 from mosmedai.dicom_input import DecodedImage, InputError, decode
 from mosmedai.imaging import reduce_for_transport
+from mosmedai.metrics import GatewayMetrics, gateway_metrics, install_gateway_metrics
 from mosmedai.router import ImageInput, Router
 from mosmedai.schemas import ErrorBody, Finding, Location, StudyResult, ToolResult
 from mosmedai.tools import CATALOG, select_tools
@@ -39,8 +40,42 @@ app = FastAPI(
 )
 
 
+class RequestMetricsMiddleware:
+    """Counts every answered request by route template, method and status (pure ASGI: no
+    body buffering, one dict lookup and one histogram observation per request)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        metrics = gateway_metrics()  # set by Gateway.__init__ (one gateway replica per process)
+        if scope["type"] != "http" or metrics is None:
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        code = 500
+
+        async def send_and_note(message):
+            nonlocal code
+            if message["type"] == "http.response.start":
+                code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            metrics.observe_request(endpoint, scope["method"], code, time.perf_counter() - started)
+
+
+app.add_middleware(RequestMetricsMiddleware)
+
+
 @app.exception_handler(InputError)
 async def _input_error(_: Request, error: InputError) -> JSONResponse:
+    metrics = gateway_metrics()
+    if metrics is not None:
+        metrics.rejected_input(error.code)
     return JSONResponse(error.as_json(), status_code=error.status)
 
 
@@ -92,6 +127,11 @@ class Gateway:
         self.settings = Settings(**settings)
         triton_http = f"http://{self.settings.bind_host}:{self.settings.triton_http_port}"
         self.triton = httpx.AsyncClient(base_url=triton_http, timeout=self.settings.triton_timeout_s)
+        self.metrics = GatewayMetrics(self.settings.region, self.settings.institution,
+                                      self.settings.region_utc_offset_hours, self.settings.enabled_tools)
+        install_gateway_metrics(self.metrics)
+        # DICOM times without a zone are the region's local time (seconds east of UTC).
+        self._utc_offset_s = self.settings.region_utc_offset_hours * 3600.0
 
     def _prepare(self, body: bytes) -> tuple[DecodedImage, ImageInput, tuple[float, float]]:
         image = decode(body, self.settings.max_pixels)
@@ -102,6 +142,12 @@ class Gateway:
     @app.get("/healthz", summary="The gateway process is alive")
     async def healthz(self) -> dict:
         return {"status": "alive"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(self) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/readyz", summary="Triton and every enabled tool are ready",
              responses={503: {"model": ErrorBody}})
@@ -161,7 +207,10 @@ class Gateway:
         outputs = await self.router.infer_image.remote(selected, tensors)
         finished = time.perf_counter()
         failures = {tool: out for tool, out in outputs.items() if "error" in out}
+        outcomes = {tool: "failed" if "error" in out else ("positive" if out["positive"] else "negative")
+                    for tool, out in outputs.items()}
         if failures:
+            self.metrics.image_failed(image.facts.modality, outcomes)
             status = max(out["status"] for out in failures.values())
             detail = "; ".join(f"{tool}: {out['error']}" for tool, out in failures.items())
             return JSONResponse({"error": "tool_failed", "detail": detail, "tools": sorted(failures)}, status)
@@ -180,7 +229,13 @@ class Gateway:
                 "total": (finished - received) * 1000.0,
             },
         )
-        return JSONResponse(result.model_dump(mode="json"))
+        answer = JSONResponse(result.model_dump(mode="json"))
+        acquired = image.acquired_at
+        self.metrics.image_done(
+            image.facts.modality, image.study_instance_uid, outcomes, time.perf_counter() - received,
+            None if acquired is None else time.time() - (acquired.timestamp() - self._utc_offset_s),
+        )
+        return answer
 
     # --- router statistics (benchmarks, SREs) --------------------------------------------
     @app.get("/v1/router/batches", summary="Realised batch sizes per tool since the last reset")

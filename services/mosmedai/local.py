@@ -1,11 +1,14 @@
 """The local platform: `make up` / `make down` on one machine.
 
-Two supervised process groups, each started in its own session so that `down` stops
+Three supervised process groups, each started in its own session so that `down` stops
 everything a group spawned (Triton's Python stubs, Ray's raylet and workers):
 
 - ``triton``: the ``tritonserver`` binary from the nvidia-pytriton wheel, CPU only.
 - ``serve``: one Python process that starts a local Ray, runs the Serve application
   (gateway + router) and waits; SIGTERM shuts Serve and Ray down.
+- ``prometheus``: the Debian package's Prometheus, scraping the gateway, the router and
+  Triton with the chart's rule files loaded (``charts/mosmedai/files/prometheus/rules``).
+  Optional: when the binary is missing or does not start, `up` says why and goes on.
 
 Pid files and logs live in ``settings.run_dir`` (``.run/`` by default; logs in
 ``.run/logs/``). Ray's own logs stay in its session folder (``/tmp/ray/session_latest``).
@@ -26,7 +29,8 @@ import httpx
 
 from mosmedai.config import REPO_ROOT, Settings
 
-GROUPS = ("triton", "serve")
+GROUPS = ("triton", "serve", "prometheus")
+PROMETHEUS_FILES = REPO_ROOT / "charts" / "mosmedai" / "files" / "prometheus"
 
 
 # --- Triton from the nvidia-pytriton wheel --------------------------------------------------
@@ -122,6 +126,73 @@ def serve_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", "mosmedai.local", "serve"], env
 
 
+# --- Prometheus (Debian package) ------------------------------------------------------------
+def prometheus_config(settings: Settings) -> dict:
+    """prometheus.yml for the local platform: every gateway and router replica, Triton."""
+    host = settings.bind_host
+    gateways = [f"{host}:{settings.gateway_http_port + i}" for i in range(settings.gateway_replicas)]
+    routers = [f"{host}:{settings.router_metrics_port + i}" for i in range(settings.router_replicas)]
+    return {
+        "global": {
+            "scrape_interval": f"{settings.prometheus_scrape_interval_s:g}s",
+            "scrape_timeout": f"{min(settings.prometheus_scrape_interval_s, 10.0):g}s",
+            "evaluation_interval": f"{settings.prometheus_evaluation_interval_s:g}s",
+            "external_labels": {"deployment": "local"},
+        },
+        "rule_files": [str(PROMETHEUS_FILES / "rules" / "*.yaml")],
+        "scrape_configs": [
+            {"job_name": "mosmedai-gateway", "static_configs": [{"targets": gateways}]},
+            {"job_name": "mosmedai-router", "static_configs": [{"targets": routers}]},
+            {"job_name": "triton", "static_configs": [{"targets": [f"{host}:{settings.triton_metrics_port}"]}]},
+        ],
+    }
+
+
+def prometheus_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
+    """The command line, or RuntimeError saying why Prometheus cannot run here."""
+    import json
+
+    binary = shutil.which(settings.prometheus_binary)
+    if binary is None:
+        raise RuntimeError(f"'{settings.prometheus_binary}' is not installed (the Debian package "
+                           "`prometheus` provides /usr/bin/prometheus; `make up` installs it where apt-get may run)")
+    if not (PROMETHEUS_FILES / "rules").is_dir():
+        raise RuntimeError(f"the rule files are missing ({PROMETHEUS_FILES / 'rules'})")
+    config = settings.run_dir / "prometheus.yml"
+    # JSON is YAML: no YAML writer needed.
+    config.write_text(json.dumps(prometheus_config(settings), indent=2) + "\n")
+    data = settings.run_dir / "prometheus-data"
+    data.mkdir(parents=True, exist_ok=True)
+    command = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={data}",
+        "--storage.tsdb.retention.time=15d",
+        f"--web.listen-address={settings.bind_host}:{settings.prometheus_port}",
+        "--log.level=warn",
+    ]
+    return command, dict(os.environ)
+
+
+def _start_prometheus(settings: Settings, url: str) -> str | None:
+    """Start and wait for Prometheus; the reason it did not start, or None when it runs."""
+    if running_pid(settings, "prometheus") is None:
+        try:
+            command, env = prometheus_command(settings)
+        except RuntimeError as error:
+            return str(error)
+        if not _port_free(settings.bind_host, settings.prometheus_port):
+            return (f"port {settings.prometheus_port} is taken by another program; free it or set "
+                    "MOSMEDAI_PROMETHEUS_PORT")
+        _start(settings, "prometheus", command, env)
+    try:
+        _wait("Prometheus", lambda: _http_ok(f"{url}/-/ready"), 60.0, settings.log_dir / "prometheus.log",
+              (settings, "prometheus"))
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
 # --- process groups ---------------------------------------------------------------------
 def _pid_file(settings: Settings, group: str) -> Path:
     return settings.run_dir / f"{group}.pid"
@@ -177,6 +248,13 @@ def _stop(settings: Settings, group: str, grace_s: float = 20.0) -> bool:
     _signal_all([pid], signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and _session_members(pid):
+        try:
+            # When this process started the group (tests run `up` and `down` in one process),
+            # reap the leader: a zombie would count as a member of its session until the
+            # grace ends, and would outlive `down`.
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
         if pid not in _session_members(pid):
             # The leader is gone; give its children a moment, then no more waiting.
             deadline = min(deadline, time.monotonic() + 2.0)
@@ -196,6 +274,33 @@ def _port_free(host: str, port: int) -> bool:
             return True
         except OSError:
             return False
+
+
+def _listening(port: int) -> bool:
+    """Whether any socket LISTENs on this TCP port (/proc/net/tcp{,6}: state 0A)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            return True  # cannot tell: assume a listener, as before
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                return True
+    return False
+
+
+def _port_usable(host: str, port: int, timeout_s: float = 75.0) -> bool:
+    """Free now, or held only by TIME_WAIT sockets of a server that just stopped (a gateway
+    killed with clients' keep-alive connections open leaves them for 60 s, and Ray's
+    listener does not set SO_REUSEADDR): then wait for them to expire. False when another
+    program listens there."""
+    deadline = time.monotonic() + timeout_s
+    while not _port_free(host, port):
+        if _listening(port) or time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def _wait(what: str, check, timeout_s: float, log_path: Path, pid_group: tuple[Settings, str]) -> None:
@@ -223,6 +328,9 @@ def endpoints(settings: Settings) -> dict[str, str]:
         "triton_http": f"http://{host}:{settings.triton_http_port}",
         "triton_grpc": f"{host}:{settings.triton_grpc_port}",
         "triton_metrics": f"http://{host}:{settings.triton_metrics_port}/metrics",
+        "gateway_metrics": f"http://{host}:{settings.gateway_http_port}/metrics",
+        "router_metrics": f"http://{host}:{settings.router_metrics_port}/metrics",
+        "prometheus": f"http://{host}:{settings.prometheus_port}",
     }
 
 
@@ -238,12 +346,17 @@ def up(settings: Settings) -> dict[str, str]:
     _wait("Triton", lambda: _http_ok(f"{urls['triton_http']}/v2/health/ready"), settings.startup_timeout_s,
           settings.log_dir / "triton.log", (settings, "triton"))
     if running_pid(settings, "serve") is None:
-        if not _port_free(settings.bind_host, settings.gateway_http_port):
+        if not _port_usable(settings.bind_host, settings.gateway_http_port):
             raise RuntimeError(f"port {settings.gateway_http_port} is taken by another program; "
                                "free it or set MOSMEDAI_GATEWAY_HTTP_PORT")
         _start(settings, "serve", *serve_command(settings))
     _wait("gateway", lambda: _http_ok(f"{urls['gateway']}/readyz"), settings.startup_timeout_s,
           settings.log_dir / "serve.log", (settings, "serve"))
+    problem = _start_prometheus(settings, urls["prometheus"])
+    if problem:
+        # The platform serves without it; say so plainly, once per `up`.
+        print(f"mosmedai up: Prometheus NOT started: {problem}", file=sys.stderr)
+        del urls["prometheus"]
     return urls
 
 

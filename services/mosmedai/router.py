@@ -19,6 +19,7 @@ import numpy as np
 from ray import serve
 
 from mosmedai.config import Settings
+from mosmedai.metrics import TRITON_OUTCOME, ReadinessCollector, RouterMetrics, start_router_metrics_server
 
 log = logging.getLogger("mosmedai.router")
 
@@ -59,6 +60,10 @@ class ToolBatcher:
     def __init__(self, router: "Router", tool: str, max_batch_size: int, wait_s: float):
         self.router, self.tool, self.wait_s = router, tool, wait_s
         self.in_flight = 0
+        metrics = router.metrics
+        self.queue_depth = metrics.queue_depth[tool]
+        self.queue_seconds = metrics.queue_seconds[tool]
+        self.batch_size_metric = metrics.batch_size[tool]
         self.batch_sizes: list[int] = []
         # Two batches at once: one in Triton's network, one in pre/postprocessing.
         self.submit = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=wait_s,
@@ -66,10 +71,17 @@ class ToolBatcher:
 
     async def infer(self, image: ImageInput) -> dict:
         self.submit.set_batch_wait_timeout_s(self.wait_s if self.in_flight else 0.0)
-        return await self.submit(image)
+        self.queue_depth.inc()
+        return await self.submit((image, time.perf_counter()))
 
-    async def _run(self, images: list[ImageInput]) -> list[dict]:
+    async def _run(self, queued: list[tuple[ImageInput, float]]) -> list[dict]:
         self.in_flight += 1
+        started = time.perf_counter()
+        self.queue_depth.dec(len(queued))
+        self.batch_size_metric.observe(len(queued))
+        for _, enqueued in queued:
+            self.queue_seconds.observe(started - enqueued)
+        images = [image for image, _ in queued]
         self.batch_sizes.append(len(images))
         del self.batch_sizes[:-10000]  # the recent batches are what /v1/router/batches reports
         try:
@@ -102,6 +114,15 @@ class Router:
         self.settings = Settings(**settings)
         self.client = grpcclient.InferenceServerClient(self.settings.triton_grpc_target)
         self.grpc = grpcclient
+        tools = self.settings.enabled_tools
+        self.metrics = RouterMetrics(tools)
+        self.metrics.registry.register(ReadinessCollector(self.settings.triton_grpc_target, tools))
+        self.metrics_port = start_router_metrics_server(
+            self.metrics, self.settings.bind_host, self.settings.router_metrics_port, self.settings.router_replicas)
+        if self.metrics_port is None:
+            log.warning("router metrics: ports %d..%d are all taken; this replica exports no metrics",
+                        self.settings.router_metrics_port,
+                        self.settings.router_metrics_port + self.settings.router_replicas - 1)
         wait_s = self.settings.router_batch_wait_ms / 1000.0
         self.batchers = {
             tool: ToolBatcher(self, tool, self.settings.router_max_batch_size, wait_s)
@@ -134,6 +155,7 @@ class Router:
         outputs = [grpc.InferRequestedOutput(name) for name in OUTPUTS]
 
         attempt = 0
+        first_started = time.perf_counter()
         while True:
             started = time.perf_counter()
             try:
@@ -147,8 +169,13 @@ class Router:
                     await asyncio.sleep(0.2 * 2**attempt)
                     continue
                 log.warning("tool %s failed in Triton: %s", tool, error)
+                self.metrics.triton_seconds[tool].observe(time.perf_counter() - first_started)
+                self.metrics.triton_requests.labels(tool, TRITON_OUTCOME.get(status, "error")).inc()
                 raise ToolFailure(tool, status, str(error)) from None
-        triton_ms = (time.perf_counter() - started) * 1000.0
+        finished = time.perf_counter()
+        triton_ms = (finished - started) * 1000.0
+        self.metrics.triton_seconds[tool].observe(finished - first_started)
+        self.metrics.triton_requests.labels(tool, "ok").inc()
         version = result.get_response().model_version
         probability, positive, location = (result.as_numpy(name) for name in OUTPUTS)
         return [

@@ -52,4 +52,4 @@ def test_up_refuses_a_port_taken_by_another_program(tmp_path):
         settings = Settings(run_dir=tmp_path, triton_http_port=port, triton_grpc_port=port + 1 if port < 65535 else 1)
         with pytest.raises(RuntimeError, match=f"port {port} is taken"):
             local.up(settings)
-    assert local.status(settings) == {"triton": None, "serve": None}
+    assert local.status(settings) == {"triton": None, "serve": None, "prometheus": None}
