@@ -109,7 +109,20 @@ def cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Subcommands with parsers of their own (the capacity planner in load_tests/mosmedai_load).
+DELEGATED = {
+    "capacity": ("mosmedai_load.capacity", "plan GPUs per region pool for a quarter of national volume"),
+    "profile": ("mosmedai_load.profile", "measure per-tool service times of a live Triton at several batch sizes"),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in DELEGATED:
+        import importlib
+
+        module = importlib.import_module(DELEGATED[args[0]][0])
+        sys.exit(module.main(args[1:]))
     parser = argparse.ArgumentParser(prog="mosmedai", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("up", help="start the local platform (Triton + Ray Serve)").set_defaults(run=cmd_up)
@@ -127,8 +140,10 @@ def main(argv: list[str] | None = None) -> None:
                          default="cxr_nodule")
     example.add_argument("--seed", type=int, default=7)
     example.set_defaults(run=cmd_example)
-    args = parser.parse_args(argv)
-    sys.exit(args.run(args))
+    for name, (_, summary) in DELEGATED.items():
+        commands.add_parser(name, help=f"{summary} (`mosmedai {name} --help`)", add_help=False)
+    parsed = parser.parse_args(args)
+    sys.exit(parsed.run(parsed))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
         description="host:port of Triton's gRPC endpoint the router calls. Empty: the local "
         "Triton at bind_host:triton_grpc_port. In a cluster: the region pool's Service.",
     )
+    triton_http_url: str = Field(
+        "",
+        description="Base URL of Triton's HTTP endpoint, where the gateway passes Open Inference "
+        "Protocol REST calls. Empty: the local Triton at http://bind_host:triton_http_port. "
+        "In a cluster: http://<pool Service>:8000.",
+    )
     model_repository: Path = Field(
         REPO_ROOT / "model_repository",
         description="Triton model repository (one folder per model, config.pbtxt + versions).",
@@ -188,6 +194,10 @@ class Settings(BaseSettings):
     @property
     def triton_grpc_target(self) -> str:
         return self.triton_url or f"{self.bind_host}:{self.triton_grpc_port}"
+
+    @property
+    def triton_http_base(self) -> str:
+        return self.triton_http_url or f"http://{self.bind_host}:{self.triton_http_port}"
 
     @property
     def log_dir(self) -> Path:

@@ -125,8 +125,8 @@ class Gateway:
     def __init__(self, router: DeploymentHandle, settings: dict):
         self.router = router
         self.settings = Settings(**settings)
-        triton_http = f"http://{self.settings.bind_host}:{self.settings.triton_http_port}"
-        self.triton = httpx.AsyncClient(base_url=triton_http, timeout=self.settings.triton_timeout_s)
+        self.triton = httpx.AsyncClient(base_url=self.settings.triton_http_base,
+                                        timeout=self.settings.triton_timeout_s)
         self.metrics = GatewayMetrics(self.settings.region, self.settings.institution,
                                       self.settings.region_utc_offset_hours, self.settings.enabled_tools)
         install_gateway_metrics(self.metrics)
@@ -306,4 +306,13 @@ def build_app(settings: Settings):
     values = settings.model_dump(mode="json")
     router = Router.options(num_replicas=settings.router_replicas).bind(values)
     return Gateway.options(num_replicas=settings.gateway_replicas).bind(router, values)
+
+
+def app_from_env(args: dict | None = None):
+    """Application builder for a Serve config (KubeRay: ``import_path: mosmedai.gateway:app_from_env``).
+
+    Settings come from the MOSMEDAI_* environment of the Ray pods; the config's ``args``
+    override single fields (e.g. ``{"router_max_batch_size": 16}``).
+    """
+    return build_app(Settings(**(args or {})))
 

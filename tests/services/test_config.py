@@ -53,3 +53,20 @@ def test_up_refuses_a_port_taken_by_another_program(tmp_path):
         with pytest.raises(RuntimeError, match=f"port {port} is taken"):
             local.up(settings)
     assert local.status(settings) == {"triton": None, "serve": None, "prometheus": None}
+
+
+def test_the_kuberay_application_builder_reads_the_environment(monkeypatch):
+    from ray.serve.deployment import Application
+
+    from mosmedai.gateway import app_from_env
+
+    monkeypatch.setenv("MOSMEDAI_TRITON_URL", "ru-mow.mosmedai.svc:8001")
+    application = app_from_env({"router_max_batch_size": 16})
+    assert isinstance(application, Application)
+    with pytest.raises(ValidationError, match="router_max_batch_size"):
+        app_from_env({"router_max_batch_size": 0})
+
+
+def test_triton_http_base_defaults_to_the_local_triton():
+    assert Settings().triton_http_base == "http://127.0.0.1:8100"
+    assert Settings(triton_http_url="http://ru-mow.mosmedai.svc:8000").triton_http_base.endswith(":8000")

@@ -136,6 +136,8 @@ securityContext:
   value: {{ .Values.gateway.port | quote }}
 - name: MOSMEDAI_TRITON_URL
   value: {{ include "mosmedai.tritonUrl" . | quote }}
+- name: MOSMEDAI_TRITON_HTTP_URL
+  value: {{ printf "http://%s.%s.svc:8000" (include "mosmedai.gatewayRegion" .) .Release.Namespace | quote }}
 - name: MOSMEDAI_ENABLED_TOOLS
   value: {{ toJson .Values.gateway.enabledTools | quote }}
 - name: MOSMEDAI_ROUTER_MAX_BATCH_SIZE
