@@ -177,3 +177,14 @@ def test_a_view_of_the_body_is_decoded_without_copying():
     body = to_bytes(build_dataset(gradient()))
     image = decode(body, MAX_PIXELS)
     assert not image.stored.flags.owndata  # frombuffer over the request body
+
+
+def test_uncompressed_files_are_told_apart_from_compressed_ones():
+    from mosmedai.dicom_input import is_uncompressed
+
+    pixels = gradient()
+    assert is_uncompressed(to_bytes(build_dataset(pixels)))
+    assert is_uncompressed(to_bytes(build_dataset(pixels), ImplicitVRLittleEndian))
+    assert not is_uncompressed(to_bytes(build_dataset(pixels), RLELossless))
+    assert not is_uncompressed(to_bytes(build_dataset(pixels), ExplicitVRBigEndian))
+    assert not is_uncompressed(b"not dicom") and not is_uncompressed(b"")
