@@ -8,7 +8,6 @@ which names the field.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
@@ -85,13 +84,6 @@ class Settings(BaseSettings):
     )
     triton_retries: int = Field(
         2, ge=0, le=10, description="Retries of a Triton call that failed with UNAVAILABLE (connection)."
-    )
-    triton_instances: int = Field(
-        2,
-        ge=1,
-        le=64,
-        description="Triton instances per pre/post-processing and network model on CPU. Two "
-        "use both cores of a small machine; one intra-op thread each (DESIGN.md).",
     )
 
     # --- input limits -----------------------------------------------------------------
@@ -210,8 +202,3 @@ class Settings(BaseSettings):
             f"MOSMEDAI_{key.upper()}": json.dumps(value) if isinstance(value, (list, dict)) else str(value)
             for key, value in values.items()
         }
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return Settings()

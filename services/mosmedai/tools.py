@@ -27,8 +27,6 @@ class ToolSpec:
     body_parts: frozenset[str] = frozenset()
     views: frozenset[str] = frozenset()
     description_keywords: tuple[str, ...] = ()
-    has_location: bool = True
-    outputs: tuple[str, ...] = ("probability", "positive", "location")
 
     @property
     def preprocess_model(self) -> str:
