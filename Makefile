@@ -15,15 +15,17 @@ help:
 	@echo "make test         unit and integration tests (starts its own platform on other ports)"
 	@echo "make bench        side-by-side throughput/latency of the work, Triton, and the full path"
 	@echo "make loadtest     short Locust run against the local platform; report in .run/loadtest"
-	@echo "make models       retrain the reference networks (needs torch; minutes on 2 cores)"
+	@echo "make models       retrain the 18 reference networks and rewrite their model cards (needs torch; about an hour on 2 cores)"
 	@echo "make model-configs  re-render model_repository/*/config.pbtxt from the tool catalog"
 
 # Debian packages: Triton's Python-backend stub links the system libpython of the running
-# minor version; Prometheus and promtool serve the operator's (and the rules') tests.
+# minor version; Prometheus and promtool serve the operator's (and the rules') tests;
+# DCMTK's storescu/echoscu are the stock DICOM peers the DIMSE tests talk to.
 system-deps:
 	@missing=""; \
 	ldconfig -p | grep -q 'libpython3.11.so.1.0' || missing="$$missing libpython3.11"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
@@ -63,8 +65,8 @@ loadtest: install
 
 models: install
 	$(BIN)/pip install -q -e '.[train]'
-	$(BIN)/python -m mosmedai.training.train --tool all
-	$(BIN)/python -m mosmedai.training.evaluate --tool all --write-cards
+	$(BIN)/python -m mosmedai.training train --tool all
+	$(BIN)/python -m mosmedai.training evaluate --tool all
 
 model-configs: install
 	$(BIN)/python -m mosmedai.model_repo

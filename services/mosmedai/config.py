@@ -18,6 +18,12 @@ from mosmedai.imaging import NETWORK_SIZE, TRANSPORT_MAX_SIDE
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def _catalog() -> dict:
+    from mosmedai.tools import CATALOG  # the catalog imports the family modules: load it late
+
+    return CATALOG
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MOSMEDAI_", extra="forbid")
 
@@ -62,8 +68,9 @@ class Settings(BaseSettings):
 
     # --- which tools ------------------------------------------------------------------
     enabled_tools: list[str] = Field(
-        default_factory=lambda: ["cxr_opacity", "cxr_nodule", "cxr_pneumothorax"],
-        description="Tools (Triton ensembles) this deployment serves. /readyz waits for each.",
+        default_factory=lambda: list(_catalog()),
+        description="Tools (Triton ensembles) this deployment serves: Triton loads only these (explicit "
+        "model control) and /readyz waits for each. Default: all of them.",
     )
 
     # --- router -----------------------------------------------------------------------
@@ -91,6 +98,13 @@ class Settings(BaseSettings):
         256 * 1024 * 1024,
         ge=1024,
         description="Largest request body the gateway reads (bytes); larger gets 413.",
+    )
+    max_instances_per_request: int = Field(
+        1000, ge=1, le=100000,
+        description="Most DICOM instances in one multipart request (a 1000-slice CT series); more gets 413.",
+    )
+    max_series_per_request: int = Field(
+        20, ge=1, le=1000, description="Most series in one multipart request; more gets 422.",
     )
     max_pixels: int = Field(
         64 * 1024 * 1024,
@@ -158,11 +172,9 @@ class Settings(BaseSettings):
     @field_validator("enabled_tools")
     @classmethod
     def _tools_known(cls, tools: list[str]) -> list[str]:
-        from mosmedai.tools import CATALOG
-
-        unknown = sorted(set(tools) - set(CATALOG))
+        unknown = sorted(set(tools) - set(_catalog()))
         if unknown:
-            raise ValueError(f"unknown tools {unknown}; known: {sorted(CATALOG)}")
+            raise ValueError(f"unknown tools {unknown}; known: {sorted(_catalog())}")
         if not tools:
             raise ValueError("at least one tool must be enabled")
         return tools

@@ -79,3 +79,46 @@ def to_bytes(dataset: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) ->
             dataset.compress(transfer_syntax)
         dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+#: CT Image Storage (PS3.4 B.5).
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def ct_series(hu: np.ndarray, spacing_mm: tuple[float, float, float], *, body_part: str = "CHEST",
+              series_description: str = "", study_instance_uid: str | None = None,
+              rescale_intercept: float = -1024.0, **attributes) -> list[Dataset]:
+    """One axial CT series from a volume in HU (slices, rows, columns), slice 0 at the feet.
+
+    ``spacing_mm`` is (between slices, between rows, between columns). Stored values are
+    unsigned 16-bit with Rescale Intercept ``rescale_intercept`` (slope 1), Image Position
+    (Patient) advances along +z by the slice spacing, Instance Number counts from 1.
+    """
+    if hu.ndim != 3:
+        raise ValueError(f"a volume is 3-D (slices, rows, columns), got shape {hu.shape}")
+    dz, dy, dx = spacing_mm
+    stored = np.clip(np.rint(hu - rescale_intercept), 0, 4095).astype(np.uint16)
+    study = study_instance_uid or generate_uid()
+    series, frame = generate_uid(), generate_uid()
+    datasets = []
+    for index, plane in enumerate(stored):
+        dataset = build_dataset(
+            plane, modality="CT", bits_stored=12,
+            StudyInstanceUID=study, SeriesInstanceUID=series, FrameOfReferenceUID=frame,
+            BodyPartExamined=body_part, SeriesDescription=series_description,
+            RescaleSlope=1, RescaleIntercept=_decimal(rescale_intercept), RescaleType="HU",
+            PixelSpacing=[_decimal(dy), _decimal(dx)], SliceThickness=_decimal(dz),
+            SpacingBetweenSlices=_decimal(dz),
+            ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+            ImagePositionPatient=[_decimal(-dx * plane.shape[1] / 2), _decimal(-dy * plane.shape[0] / 2),
+                                  _decimal(index * dz)],
+            InstanceNumber=index + 1, SeriesNumber=1, **attributes,
+        )
+        dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+        datasets.append(dataset)
+    return datasets
+
+
+def _decimal(value: float) -> str:
+    """A Decimal String value (at most 16 characters)."""
+    return f"{value:.6g}"

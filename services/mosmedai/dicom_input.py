@@ -53,6 +53,16 @@ class DecodedImage:
     acquired_at: datetime | None
     transfer_syntax: str
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: CT slice geometry (None when the header has none): Image Position / Orientation (Patient)
+    position_mm: tuple[float, float, float] | None = None
+    orientation: tuple[float, ...] | None = None
+    instance_number: int | None = None
+    #: the header without pixel data (result objects copy patient and study attributes from it)
+    header: pydicom.Dataset | None = None
+
+    def hu(self) -> np.ndarray:
+        """Stored values through the Modality LUT (Rescale Slope/Intercept): HU for CT, float32."""
+        return self.stored.astype(np.float32) * self.params.rescale_slope + self.params.rescale_intercept
 
 
 def _text(dataset: pydicom.Dataset, keyword: str) -> str:
@@ -78,12 +88,14 @@ def header_facts(dataset: pydicom.Dataset) -> HeaderFacts:
         "Modality": _text(dataset, "Modality"),
         "BodyPartExamined": _text(dataset, "BodyPartExamined"),
         "ViewPosition": _text(dataset, "ViewPosition"),
+        "ImageLaterality": _text(dataset, "ImageLaterality") or _text(dataset, "Laterality"),
         "SeriesDescription": _text(dataset, "SeriesDescription"),
     }
     return HeaderFacts(
         modality=facts["Modality"],
         body_part=facts["BodyPartExamined"],
         view_position=facts["ViewPosition"],
+        laterality=facts["ImageLaterality"],
         series_description=facts["SeriesDescription"],
         looked_at={key: value for key, value in facts.items()},
     )
@@ -298,6 +310,10 @@ def decode(body: bytes, max_pixels: int) -> DecodedImage:
 
     spacing = dataset.get("PixelSpacing") or dataset.get("ImagerPixelSpacing")
     pixel_spacing = (float(spacing[0]), float(spacing[1])) if spacing and len(spacing) == 2 else None
+    position, orientation = dataset.get("ImagePositionPatient"), dataset.get("ImageOrientationPatient")
+    number = _first_number(dataset.get("InstanceNumber"))
+    if "PixelData" in dataset:
+        del dataset.PixelData  # the header is kept; the pixels live in `stored`
     return DecodedImage(
         study_instance_uid=uids[0],
         series_instance_uid=uids[1],
@@ -308,4 +324,8 @@ def decode(body: bytes, max_pixels: int) -> DecodedImage:
         pixel_spacing_mm=pixel_spacing,
         acquired_at=_acquired_at(dataset),
         transfer_syntax=str(transfer_syntax),
+        position_mm=tuple(float(v) for v in position) if position and len(position) == 3 else None,
+        orientation=tuple(float(v) for v in orientation) if orientation and len(orientation) == 6 else None,
+        instance_number=None if number is None else int(number),
+        header=dataset,
     )

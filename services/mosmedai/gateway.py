@@ -13,7 +13,6 @@ import logging
 import time
 
 import httpx
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -21,16 +20,15 @@ from ray.serve.handle import DeploymentHandle
 
 from mosmedai import __version__
 from mosmedai.config import Settings
-from mosmedai.dicom_input import DecodedImage, InputError, decode, is_uncompressed
-from mosmedai.imaging import reduce_for_transport
+from mosmedai.dicom_input import InputError
 from mosmedai.metrics import GatewayMetrics, gateway_metrics, install_gateway_metrics
-from mosmedai.router import ImageInput, Router
-from mosmedai.schemas import ErrorBody, Finding, Location, StudyResult, ToolResult
-from mosmedai.tools import CATALOG, select_tools
+from mosmedai.pipeline import (DICOM_MEDIA_TYPE, MULTIPART_RELATED, decode_off_loop, item_result,
+                               multipart_parts, plan)
+from mosmedai.router import Router
+from mosmedai.schemas import ErrorBody, StudyResult, StudyResults
 
 log = logging.getLogger("mosmedai.gateway")
 
-DICOM_MEDIA_TYPE = "application/dicom"
 
 app = FastAPI(
     title="mosmedai gateway",
@@ -93,32 +91,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def image_input(image: DecodedImage, max_side: int) -> tuple[ImageInput, tuple[float, float]]:
-    """The tensors one image travels as, and the factors mapping their pixels to the source's."""
-    pixels, row_factor, col_factor = reduce_for_transport(image.stored, max_side)
-    lut = image.params.lut if image.params.lut is not None else np.zeros(1, np.float32)
-    tensors = ImageInput(pixels=pixels, params=image.params.as_vector(), voi_lut=np.asarray(lut, np.float32))
-    return tensors, (row_factor, col_factor)
-
-
-def tool_result(tool: str, outputs: dict, factors: tuple[float, float]) -> ToolResult:
-    spec = CATALOG[tool]
-    findings = []
-    if outputs["positive"]:
-        row0, col0, row1, col1 = outputs["location"]
-        rows, cols = factors  # transport pixels -> source pixels
-        location = (Location(row0=row0 * rows, col0=col0 * cols, row1=row1 * rows, col1=col1 * cols)
-                    if row0 >= 0 else None)
-        findings.append(Finding(finding=spec.finding, probability=outputs["probability"], location=location))
-    return ToolResult(
-        tool=tool,
-        title=spec.title,
-        model_version=str(outputs.get("model_version") or ""),
-        findings=findings,
-        scores={"probability": outputs["probability"]},
-    )
-
-
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Gateway:
@@ -132,11 +104,6 @@ class Gateway:
         install_gateway_metrics(self.metrics)
         # DICOM times without a zone are the region's local time (seconds east of UTC).
         self._utc_offset_s = self.settings.region_utc_offset_hours * 3600.0
-
-    def _prepare(self, body: bytes) -> tuple[DecodedImage, ImageInput, tuple[float, float]]:
-        image = decode(body, self.settings.max_pixels)
-        tensors, factors = image_input(image, self.settings.transport_max_side)
-        return image, tensors, factors
 
     # --- health -------------------------------------------------------------------------
     @app.get("/healthz", summary="The gateway process is alive")
@@ -168,78 +135,98 @@ class Gateway:
     # --- study API ----------------------------------------------------------------------
     @app.post(
         "/v1/studies",
-        response_model=StudyResult,
-        summary="Run every enabled tool that reads this image",
-        description="Body: one DICOM Part-10 file, `Content-Type: application/dicom`. "
-        "Optional query `tools=a,b` restricts the run to those tools.",
+        response_model=StudyResult | StudyResults,
+        summary="Run every enabled tool that reads these instances",
+        description="Body: one DICOM Part-10 file (`Content-Type: application/dicom`; answer: StudyResult), "
+        "or several (`multipart/related; type=\"application/dicom\"`, as DICOMweb STOW-RS; answer: "
+        "StudyResults). Instances are grouped by series; CT tools read a whole series ordered by Image "
+        "Position (Patient). Optional query `tools=a,b` restricts the run to those tools.",
         responses={code: {"model": ErrorBody} for code in (400, 413, 415, 422, 502, 503, 504)},
-        openapi_extra={"requestBody": {"required": True, "content": {DICOM_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}},
+        openapi_extra={"requestBody": {"required": True, "content": {
+            DICOM_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+            MULTIPART_RELATED: {"schema": {"type": "string", "format": "binary"}}}}},
     )
     async def submit_study(self, request: Request, tools: str | None = None) -> JSONResponse:
         received = time.perf_counter()
-        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type != DICOM_MEDIA_TYPE:
+        content_type = request.headers.get("content-type", "")
+        media_type = content_type.split(";")[0].strip().lower()
+        if media_type not in (DICOM_MEDIA_TYPE, MULTIPART_RELATED):
             raise InputError(415, "unsupported_media_type",
-                             f"Content-Type is '{media_type or '(none)'}'; send one DICOM file as {DICOM_MEDIA_TYPE}")
-        body = await read_body(request, self.settings.max_body_bytes)
-        read = time.perf_counter()
-        # Compressed pixel data is decoded off the event loop (JPEG 2000 takes ~0.4 s; the
-        # decoders release the GIL, so other uploads are received meanwhile). Uncompressed
-        # data is read as a view of the body in ~3 ms, less than the hop to a thread.
-        if is_uncompressed(body):
-            image, tensors, factors = self._prepare(body)
-        else:
-            image, tensors, factors = await asyncio.to_thread(self._prepare, body)
-        decoded = time.perf_counter()
-
-        selected = [spec.name for spec in select_tools(image.facts, self.settings.enabled_tools)]
+                             f"Content-Type is '{media_type or '(none)'}'; send one DICOM file as {DICOM_MEDIA_TYPE} "
+                             f"or several as {MULTIPART_RELATED}; type=\"{DICOM_MEDIA_TYPE}\"")
+        wanted = None
         if tools:
             wanted = [name.strip() for name in tools.split(",") if name.strip()]
             unknown = [name for name in wanted if name not in self.settings.enabled_tools]
             if unknown:
                 raise InputError(422, "unknown_tool", f"tools not enabled here: {unknown}; "
                                  f"enabled: {self.settings.enabled_tools}")
-            selected = [name for name in selected if name in wanted]
-        if not selected:
-            raise InputError(
-                422, "no_tool_accepts",
-                "no enabled tool reads this image",
-                looked_at=image.facts.looked_at,
-                enabled_tools=self.settings.enabled_tools,
-            )
+        body = await read_body(request, self.settings.max_body_bytes)
+        read = time.perf_counter()
+        if media_type == DICOM_MEDIA_TYPE:
+            bodies = [body]
+        else:
+            bodies = self._instances(multipart_parts(body, content_type))
+        images = await decode_off_loop(bodies, self.settings.max_pixels)
+        items, unmatched = await asyncio.to_thread(
+            plan, images, self.settings.enabled_tools, wanted, self.settings.transport_max_side)
+        series_count = len({image.series_instance_uid for image in images})
+        if series_count > self.settings.max_series_per_request:
+            raise InputError(422, "too_many_series", f"{series_count} series in one request; the limit is "
+                             f"{self.settings.max_series_per_request} (max_series_per_request)")
+        if not items:
+            first = unmatched[0]["looked_at"] if unmatched else {}
+            raise InputError(422, "no_tool_accepts", "no enabled tool reads this image" if len(bodies) == 1
+                             else "no enabled tool reads any of these instances",
+                             looked_at=first, unmatched=unmatched, enabled_tools=self.settings.enabled_tools)
+        decoded = time.perf_counter()
 
-        outputs = await self.router.infer_image.remote(selected, tensors)
+        answers = await asyncio.gather(*(self.router.infer_image.remote(item.tools, item.tensors) for item in items))
         finished = time.perf_counter()
-        failures = {tool: out for tool, out in outputs.items() if "error" in out}
-        outcomes = {tool: "failed" if "error" in out else ("positive" if out["positive"] else "negative")
-                    for tool, out in outputs.items()}
+        failures = {tool: out for outputs in answers for tool, out in outputs.items() if "error" in out}
+        for item, outputs in zip(items, answers):
+            outcomes = {tool: "failed" if "error" in out else ("positive" if out["positive"] else "negative")
+                        for tool, out in outputs.items()}
+            if failures:
+                self.metrics.image_failed(item.first.facts.modality, outcomes)
+            else:
+                acquired = item.first.acquired_at
+                self.metrics.image_done(
+                    item.first.facts.modality, item.first.study_instance_uid, outcomes, finished - received,
+                    None if acquired is None else time.time() - (acquired.timestamp() - self._utc_offset_s))
         if failures:
-            self.metrics.image_failed(image.facts.modality, outcomes)
             status = max(out["status"] for out in failures.values())
             detail = "; ".join(f"{tool}: {out['error']}" for tool, out in failures.items())
             return JSONResponse({"error": "tool_failed", "detail": detail, "tools": sorted(failures)}, status)
 
-        result = StudyResult(
-            study_instance_uid=image.study_instance_uid,
-            series_instance_uid=image.series_instance_uid,
-            sop_instance_uid=image.sop_instance_uid,
-            modality=image.facts.modality,
-            tools=[tool_result(tool, outputs[tool], factors) for tool in selected],
-            timings_ms={
-                "receive": (read - received) * 1000.0,
-                "decode": (decoded - read) * 1000.0,
-                "inference": (finished - decoded) * 1000.0,
-                "triton": max(out["triton_ms"] for out in outputs.values()),
-                "total": (finished - received) * 1000.0,
-            },
-        )
-        answer = JSONResponse(result.model_dump(mode="json"))
-        acquired = image.acquired_at
-        self.metrics.image_done(
-            image.facts.modality, image.study_instance_uid, outcomes, time.perf_counter() - received,
-            None if acquired is None else time.time() - (acquired.timestamp() - self._utc_offset_s),
-        )
-        return answer
+        timings = {
+            "receive": (read - received) * 1000.0,
+            "decode": (decoded - read) * 1000.0,
+            "inference": (finished - decoded) * 1000.0,
+            "triton": max(out["triton_ms"] for outputs in answers for out in outputs.values()),
+            "total": (finished - received) * 1000.0,
+        }
+        results = [item_result(item, outputs) for item, outputs in zip(items, answers)]
+        if media_type == DICOM_MEDIA_TYPE:
+            image, = images
+            result = StudyResult(
+                study_instance_uid=image.study_instance_uid, series_instance_uid=image.series_instance_uid,
+                sop_instance_uid=image.sop_instance_uid, modality=image.facts.modality,
+                tools=results[0].tools, timings_ms=timings)
+        else:
+            result = StudyResults(study_instance_uid=images[0].study_instance_uid, results=results,
+                                  timings_ms=timings)
+        return JSONResponse(result.model_dump(mode="json"))
+
+    def _instances(self, parts: list[tuple[str, bytes]]) -> list[bytes]:
+        if len(parts) > self.settings.max_instances_per_request:
+            raise InputError(413, "too_many_instances", f"{len(parts)} instances in one request; the limit is "
+                             f"{self.settings.max_instances_per_request} (max_instances_per_request)")
+        wrong = [index + 1 for index, (part_type, _) in enumerate(parts) if part_type != DICOM_MEDIA_TYPE]
+        if wrong:
+            raise InputError(415, "unsupported_media_type",
+                             f"parts {wrong[:10]} are not {DICOM_MEDIA_TYPE}; every part must be one DICOM file")
+        return [payload for _, payload in parts]
 
     # --- router statistics (benchmarks, SREs) --------------------------------------------
     @app.get("/v1/router/batches", summary="Realised batch sizes per tool since the last reset")

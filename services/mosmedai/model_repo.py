@@ -2,17 +2,18 @@
 
 ``python -m mosmedai.model_repo`` (or ``make model-configs``) rewrites every
 ``config.pbtxt`` and ``model.py`` shim; a test checks that the committed files are what
-this renders, so the catalog stays the one place a tool is described. Trained artefacts
-(``model.onnx``, ``calibration.json``) and model cards are written by
-``mosmedai.training``, never here.
+this renders, so the catalog (``mosmedai.families.*``) stays the one place a tool is
+described. Trained artefacts (``model.onnx``, ``calibration.json``) and model cards are
+written by ``mosmedai.training``, never here.
 
-Tensor contract of a tool ``T`` of family ``F`` (batch dimension first, Triton style):
+Tensor contracts: see ``mosmedai.families``. Two variants:
 
-    ensemble T       in:  pixels UINT16 [H,W], params FP32 [8], voi_lut FP32 [L]
-                     out: probability FP32 [1], positive BOOL [1], location FP32 [4]
-    F_preprocess     pixels, params, voi_lut -> image FP32 [1,S,S], geometry FP32 [5]
-    T_net            image -> logit FP32 [1], heatmap FP32 [1,32,32]
-    T_post           logit, heatmap, geometry -> probability, positive, location
+- ``cpu`` (the committed repository): every network step runs its ``model.onnx`` in ONNX
+  Runtime inside the Python backend;
+- ``gpu`` (``--variant gpu --gpu-product ... --tensorrt-version ...``, for a GPU pool):
+  every network step is ``platform: "tensorrt_plan"`` with ``model.plan`` built from the
+  same ONNX by ``mosmedai.tensorrt_build`` for that GPU and TensorRT version; the pre and
+  post steps stay on CPU.
 """
 
 from __future__ import annotations
@@ -20,24 +21,33 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mosmedai.families import IMAGE, ToolSpec
 from mosmedai.imaging import N_PARAMS, NETWORK_SIZE
-from mosmedai.tools import CATALOG, ToolSpec
+from mosmedai.tools import CATALOG, FAMILIES
+from mosmedai.volumes import N_GEOMETRY
 
 MAX_BATCH_SIZE = 16
-HEATMAP_SIZE = NETWORK_SIZE // 8
-#: Default decision thresholds on the calibrated probability, chosen on the calibration
-#: split (see each tool's MODEL_CARD.md). Deployments override them per model.
-THRESHOLDS = {"cxr_opacity": 0.5, "cxr_nodule": 0.5, "cxr_pneumothorax": 0.5}
+VARIANTS = ("cpu", "gpu")
 
-HEADER = "# Rendered by `python -m mosmedai.model_repo` from mosmedai/tools.py; edit there.\n"
+HEADER = "# Rendered by `python -m mosmedai.model_repo` from mosmedai/families; edit there.\n"
+
+#: CPU instances per model: chest radiographs carry most of the national load, so the
+#: shared radiograph preprocess and the chest X-ray networks get two; every other step one
+#: (each Python-backend instance is a process: 18 tools x 2 would not fit the 8 GB budget).
+BUSY_FAMILIES = frozenset({"chest_xray"})
 
 
-def _tensor(name: str, data_type: str, dims: list[int]) -> str:
+def _tensor(name: str, data_type: str, dims: tuple[int, ...] | list[int]) -> str:
     return f'  {{ name: "{name}" data_type: {data_type} dims: [ {", ".join(map(str, dims))} ] }}'
 
 
 def _io(kind: str, tensors: list[str]) -> str:
     return f"{kind} [\n" + ",\n".join(tensors) + "\n]\n"
+
+
+def _parameters(parameters: dict[str, str]) -> str:
+    return "".join(f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n'
+                   for key, value in parameters.items())
 
 
 def _python_model(name: str, inputs: list[str], outputs: list[str], instances: int,
@@ -49,42 +59,82 @@ def _python_model(name: str, inputs: list[str], outputs: list[str], instances: i
         # No added delay: a request reaching an idle model runs at once; under load the
         # requests that queued while the instances were busy form the next batch.
         text += "dynamic_batching { max_queue_delay_microseconds: 0 }\n"
-    for key, value in parameters.items():
-        text += f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n'
-    return text
+    return text + _parameters(parameters)
 
 
-PREPROCESS_INPUTS = [
+# --- tensors ---------------------------------------------------------------------------
+IMAGE_INPUTS = [
     _tensor("pixels", "TYPE_UINT16", [-1, -1]),
     _tensor("params", "TYPE_FP32", [N_PARAMS]),
     _tensor("voi_lut", "TYPE_FP32", [-1]),
 ]
-PREPROCESS_OUTPUTS = [
-    _tensor("image", "TYPE_FP32", [1, NETWORK_SIZE, NETWORK_SIZE]),
-    _tensor("geometry", "TYPE_FP32", [5]),
-]
-NETWORK_OUTPUTS = [_tensor("logit", "TYPE_FP32", [1]), _tensor("heatmap", "TYPE_FP32", [1, HEATMAP_SIZE, HEATMAP_SIZE])]
-TOOL_OUTPUTS = [
-    _tensor("probability", "TYPE_FP32", [1]),
-    _tensor("positive", "TYPE_BOOL", [1]),
-    _tensor("location", "TYPE_FP32", [4]),
-]
+XR_GEOMETRY = _tensor("geometry", "TYPE_FP32", [5])
+VOLUME_GEOMETRY = _tensor("geometry", "TYPE_FP32", [N_GEOMETRY])
 
 
-def preprocess_config(family: str, instances: int) -> str:
-    return _python_model(f"{family}_preprocess", PREPROCESS_INPUTS, PREPROCESS_OUTPUTS, instances,
-                         {"network_size": str(NETWORK_SIZE)}, dynamic_batching=False)
+def network_input_dims(spec: ToolSpec) -> tuple[int, ...]:
+    return (1, NETWORK_SIZE, NETWORK_SIZE) if spec.kind == IMAGE else (1, *spec.family.grid)
 
 
-def network_config(spec: ToolSpec, instances: int) -> str:
-    return _python_model(spec.network_model, [PREPROCESS_OUTPUTS[0]], NETWORK_OUTPUTS, instances,
-                         {}, dynamic_batching=True)
+def ensemble_inputs(spec: ToolSpec) -> list[str]:
+    if spec.kind == IMAGE:
+        return IMAGE_INPUTS
+    return [_tensor("volume", "TYPE_INT16", spec.family.grid), VOLUME_GEOMETRY]
+
+
+def tool_outputs(spec: ToolSpec) -> list[str]:
+    outputs = [
+        _tensor("probability", "TYPE_FP32", [1]),
+        _tensor("positive", "TYPE_BOOL", [1]),
+        _tensor("location", "TYPE_FP32", [4]),
+    ]
+    if spec.measurements:
+        outputs.append(_tensor("measurements", "TYPE_FP32", [len(spec.measurements)]))
+    return outputs
+
+
+def output_names(spec: ToolSpec) -> tuple[str, ...]:
+    names = ("probability", "positive", "location")
+    return names + ("measurements",) if spec.measurements else names
+
+
+def _network_outputs(spec: ToolSpec) -> list[str]:
+    return [_tensor(t.name, t.data_type, t.dims) for t in spec.network_outputs]
+
+
+# --- models ----------------------------------------------------------------------------
+def preprocess_config(spec: ToolSpec) -> str:
+    family = spec.family
+    instances = 2 if family.kind == IMAGE else 1
+    image = _tensor("image", "TYPE_FP32", network_input_dims(spec))
+    if family.kind == IMAGE:
+        return _python_model(family.preprocess, IMAGE_INPUTS, [image, XR_GEOMETRY], instances,
+                             {"network_size": str(NETWORK_SIZE)}, dynamic_batching=False)
+    low, high = family.window
+    return _python_model(family.preprocess, [_tensor("volume", "TYPE_INT16", family.grid)], [image], instances,
+                         {"window_low": str(low), "window_high": str(high)}, dynamic_batching=False)
+
+
+def network_config(spec: ToolSpec, variant: str = "cpu") -> str:
+    image = _tensor("image", "TYPE_FP32", network_input_dims(spec))
+    if variant == "cpu":
+        instances = 2 if spec.family.name in BUSY_FAMILIES else 1
+        return _python_model(spec.network_model, [image], _network_outputs(spec), instances, {},
+                             dynamic_batching=True)
+    text = HEADER + (f'name: "{spec.network_model}"\nplatform: "tensorrt_plan"\n'
+                     f'default_model_filename: "model.plan"\nmax_batch_size: {MAX_BATCH_SIZE}\n')
+    text += _io("input", [image]) + _io("output", _network_outputs(spec))
+    text += "instance_group [ { kind: KIND_GPU count: 1 } ]\n"
+    return text + "dynamic_batching { max_queue_delay_microseconds: 0 }\n"
 
 
 def postprocess_config(spec: ToolSpec) -> str:
-    inputs = NETWORK_OUTPUTS + [PREPROCESS_OUTPUTS[1]]
-    return _python_model(spec.postprocess_model, inputs, TOOL_OUTPUTS, 1,
-                         {"threshold": str(THRESHOLDS.get(spec.name, 0.5))}, dynamic_batching=False)
+    inputs = _network_outputs(spec) + [XR_GEOMETRY if spec.kind == IMAGE else VOLUME_GEOMETRY]
+    if spec.kind != IMAGE:
+        inputs.append(_tensor("volume", "TYPE_INT16", spec.family.grid))
+    parameters = {"tool": spec.name, "threshold": str(spec.default_threshold)}
+    return _python_model(spec.postprocess_model, inputs, tool_outputs(spec), 1, parameters,
+                         dynamic_batching=False)
 
 
 def _step(model: str, mapping_in: dict[str, str], mapping_out: dict[str, str]) -> str:
@@ -96,15 +146,19 @@ def _step(model: str, mapping_in: dict[str, str], mapping_out: dict[str, str]) -
 
 def ensemble_config(spec: ToolSpec) -> str:
     text = HEADER + f'name: "{spec.name}"\nplatform: "ensemble"\nmax_batch_size: {MAX_BATCH_SIZE}\n'
-    text += _io("input", PREPROCESS_INPUTS) + _io("output", TOOL_OUTPUTS)
+    text += _io("input", ensemble_inputs(spec)) + _io("output", tool_outputs(spec))
+    network_outputs = {t.name: t.name for t in spec.network_outputs}
+    if spec.kind == IMAGE:
+        preprocess = _step(spec.preprocess_model, {"pixels": "pixels", "params": "params", "voi_lut": "voi_lut"},
+                           {"image": "image", "geometry": "geometry"})
+        post_inputs = {**network_outputs, "geometry": "geometry"}
+    else:
+        preprocess = _step(spec.preprocess_model, {"volume": "volume"}, {"image": "image"})
+        post_inputs = {**network_outputs, "geometry": "geometry", "volume": "volume"}
     steps = [
-        _step(spec.preprocess_model,
-              {"pixels": "pixels", "params": "params", "voi_lut": "voi_lut"},
-              {"image": "image", "geometry": "geometry"}),
-        _step(spec.network_model, {"image": "image"}, {"logit": "logit", "heatmap": "heatmap"}),
-        _step(spec.postprocess_model,
-              {"logit": "logit", "heatmap": "heatmap", "geometry": "geometry"},
-              {"probability": "probability", "positive": "positive", "location": "location"}),
+        preprocess,
+        _step(spec.network_model, {"image": "image"}, network_outputs),
+        _step(spec.postprocess_model, post_inputs, {name: name for name in output_names(spec)}),
     ]
     return text + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
 
@@ -116,24 +170,29 @@ def _shim(class_name: str) -> str:
     )
 
 
-def rendered_files(instances: int = 2) -> dict[str, str]:
-    """Relative path -> content of every rendered file."""
+def rendered_files(variant: str = "cpu", tools: list[str] | None = None) -> dict[str, str]:
+    """Relative path -> content of every rendered file (of the named tools; default all)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
     files: dict[str, str] = {}
-    for spec in CATALOG.values():
-        files[f"{spec.preprocess_model}/config.pbtxt"] = preprocess_config(spec.family, instances)
-        files[f"{spec.preprocess_model}/1/model.py"] = _shim("PreprocessModel")
-        files[f"{spec.network_model}/config.pbtxt"] = network_config(spec, instances)
-        files[f"{spec.network_model}/1/model.py"] = _shim("OnnxNetworkModel")
+    for name in tools or list(CATALOG):
+        spec = CATALOG[name]
+        files[f"{spec.preprocess_model}/config.pbtxt"] = preprocess_config(spec)
+        files[f"{spec.preprocess_model}/1/model.py"] = _shim(
+            "PreprocessModel" if spec.kind == IMAGE else "VolumePreprocessModel")
+        files[f"{spec.network_model}/config.pbtxt"] = network_config(spec, variant)
+        if variant == "cpu":
+            files[f"{spec.network_model}/1/model.py"] = _shim("OnnxNetworkModel")
         files[f"{spec.postprocess_model}/config.pbtxt"] = postprocess_config(spec)
-        files[f"{spec.postprocess_model}/1/model.py"] = _shim("PostprocessModel")
+        files[f"{spec.postprocess_model}/1/model.py"] = _shim("ToolPostprocessModel")
         files[f"{spec.name}/config.pbtxt"] = ensemble_config(spec)
         files[f"{spec.name}/1/.gitkeep"] = ""  # an ensemble's version folder is empty
     return files
 
 
-def write(repository: Path, instances: int = 2) -> list[Path]:
+def write(repository: Path, variant: str = "cpu", tools: list[str] | None = None) -> list[Path]:
     written = []
-    for relative, content in rendered_files(instances).items():
+    for relative, content in rendered_files(variant, tools).items():
         path = repository / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() or path.read_text() != content:
@@ -147,9 +206,9 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=REPO_ROOT / "model_repository")
-    parser.add_argument("--instances", type=int, default=2, help="CPU instances per step")
+    parser.add_argument("--variant", choices=VARIANTS, default="cpu")
     args = parser.parse_args(argv)
-    for path in write(args.repository, args.instances):
+    for path in write(args.repository, args.variant):
         print(f"wrote {path}")
 
 

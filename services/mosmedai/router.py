@@ -19,11 +19,12 @@ import numpy as np
 from ray import serve
 
 from mosmedai.config import Settings
+from mosmedai.model_repo import output_names
+from mosmedai.tools import CATALOG
 from mosmedai.metrics import TRITON_OUTCOME, ReadinessCollector, RouterMetrics, start_router_metrics_server
 
 log = logging.getLogger("mosmedai.router")
 
-OUTPUTS = ("probability", "positive", "location")
 
 
 @dataclass
@@ -33,6 +34,43 @@ class ImageInput:
     pixels: np.ndarray  # (rows, columns) uint16
     params: np.ndarray  # float32 [N_PARAMS]
     voi_lut: np.ndarray  # float32 [L], L >= 1 (a single 0 when the header has no table)
+
+    @property
+    def shape(self) -> tuple:
+        return self.pixels.shape
+
+
+@dataclass
+class VolumeInput:
+    """One CT series as it travels to Triton: HU sampled on the family grid, and its geometry."""
+
+    volume: np.ndarray  # (slices, rows, columns) int16 HU on the grid
+    geometry: np.ndarray  # float32 [N_GEOMETRY] (mosmedai.volumes.VolumeGeometry)
+
+    @property
+    def shape(self) -> tuple:
+        return self.volume.shape
+
+
+def triton_inputs(grpc, images: list) -> list:
+    """The InferInputs of one Triton request for images (or volumes) of equal shape."""
+    if isinstance(images[0], VolumeInput):
+        arrays = (("volume", np.stack([item.volume for item in images]), "INT16"),
+                  ("geometry", np.stack([item.geometry for item in images]).astype(np.float32, copy=False), "FP32"))
+    else:
+        lut_length = max(len(image.voi_lut) for image in images)
+        luts = np.zeros((len(images), lut_length), np.float32)
+        for row, image in enumerate(images):
+            luts[row, : len(image.voi_lut)] = image.voi_lut
+        arrays = (("pixels", np.stack([image.pixels for image in images]), "UINT16"),
+                  ("params", np.stack([image.params for image in images]).astype(np.float32, copy=False), "FP32"),
+                  ("voi_lut", luts, "FP32"))
+    inputs = []
+    for name, array, dtype in arrays:
+        tensor = grpc.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
 
 
 class ToolFailure(Exception):
@@ -87,7 +125,7 @@ class ToolBatcher:
         try:
             groups: dict[tuple, list[int]] = {}
             for index, image in enumerate(images):
-                groups.setdefault(image.pixels.shape, []).append(index)
+                groups.setdefault(image.shape, []).append(index)
             results: list[dict] = [{} for _ in images]
             answers = await asyncio.gather(
                 *(self.router.call_triton(self.tool, [images[i] for i in group]) for group in groups.values()),
@@ -129,7 +167,7 @@ class Router:
             for tool in self.settings.enabled_tools
         }
 
-    async def infer_image(self, tools: list[str], image: ImageInput) -> dict[str, dict]:
+    async def infer_image(self, tools: list[str], image: ImageInput | VolumeInput) -> dict[str, dict]:
         """Run every named tool on one image; tool -> outputs, or {'error', 'status'}."""
         unknown = [tool for tool in tools if tool not in self.batchers]
         if unknown:
@@ -137,22 +175,12 @@ class Router:
         results = await asyncio.gather(*(self.batchers[tool].infer(image) for tool in tools))
         return dict(zip(tools, results))
 
-    async def call_triton(self, tool: str, images: list[ImageInput]) -> list[dict]:
-        """One Triton request for images of equal shape; retried while Triton is unreachable."""
+    async def call_triton(self, tool: str, images: list[ImageInput | VolumeInput]) -> list[dict]:
+        """One Triton request for images (or volumes) of equal shape; retried while Triton is unreachable."""
         grpc = self.grpc
-        pixels = np.stack([image.pixels for image in images])
-        params = np.stack([image.params for image in images]).astype(np.float32, copy=False)
-        lut_length = max(len(image.voi_lut) for image in images)
-        luts = np.zeros((len(images), lut_length), np.float32)
-        for row, image in enumerate(images):
-            luts[row, : len(image.voi_lut)] = image.voi_lut
-        inputs = []
-        for name, array, dtype in (("pixels", pixels, "UINT16"), ("params", params, "FP32"),
-                                   ("voi_lut", luts, "FP32")):
-            tensor = grpc.InferInput(name, list(array.shape), dtype)
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
-        outputs = [grpc.InferRequestedOutput(name) for name in OUTPUTS]
+        inputs = triton_inputs(grpc, images)
+        names = output_names(CATALOG[tool])
+        outputs = [grpc.InferRequestedOutput(name) for name in names]
 
         attempt = 0
         first_started = time.perf_counter()
@@ -177,12 +205,13 @@ class Router:
         self.metrics.triton_seconds[tool].observe(finished - first_started)
         self.metrics.triton_requests.labels(tool, "ok").inc()
         version = result.get_response().model_version
-        probability, positive, location = (result.as_numpy(name) for name in OUTPUTS)
+        values = {name: result.as_numpy(name) for name in names}
         return [
             {
-                "probability": float(probability[i][0]),
-                "positive": bool(positive[i][0]),
-                "location": [float(v) for v in location[i]],
+                "probability": float(values["probability"][i][0]),
+                "positive": bool(values["positive"][i][0]),
+                "location": [float(v) for v in values["location"][i]],
+                "measurements": [float(v) for v in values["measurements"][i]] if "measurements" in values else [],
                 "model_version": version,
                 "triton_ms": triton_ms,
                 "batch_size": len(images),

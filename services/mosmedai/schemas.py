@@ -14,11 +14,20 @@ class Location(BaseModel):
     row1: float
     col1: float
     unit: str = "pixel"
+    slice_index: int | None = Field(None, description="Volume tools: index of the slice in the series ordered along the slice normal")
+    sop_instance_uid: str | None = Field(None, description="The image the box is drawn on (volume tools: the key slice)")
+
+
+class MeasurementValue(BaseModel):
+    name: str = Field(description="What is measured, e.g. cobb_angle")
+    value: float | None = Field(description="The value in `unit`; a category's index into its labels; null when not measurable")
+    unit: str = Field(description="UCUM unit: mm, deg, %, [hnsf'U]; {category} for categories; {slice} for slice indices")
+    label: str | None = Field(None, description="A category's label, e.g. CT-2")
 
 
 class Finding(BaseModel):
     finding: str = Field(description="What the tool found, in words")
-    probability: float = Field(ge=0.0, le=1.0, description="Calibrated probability of the finding")
+    probability: float | None = Field(None, ge=0.0, le=1.0, description="Calibrated probability of the finding; null for tools that only measure")
     location: Location | None = None
 
 
@@ -28,6 +37,7 @@ class ToolResult(BaseModel):
     model_version: str = Field(description="Triton model version that answered")
     findings: list[Finding] = Field(description="Positive findings at the tool's threshold; empty when none")
     scores: dict[str, float] = Field(description="Raw scores, e.g. the calibrated probability")
+    measurements: list[MeasurementValue] = Field(default_factory=list, description="Physical quantities and categories the tool reports")
 
 
 class StudyResult(BaseModel):
@@ -37,6 +47,25 @@ class StudyResult(BaseModel):
     modality: str
     tools: list[ToolResult]
     timings_ms: dict[str, float] = Field(description="decode, inference, triton and total, milliseconds")
+    disclaimer: str = "AI result, not a diagnosis. Reference models trained on synthetic data; not for clinical use."
+
+
+class ItemResult(BaseModel):
+    """The results of one image, or of one volume series (CT tools read a whole series)."""
+
+    series_instance_uid: str
+    modality: str
+    kind: str = Field(description="image or volume")
+    sop_instance_uids: list[str] = Field(description="The instances read: one image, or the series' slices in order")
+    tools: list[ToolResult]
+
+
+class StudyResults(BaseModel):
+    """A multi-instance submission: one entry per image and per volume series."""
+
+    study_instance_uid: str
+    results: list[ItemResult]
+    timings_ms: dict[str, float]
     disclaimer: str = "AI result, not a diagnosis. Reference models trained on synthetic data; not for clinical use."
 
 

@@ -1,67 +1,48 @@
 """The AI tool catalog and the choice of tools from a DICOM header.
 
-A tool is a Triton ensemble ``<name>`` made of ``<family>_preprocess -> <name>_net ->
-<name>_post``. Families share a preprocess model where the work is the same (all
-radiographs of the chest go through ``cxr_preprocess``). The catalog is laid out for the
-18 tools of the national platform; this file lists those that exist in
-``model_repository/``.
+A tool is a Triton ensemble ``<name>`` made of ``<preprocess> -> <name>_net -> <name>_post``;
+families share a preprocess model where the work is the same (every projection radiograph
+goes through ``xr_preprocess``, each CT family through its own grid). Tools are described
+in their family module (``mosmedai.families.*``); this module gathers them.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
+from types import ModuleType
 
-# Modality (0008,0060) values of projection radiography.
-PROJECTION_RADIOGRAPHY = frozenset({"CR", "DX", "DR"})
-# View Position (0018,5101) values of a frontal chest radiograph.
-CHEST_VIEWS = frozenset({"PA", "AP"})
+from mosmedai.families import Family, ToolSpec
 
-
-@dataclass(frozen=True)
-class ToolSpec:
-    name: str
-    family: str  # modality family, names the shared preprocess model
-    title: str
-    finding: str  # what a positive result means, for people
-    modalities: frozenset[str]
-    body_parts: frozenset[str] = frozenset()
-    views: frozenset[str] = frozenset()
-    description_keywords: tuple[str, ...] = ()
-
-    @property
-    def preprocess_model(self) -> str:
-        return f"{self.family}_preprocess"
-
-    @property
-    def network_model(self) -> str:
-        return f"{self.name}_net"
-
-    @property
-    def postprocess_model(self) -> str:
-        return f"{self.name}_post"
+#: Family modules, in catalog order.
+FAMILY_MODULES = ("chest_xray", "fluorography", "mammography", "spine_xray", "ct_brain", "ct_chest")
 
 
-def _chest_xray(name: str, title: str, finding: str) -> ToolSpec:
-    return ToolSpec(
-        name=name,
-        family="cxr",
-        title=title,
-        finding=finding,
-        modalities=PROJECTION_RADIOGRAPHY,
-        body_parts=frozenset({"CHEST", "THORAX", "LUNG"}),
-        views=CHEST_VIEWS,
-        description_keywords=("CHEST", "THORAX", "LUNG", "ГРУД", "ОГК"),
-    )
+def _load_families() -> dict[str, ModuleType]:
+    modules = {}
+    for name in FAMILY_MODULES:
+        try:
+            modules[name] = importlib.import_module(f"mosmedai.families.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"mosmedai.families.{name}":
+                raise
+    return modules
 
 
-CATALOG: dict[str, ToolSpec] = {
-    spec.name: spec
-    for spec in (
-        _chest_xray("cxr_opacity", "Chest X-ray: lung opacity", "lung opacity (consolidation)"),
-        _chest_xray("cxr_nodule", "Chest X-ray: focal nodule", "focal lung nodule"),
-        _chest_xray("cxr_pneumothorax", "Chest X-ray: pneumothorax", "pneumothorax"),
-    )
-}
+FAMILY_MODULE_OF: dict[str, ModuleType] = {}
+CATALOG: dict[str, ToolSpec] = {}
+for _module in _load_families().values():
+    for _spec in _module.TOOLS:
+        if _spec.name in CATALOG:
+            raise ValueError(f"tool {_spec.name} is defined twice")
+        CATALOG[_spec.name] = _spec
+        FAMILY_MODULE_OF[_spec.name] = _module
+
+FAMILIES: dict[str, Family] = {spec.family.name: spec.family for spec in CATALOG.values()}
+
+
+def family_module(tool: str) -> ModuleType:
+    return FAMILY_MODULE_OF[tool]
 
 
 @dataclass(frozen=True)
@@ -71,6 +52,7 @@ class HeaderFacts:
     modality: str = ""
     body_part: str = ""
     view_position: str = ""
+    laterality: str = ""
     series_description: str = ""
     looked_at: dict[str, str] = field(default_factory=dict)
 
@@ -79,13 +61,19 @@ def accepts(spec: ToolSpec, facts: HeaderFacts) -> bool:
     """Whether a tool reads this image: modality first, then body part, view or description."""
     if facts.modality not in spec.modalities:
         return False
-    if facts.body_part and facts.body_part in spec.body_parts:
-        return True
-    # Many chest radiographs carry no Body Part Examined; a PA/AP view on a projection
-    # radiograph is a chest film in practice, and the description is the last resort.
-    if facts.view_position and facts.view_position in spec.views and not facts.body_part:
-        return True
     description = facts.series_description
+    if any(keyword in description for keyword in spec.exclude_keywords):
+        return False
+    if spec.required_keywords:
+        return any(keyword in description for keyword in spec.required_keywords)
+    if facts.body_part and facts.body_part in spec.body_parts:
+        return not spec.views or not facts.view_position or facts.view_position in spec.views or spec.view_alone_suffices
+    # Many radiographs carry no Body Part Examined; a chest view (PA/AP) on a projection
+    # radiograph is a chest film in practice, and the description is the last resort.
+    if spec.view_alone_suffices and not facts.body_part and facts.view_position in spec.views:
+        return True
+    if not spec.body_parts and (not spec.views or facts.view_position in spec.views):
+        return True  # the modality alone decides (e.g. MG with a CC/MLO view)
     return any(keyword in description for keyword in spec.description_keywords)
 
 

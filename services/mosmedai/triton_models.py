@@ -112,44 +112,78 @@ class OnnxNetworkModel(_Model):
         return responses
 
 
-class PostprocessModel(_Model):
-    """logit, heatmap, geometry -> calibrated probability, positive at the threshold, location."""
+class VolumePreprocessModel(_Model):
+    """volume INT16 [B,D,H,W] (HU on the family grid) -> image FP32 [B,1,D,H,W] through the family's window."""
 
     def initialize(self, args: dict) -> None:
-        from mosmedai.postprocess import Calibration
-
         super().initialize(args)
-        self.calibration = Calibration.load(self.version_dir / "calibration.json")
-        # MOSMEDAI_THRESHOLD_<MODEL> overrides the repository's value for one deployment.
-        override = os.environ.get(f"MOSMEDAI_THRESHOLD_{self.name.upper()}")
-        self.threshold = float(override or _parameter(self.model_config, "threshold", "0.5"))
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"{self.name}: threshold {self.threshold} is not a probability in [0, 1]")
+        self.low = float(_parameter(self.model_config, "window_low"))
+        self.high = float(_parameter(self.model_config, "window_high"))
 
     def execute(self, requests):
-        from mosmedai.postprocess import postprocess
+        from mosmedai.volumes import window
 
         pb = _pb()
         responses = []
         for request in requests:
             try:
-                logits = pb.get_input_tensor_by_name(request, "logit").as_numpy()
-                heatmaps = pb.get_input_tensor_by_name(request, "heatmap").as_numpy()
+                volume = pb.get_input_tensor_by_name(request, "volume").as_numpy()
+                image = window(volume, self.low, self.high)[:, None]
+                responses.append(pb.InferenceResponse([pb.Tensor("image", np.ascontiguousarray(image))]))
+            except Exception as error:
+                responses.append(self._error(error))
+        return responses
+
+
+class ToolPostprocessModel(_Model):
+    """Network outputs, geometry (+ volume) -> probability, positive, location (+ measurements).
+
+    The tool's family module (``mosmedai.families``) does the work, so the served numbers are
+    those of the held-out evaluation.
+    """
+
+    def initialize(self, args: dict) -> None:
+        from mosmedai.tools import CATALOG, family_module
+
+        super().initialize(args)
+        self.spec = CATALOG[_parameter(self.model_config, "tool")]
+        self.postprocess = family_module(self.spec.name).postprocess
+        path = self.version_dir / "calibration.json"
+        self.calibration = json.loads(path.read_text()) if path.exists() else {}
+        # MOSMEDAI_THRESHOLD_<MODEL> overrides the repository's value for one deployment.
+        override = os.environ.get(f"MOSMEDAI_THRESHOLD_{self.name.upper()}")
+        self.threshold = float(override or _parameter(self.model_config, "threshold", "0.5"))
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"{self.name}: threshold {self.threshold} is not a probability in [0, 1]")
+        self.network_outputs = [t.name for t in self.spec.network_outputs]
+        self.n_measurements = len(self.spec.measurements)
+
+    def execute(self, requests):
+        pb = _pb()
+        responses = []
+        for request in requests:
+            try:
+                outputs = {name: pb.get_input_tensor_by_name(request, name).as_numpy() for name in self.network_outputs}
                 geometry = pb.get_input_tensor_by_name(request, "geometry").as_numpy()
-                results = [
-                    postprocess(logits[i], heatmaps[i], geometry[i], self.calibration, self.threshold)
-                    for i in range(len(logits))
+                volume_tensor = pb.get_input_tensor_by_name(request, "volume")
+                volumes = volume_tensor.as_numpy() if volume_tensor is not None else None
+                items = [
+                    self.postprocess(self.spec, {name: value[i] for name, value in outputs.items()}, geometry[i],
+                                     None if volumes is None else volumes[i], self.calibration, self.threshold)
+                    for i in range(len(geometry))
                 ]
-                probability, positive, location = (np.stack(column) for column in zip(*results))
-                responses.append(
-                    pb.InferenceResponse(
-                        [
-                            pb.Tensor("probability", probability.astype(np.float32)),
-                            pb.Tensor("positive", positive.astype(bool)),
-                            pb.Tensor("location", location.astype(np.float32)),
-                        ]
-                    )
-                )
+                tensors = [
+                    pb.Tensor("probability", np.array([[item.probability] for item in items], np.float32)),
+                    pb.Tensor("positive", np.array([[item.positive] for item in items], bool)),
+                    pb.Tensor("location", np.stack([item.location for item in items]).astype(np.float32)),
+                ]
+                if self.n_measurements:
+                    measurements = np.stack([item.measurements for item in items]).astype(np.float32)
+                    if measurements.shape[1] != self.n_measurements:
+                        raise ValueError(f"postprocess gave {measurements.shape[1]} measurements, "
+                                         f"the tool declares {self.n_measurements}")
+                    tensors.append(pb.Tensor("measurements", measurements))
+                responses.append(pb.InferenceResponse(tensors))
             except Exception as error:
                 responses.append(self._error(error))
         return responses

@@ -33,4 +33,4 @@ def test_every_tool_names_its_three_steps():
     for spec in CATALOG.values():
         assert spec.network_model == f"{spec.name}_net"
         assert spec.postprocess_model == f"{spec.name}_post"
-        assert spec.preprocess_model == f"{spec.family}_preprocess"
+        assert spec.preprocess_model == spec.family.preprocess

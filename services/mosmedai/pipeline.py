@@ -1,0 +1,210 @@
+"""From DICOM instances to results: the work every interface shares.
+
+The study API (single file or multipart), and the asynchronous jobs, turn DICOM Part-10
+instances into work items - one per image for image tools, one per CT series and volume
+family for volume tools - send each to the router, and shape what comes back into
+``ItemResult`` objects (``mosmedai.schemas``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mosmedai.dicom_input import DecodedImage, InputError, decode, is_uncompressed
+from mosmedai.families import IMAGE, VOLUME, ToolSpec
+from mosmedai.imaging import reduce_for_transport
+from mosmedai.router import ImageInput, VolumeInput
+from mosmedai.schemas import Finding, ItemResult, Location, MeasurementValue, ToolResult
+from mosmedai.tools import CATALOG, select_tools
+from mosmedai.volumes import grid_from_images, order_slices
+
+DICOM_MEDIA_TYPE = "application/dicom"
+MULTIPART_RELATED = "multipart/related"
+
+
+# --- multipart/related (PS3.18 8.6.1.2: STOW-RS request body) -----------------------------
+_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+_TYPE = re.compile(r'type="?([^";]+)"?', re.IGNORECASE)
+
+
+def multipart_parts(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
+    """(Content-Type, payload) of each part of a multipart/related body.
+
+    Splits on the boundary with bytes.find (a 64 MB series is not copied through an email
+    parser); every part must carry application/dicom, or the root type must say so.
+    """
+    boundary = _BOUNDARY.search(content_type)
+    if not boundary:
+        raise InputError(400, "no_boundary", "multipart/related Content-Type has no boundary parameter")
+    root_type = (_TYPE.search(content_type).group(1).strip().lower() if _TYPE.search(content_type) else "")
+    delimiter = b"--" + boundary.group(1).strip().encode("latin-1")
+    parts: list[tuple[str, bytes]] = []
+    position = body.find(delimiter)
+    if position < 0:
+        raise InputError(400, "malformed_multipart", "the body does not contain the boundary from Content-Type")
+    while True:
+        position += len(delimiter)
+        if body[position:position + 2] == b"--":
+            break  # the close delimiter
+        header_end = body.find(b"\r\n\r\n", position)
+        following = body.find(b"\r\n" + delimiter, position)
+        if header_end < 0 or following < 0 or header_end > following:
+            raise InputError(400, "malformed_multipart",
+                             f"part {len(parts) + 1} is not terminated by a boundary or has no header block")
+        headers = body[position:header_end].decode("latin-1").split("\r\n")
+        part_type = root_type
+        for line in headers:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-type":
+                part_type = value.split(";")[0].strip().lower()
+        parts.append((part_type, body[header_end + 4:following]))
+        position = following + 2
+    if not parts:
+        raise InputError(400, "empty_multipart", "the multipart body has no parts")
+    return parts
+
+
+# --- work items -----------------------------------------------------------------------------
+@dataclass
+class WorkItem:
+    """One image (image tools) or one CT series for one volume family (volume tools)."""
+
+    kind: str
+    images: list[DecodedImage]  # one image, or the series' slices in order
+    tools: list[str]
+    tensors: ImageInput | VolumeInput
+    factors: tuple[float, float] = (1.0, 1.0)  # transport pixels -> source pixels (images)
+    looked_at: dict = field(default_factory=dict)
+
+    @property
+    def first(self) -> DecodedImage:
+        return self.images[0]
+
+
+def image_input(image: DecodedImage, max_side: int) -> tuple[ImageInput, tuple[float, float]]:
+    """The tensors one image travels as, and the factors mapping their pixels to the source's."""
+    pixels, row_factor, col_factor = reduce_for_transport(image.stored, max_side)
+    lut = image.params.lut if image.params.lut is not None else np.zeros(1, np.float32)
+    tensors = ImageInput(pixels=pixels, params=image.params.as_vector(), voi_lut=np.asarray(lut, np.float32))
+    return tensors, (row_factor, col_factor)
+
+
+def decode_all(bodies: list[bytes], max_pixels: int) -> list[DecodedImage]:
+    """Decode every instance; an error names the instance (its position in the request)."""
+    images = []
+    for index, body in enumerate(bodies):
+        try:
+            images.append(decode(body, max_pixels))
+        except InputError as error:
+            error.message = f"instance {index + 1} of {len(bodies)}: {error.message}"
+            error.details["instance"] = index + 1
+            raise
+    return images
+
+
+async def decode_off_loop(bodies: list[bytes], max_pixels: int) -> list[DecodedImage]:
+    """Uncompressed single images decode inline (a view of the body, ~3 ms); anything
+    compressed or many instances go to a thread so other uploads are received meanwhile."""
+    if len(bodies) == 1 and is_uncompressed(bodies[0]):
+        return decode_all(bodies, max_pixels)
+    return await asyncio.to_thread(decode_all, bodies, max_pixels)
+
+
+def plan(images: list[DecodedImage], enabled: list[str], wanted: list[str] | None,
+         transport_max_side: int) -> tuple[list[WorkItem], list[dict]]:
+    """Work items for these instances, and what matched no tool (with what was looked at).
+
+    Instances are grouped by Series Instance UID. Image tools read each instance; volume
+    tools read a series ordered and checked by ``volumes.order_slices``.
+    """
+    series: dict[str, list[DecodedImage]] = {}
+    for image in images:
+        series.setdefault(image.series_instance_uid, []).append(image)
+    items: list[WorkItem] = []
+    unmatched: list[dict] = []
+    for series_uid, members in series.items():
+        specs = [spec for spec in select_tools(members[0].facts, enabled) if wanted is None or spec.name in wanted]
+        image_tools = [spec.name for spec in specs if spec.kind == IMAGE]
+        volume_families: dict[str, list[ToolSpec]] = {}
+        for spec in specs:
+            if spec.kind == VOLUME:
+                volume_families.setdefault(spec.family.name, []).append(spec)
+        if not specs:
+            unmatched.append({"series_instance_uid": series_uid, "instances": len(members),
+                              "looked_at": members[0].facts.looked_at})
+            continue
+        if image_tools:
+            for image in members:
+                tensors, factors = image_input(image, transport_max_side)
+                items.append(WorkItem(IMAGE, [image], image_tools, tensors, factors, image.facts.looked_at))
+        if volume_families:
+            ordered, spacing = order_slices(members)
+            for family_specs in volume_families.values():
+                grid, geometry = grid_from_images(ordered, spacing, family_specs[0].family.grid)
+                items.append(WorkItem(VOLUME, ordered, [spec.name for spec in family_specs],
+                                      VolumeInput(grid, geometry.as_vector()), looked_at=members[0].facts.looked_at))
+    return items, unmatched
+
+
+# --- results --------------------------------------------------------------------------------
+def _finite(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def measurement_values(spec: ToolSpec, values: list[float]) -> list[MeasurementValue]:
+    out = []
+    for measurement, value in zip(spec.measurements, values):
+        value = _finite(value)
+        label = None
+        if measurement.is_category and value is not None:
+            index = int(round(value))
+            label = measurement.labels[index] if 0 <= index < len(measurement.labels) else None
+        out.append(MeasurementValue(name=measurement.name, value=value, unit=measurement.unit, label=label))
+    return out
+
+
+def tool_result(tool: str, outputs: dict, item: WorkItem) -> ToolResult:
+    """Router outputs of one tool on one work item -> the API's ToolResult."""
+    spec = CATALOG[tool]
+    probability = _finite(outputs["probability"])
+    measurements = measurement_values(spec, outputs.get("measurements", []))
+    findings = []
+    if outputs["positive"]:
+        location = None
+        row0, col0, row1, col1 = outputs["location"]
+        if row0 >= 0:
+            if item.kind == IMAGE:
+                rows, cols = item.factors  # transport pixels -> source pixels
+                location = Location(row0=row0 * rows, col0=col0 * cols, row1=row1 * rows, col1=col1 * cols,
+                                    sop_instance_uid=item.first.sop_instance_uid)
+            else:
+                slice_index = next((int(m.value) for m in measurements
+                                    if m.name == "slice" and m.value is not None), None)
+                uid = (item.images[slice_index].sop_instance_uid
+                       if slice_index is not None and 0 <= slice_index < len(item.images) else None)
+                location = Location(row0=row0, col0=col0, row1=row1, col1=col1, slice_index=slice_index,
+                                    sop_instance_uid=uid)
+        findings.append(Finding(finding=spec.finding, probability=probability, location=location))
+    return ToolResult(
+        tool=tool,
+        title=spec.title,
+        model_version=str(outputs.get("model_version") or ""),
+        findings=findings,
+        scores={} if probability is None else {"probability": probability},
+        measurements=measurements,
+    )
+
+
+def item_result(item: WorkItem, outputs: dict[str, dict]) -> ItemResult:
+    return ItemResult(
+        series_instance_uid=item.first.series_instance_uid,
+        modality=item.first.facts.modality,
+        kind=item.kind,
+        sop_instance_uids=[image.sop_instance_uid for image in item.images],
+        tools=[tool_result(tool, outputs[tool], item) for tool in item.tools],
+    )

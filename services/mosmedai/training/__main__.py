@@ -1,0 +1,47 @@
+"""``python -m mosmedai.training train|evaluate [--tool NAME|all]``: every family's tools.
+
+``make models`` runs ``train`` then ``evaluate``: each family module
+(``mosmedai.training.<family>``) trains its networks on its phantoms with fixed seeds and
+writes its model cards from held-out phantoms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from pathlib import Path
+
+from mosmedai.tools import CATALOG
+
+
+def training_module(tool: str):
+    return importlib.import_module(f"mosmedai.training.{CATALOG[tool].family.name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("train", "evaluate"))
+    parser.add_argument("--tool", default="all", choices=("all", *CATALOG))
+    parser.add_argument("--n", type=int, default=None, help="held-out cases (default: each family's)")
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    args = parser.parse_args(argv)
+    tools = list(CATALOG) if args.tool == "all" else [args.tool]
+    families: dict[str, list[str]] = {}
+    for tool in tools:
+        families.setdefault(CATALOG[tool].family.name, []).append(tool)
+    for family, members in families.items():
+        module = importlib.import_module(f"mosmedai.training.{family}")
+        started = time.perf_counter()
+        if args.command == "train":
+            module.train(members, args.repository)
+        else:
+            for tool in members:
+                kwargs = {} if args.n is None else {"n": args.n}
+                module.write_card(tool, module.evaluate(tool, args.repository, **kwargs), args.repository)
+        print(f"{family}: {args.command} {members} in {time.perf_counter() - started:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
