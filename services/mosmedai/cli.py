@@ -9,6 +9,8 @@ from pathlib import Path
 
 import httpx
 
+from mosmedai.tenants import auth_headers
+
 from mosmedai.config import Settings
 
 
@@ -75,7 +77,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     settings = _settings()
     url = args.url or f"http://{settings.bind_host}:{settings.gateway_http_port}"
     failed = 0
-    with httpx.Client(base_url=url, timeout=args.timeout) as client:
+    with httpx.Client(base_url=url, timeout=args.timeout, headers=auth_headers()) as client:
         for path in args.files:
             try:
                 body = Path(path).read_bytes()
@@ -106,6 +108,25 @@ def cmd_example(args: argparse.Namespace) -> int:
     box = phantom.boxes.get(args.finding) if findings else None
     print(f"wrote {args.output}: synthetic 2500x2048 DX chest radiograph"
           + (f", {args.finding} drawn at (row0,col0,row1,col1) {box}" if box else ", no finding"))
+    return 0
+
+
+def cmd_tools(args: argparse.Namespace) -> int:
+    from mosmedai import byo
+
+    try:
+        if args.action == "check":
+            print(byo.check(args.package))
+        else:
+            from mosmedai.config import REPO_ROOT
+
+            repository = args.repository or REPO_ROOT / "model_repository"
+            written = byo.install(args.package, repository)
+            print(f"installed {args.package} into {repository} ({len(written)} files); serve it with "
+                  f"MOSMEDAI_TOOL_PACKAGES={Path(args.package).resolve()} set for the platform")
+    except byo.PackageError as error:
+        print(f"{args.package}: refused:\n{error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -140,6 +161,11 @@ def main(argv: list[str] | None = None) -> None:
                          default="cxr_nodule")
     example.add_argument("--seed", type=int, default=7)
     example.set_defaults(run=cmd_example)
+    tools = commands.add_parser("tools", help="tool packages (model.onnx + manifest.yaml): check or install one")
+    tools.add_argument("action", choices=["check", "install"])
+    tools.add_argument("package", metavar="DIR")
+    tools.add_argument("--repository", type=Path, help="Triton model repository (default: model_repository/)")
+    tools.set_defaults(run=cmd_tools)
     for name, (_, summary) in DELEGATED.items():
         commands.add_parser(name, help=f"{summary} (`mosmedai {name} --help`)", add_help=False)
     parsed = parser.parse_args(args)

@@ -10,10 +10,10 @@ Tensor contracts: see ``mosmedai.families``. Two variants:
 
 - ``cpu`` (the committed repository): every network step runs its ``model.onnx`` in ONNX
   Runtime inside the Python backend;
-- ``gpu`` (``--variant gpu --gpu-product ... --tensorrt-version ...``, for a GPU pool):
-  every network step is ``platform: "tensorrt_plan"`` with ``model.plan`` built from the
-  same ONNX by ``mosmedai.tensorrt_build`` for that GPU and TensorRT version; the pre and
-  post steps stay on CPU.
+- ``gpu`` (``--variant gpu``, for a GPU pool): every network step is
+  ``platform: "tensorrt_plan"`` with ``model.plan`` built from the same ONNX by
+  ``python -m mosmedai.tensorrt_build build`` for that GPU and TensorRT version (engines
+  are cached by both); the pre and post steps stay on CPU.
 """
 
 from __future__ import annotations
@@ -73,7 +73,10 @@ VOLUME_GEOMETRY = _tensor("geometry", "TYPE_FP32", [N_GEOMETRY])
 
 
 def network_input_dims(spec: ToolSpec) -> tuple[int, ...]:
-    return (1, NETWORK_SIZE, NETWORK_SIZE) if spec.kind == IMAGE else (1, *spec.family.grid)
+    if spec.kind != IMAGE:
+        return (1, *spec.family.grid)
+    size = getattr(spec.family, "network_size", NETWORK_SIZE)  # a tool package may set its own
+    return (1, size, size)
 
 
 def ensemble_inputs(spec: ToolSpec) -> list[str]:
@@ -108,8 +111,12 @@ def preprocess_config(spec: ToolSpec) -> str:
     instances = 2 if family.kind == IMAGE else 1
     image = _tensor("image", "TYPE_FP32", network_input_dims(spec))
     if family.kind == IMAGE:
+        # a tool package's own preprocess (mosmedai.byo.PackageFamily) adds its size,
+        # windowing and normalisation; the shared xr_preprocess has the size only
+        parameters = (family.preprocess_parameters() if hasattr(family, "preprocess_parameters")
+                      else {"network_size": str(NETWORK_SIZE)})
         return _python_model(family.preprocess, IMAGE_INPUTS, [image, XR_GEOMETRY], instances,
-                             {"network_size": str(NETWORK_SIZE)}, dynamic_batching=False)
+                             parameters, dynamic_batching=False)
     low, high = family.window
     return _python_model(family.preprocess, [_tensor("volume", "TYPE_INT16", family.grid)], [image], instances,
                          {"window_low": str(low), "window_high": str(high)}, dynamic_batching=False)
@@ -170,13 +177,14 @@ def _shim(class_name: str) -> str:
     )
 
 
-def rendered_files(variant: str = "cpu", tools: list[str] | None = None) -> dict[str, str]:
-    """Relative path -> content of every rendered file (of the named tools; default all)."""
+def rendered_files(variant: str = "cpu", tools: list[str] | None = None,
+                   specs: list[ToolSpec] | None = None) -> dict[str, str]:
+    """Relative path -> content of every rendered file (of the named tools, or of the given
+    specs, e.g. a tool package's; default every tool of the catalog)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
     files: dict[str, str] = {}
-    for name in tools or list(CATALOG):
-        spec = CATALOG[name]
+    for spec in specs if specs is not None else [CATALOG[name] for name in tools or list(CATALOG)]:
         files[f"{spec.preprocess_model}/config.pbtxt"] = preprocess_config(spec)
         files[f"{spec.preprocess_model}/1/model.py"] = _shim(
             "PreprocessModel" if spec.kind == IMAGE else "VolumePreprocessModel")
@@ -190,9 +198,10 @@ def rendered_files(variant: str = "cpu", tools: list[str] | None = None) -> dict
     return files
 
 
-def write(repository: Path, variant: str = "cpu", tools: list[str] | None = None) -> list[Path]:
+def write(repository: Path, variant: str = "cpu", tools: list[str] | None = None,
+          specs: list[ToolSpec] | None = None) -> list[Path]:
     written = []
-    for relative, content in rendered_files(variant, tools).items():
+    for relative, content in rendered_files(variant, tools, specs).items():
         path = repository / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() or path.read_text() != content:
@@ -207,7 +216,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=REPO_ROOT / "model_repository")
     parser.add_argument("--variant", choices=VARIANTS, default="cpu")
+    parser.add_argument("--install-package", type=Path, action="append", metavar="DIR",
+                        help="install a tool package (model.onnx + manifest.yaml, see docs/byo-tool-package.md) "
+                             "into the repository instead of rendering the catalog")
     args = parser.parse_args(argv)
+    if args.install_package:
+        from mosmedai.byo import PackageError, install
+
+        for package in args.install_package:
+            try:
+                paths = install(package, args.repository)
+            except PackageError as error:
+                raise SystemExit(f"{package}: refused:\n{error}") from None
+            print(f"installed {package} into {args.repository} ({len(paths)} files written)")
+        return
     for path in write(args.repository, args.variant):
         print(f"wrote {path}")
 

@@ -38,6 +38,30 @@ for _module in _load_families().values():
         CATALOG[_spec.name] = _spec
         FAMILY_MODULE_OF[_spec.name] = _module
 
+#: The tools defined in this repository's family modules (a tool package may not reuse a name).
+BUILTIN_TOOLS: frozenset[str] = frozenset(CATALOG)
+
+
+def _load_packages() -> None:
+    """Tool packages named by MOSMEDAI_TOOL_PACKAGES (a path list; see mosmedai.byo)."""
+    import os
+
+    path_list = os.environ.get("MOSMEDAI_TOOL_PACKAGES", "")
+    if not path_list.strip():
+        return
+    from mosmedai import byo
+
+    for package in byo.package_dirs(path_list):
+        spec = byo.load_package(package)
+        if spec.name in CATALOG:
+            where = "a built-in tool" if spec.name in BUILTIN_TOOLS else "another package's tool"
+            raise byo.PackageError([f"{package}/manifest.yaml: name: {spec.name!r} is {where}; choose another name"])
+        CATALOG[spec.name] = spec
+        FAMILY_MODULE_OF[spec.name] = byo
+
+
+_load_packages()
+
 FAMILIES: dict[str, Family] = {spec.family.name: spec.family for spec in CATALOG.values()}
 
 

@@ -45,9 +45,24 @@ class PreprocessModel(_Model):
     def initialize(self, args: dict) -> None:
         super().initialize(args)
         self.size = int(_parameter(self.model_config, "network_size", "256"))
+        # A tool package's own preprocess (mosmedai.byo) may set windowing and normalisation.
+        self.settings = None
+        if any(_parameter(self.model_config, key) is not None for key in ("windowing", "mean", "std")):
+            from mosmedai.byo import PreprocessSettings
+
+            self.settings = PreprocessSettings.from_parameters(
+                lambda key, default: _parameter(self.model_config, key, default))
 
     def execute(self, requests):
         from mosmedai.imaging import GrayscaleParams, preprocess
+
+        if self.settings is not None:
+            from mosmedai.byo import preprocess_image
+
+            settings = self.settings
+
+            def preprocess(frame, params, size):  # noqa: F811 - the package's chain
+                return preprocess_image(frame, params, settings)
 
         pb = _pb()
         responses = []
