@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install system-deps up down status test test-unit test-integration bench loadtest models model-configs clean
+.PHONY: help install system-deps up down status test test-unit test-integration bench loadtest models model-configs gpu-check clean
 
 help:
 	@echo "make up           start the local platform (Triton + Ray Serve gateway/router); logs in .run/logs"
@@ -17,6 +17,7 @@ help:
 	@echo "make loadtest     short Locust run against the local platform; report in .run/loadtest"
 	@echo "make models       retrain the 18 reference networks and rewrite their model cards (needs torch; about an hour on 2 cores)"
 	@echo "make model-configs  re-render model_repository/*/config.pbtxt from the tool catalog"
+	@echo "make gpu-check    on an NVIDIA GPU: TensorRT engine of cxr_opacity (FP32/FP16) vs ONNX Runtime"
 
 # Debian packages: Triton's Python-backend stub links the system libpython of the running
 # minor version; Prometheus and promtool serve the operator's (and the rules') tests;
@@ -68,6 +69,9 @@ models: install
 	$(BIN)/python -m mosmedai.training train --tool all
 	$(BIN)/python -m mosmedai.training evaluate --tool all
 
+gpu-check: install
+	scripts/gpu-check $(or $(OUT),.run/gpu-check)
+
 model-configs: install
 	$(BIN)/python -m mosmedai.model_repo
 
@@ -82,7 +86,7 @@ HELM := $(CURDIR)/.tools/helm
 export HELM
 # Images: built from docker/*.Dockerfile with the repository as context, tagged with the
 # chart's appVersion. IMAGE_REGISTRY=host:port/ prefixes the names; PUSH=1 pushes them.
-IMAGES         := gateway operator model-publisher triton
+IMAGES         := gateway operator model-publisher triton engine-builder
 IMAGE_REGISTRY ?=
 IMAGE_TAG      ?= $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' charts/mosmedai/Chart.yaml)
 DOCKER         ?= docker

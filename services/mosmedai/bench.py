@@ -1,9 +1,12 @@
-"""`make bench`: one chest X-ray tool measured three ways, side by side in one run.
+"""`make bench`: one chest X-ray tool measured three ways, side by side in one run, then a CT study.
 
 (a) the work in one process: decode + preprocess + ONNX Runtime network + postprocess;
 (b) Triton directly: per request the client decodes the DICOM and reduces it as the
     gateway does, then calls the tool's ensemble over gRPC (asyncio tritonclient);
 (c) the full path: DICOM bytes over HTTP to the gateway, Ray Serve router, Triton.
+
+Then the CT row: one 128-slice 512 x 512 chest CT series through the full path, seconds
+per study and the shares of upload, decode and series assembly, transfer and inference.
 
 Ratios b/a and c/a compare throughput at each concurrency (the load generator shares the
 machine's cores with the platform, as a client on the same host would). The machine is
@@ -28,12 +31,13 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 
 from mosmedai import local
 from mosmedai.config import Settings
-from mosmedai.dicom_build import to_bytes
+from mosmedai.dicom_build import ct_series, to_bytes
 from mosmedai.dicom_input import decode
-from mosmedai.gateway import image_input
 from mosmedai.imaging import preprocess
+from mosmedai.model_repo import output_names
+from mosmedai.pipeline import image_input, multipart_body
 from mosmedai.postprocess import Calibration, postprocess
-from mosmedai.router import OUTPUTS
+from mosmedai.tenants import auth_headers
 from mosmedai.tools import CATALOG
 from mosmedai.training.phantoms import make_phantom, to_dataset
 
@@ -113,7 +117,7 @@ async def through_triton(body: bytes, settings: Settings, seconds: float) -> lis
     import tritonclient.grpc.aio as grpcclient
 
     client = grpcclient.InferenceServerClient(settings.triton_grpc_target)
-    outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
+    outputs = [grpcclient.InferRequestedOutput(name) for name in output_names(CATALOG[TOOL])]
 
     async def send():
         tensors, _ = image_input(decode(body, settings.max_pixels), settings.transport_max_side)
@@ -134,7 +138,7 @@ async def through_triton(body: bytes, settings: Settings, seconds: float) -> lis
 async def through_gateway(body: bytes, url: str, seconds: float) -> tuple[list[Run], list[float]]:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     batch_sizes = []
-    async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits, headers=auth_headers()) as client:
         async def send():
             answer = await client.post("/v1/studies", params={"tools": TOOL}, content=body,
                                        headers={"Content-Type": "application/dicom"})
@@ -210,6 +214,53 @@ def measure(body: bytes, settings: Settings, seconds: float) -> dict:
     }
 
 
+#: The CT row: one chest CT series as a scanner writes it.
+CT_SERIES = {"slices": 128, "matrix": 512, "spacing_mm": (2.5, 0.7, 0.7), "studies": 3}
+
+
+def ct_study(settings: Settings) -> dict | None:
+    """One 128-slice 512 x 512 chest CT series through the full path (multipart/related to the
+    gateway, every enabled chest CT tool): seconds per study and where the time goes."""
+    from mosmedai.training.ct_chest import make_phantom as chest_phantom
+
+    tools = [name for name in settings.enabled_tools if CATALOG[name].family.name == "ct_chest"]
+    if not tools:
+        print("CT row: no chest CT tool is enabled; skipped\n")
+        return None
+    slices, matrix = CT_SERIES["slices"], CT_SERIES["matrix"]
+    phantom = chest_phantom((5_000_002, 1), shape=(slices, matrix, matrix), spacing_mm=CT_SERIES["spacing_mm"])
+    hu, _ = phantom.render()
+    body, content_type = multipart_body([to_bytes(ds) for ds in ct_series(hu, CT_SERIES["spacing_mm"])])
+    url = local.endpoints(settings)["gateway"]
+    rows = []
+    with httpx.Client(base_url=url, timeout=600.0, headers=auth_headers()) as client:
+        for attempt in range(CT_SERIES["studies"] + 1):  # the first warms the models
+            started = time.perf_counter()
+            answer = client.post("/v1/studies", content=body, headers={"Content-Type": content_type})
+            seconds = time.perf_counter() - started
+            if answer.status_code != 200:
+                raise RuntimeError(f"CT study: {answer.status_code} {answer.text[:300]}")
+            if attempt:
+                rows.append((seconds, answer.json()["timings_ms"]))
+    seconds = statistics.median(row[0] for row in rows)
+    timing = {key: statistics.median(row[1][key] for row in rows) for key in rows[0][1]}
+    shares = {
+        "upload (HTTP receive)": timing["receive"],
+        "decode + series assembly + grid": timing["decode"],
+        "transfer (router hop, object store)": max(0.0, timing["inference"] - timing["triton"]),
+        "inference (Triton ensembles)": timing["triton"],
+    }
+    total_ms = sum(shares.values())
+    print(f"== CT: one chest CT series, {slices} slices of {matrix}x{matrix} ({len(body) / 2**20:.0f} MiB), "
+          f"tools {', '.join(tools)}")
+    print(f"seconds per study (median of {len(rows)}): {seconds:.2f} s")
+    for name, ms in shares.items():
+        print(f"  {name:38s} {ms:8.0f} ms  {100 * ms / total_ms:5.1f} %")
+    print()
+    return {"seconds_per_study": seconds, "body_mib": len(body) / 2**20, "tools": tools, "timings_ms": timing,
+            "shares": {name: ms / total_ms for name, ms in shares.items()}}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per row (s)")
@@ -239,12 +290,14 @@ def main(argv: list[str] | None = None) -> None:
             body = to_bytes(dataset, SYNTAXES[name])
             print(f"== {name} ({SYNTAXES[name].name}): {len(body) / 2**20:.1f} MiB")
             figures[name] = measure(body, settings, args.seconds)
+        figures["ct"] = ct_study(settings)
         pss, rss, processes = platform_memory(settings)
     finally:
         if not already_running:
             local.down(settings)
 
-    print(f"platform memory: {pss:.0f} MiB PSS ({rss:.0f} MiB RSS summed) in {processes} processes")
+    print(f"platform memory: {pss:.0f} MiB PSS ({rss:.0f} MiB RSS summed) in {processes} processes, "
+          f"{len(settings.enabled_tools)} tools loaded (target: all 18 within 8 GiB)")
     if up_seconds is not None:
         print(f"make up (installed, cold processes): ready in {up_seconds:.1f} s (target <= 60)")
     if args.json:

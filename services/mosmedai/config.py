@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -120,6 +122,79 @@ class Settings(BaseSettings):
         "area-averages larger ones. 0.4 MB instead of 10 MB for a 2500x2048 radiograph.",
     )
 
+    # --- tenants (issue: integrator interfaces) ---------------------------------------------
+    profile: Literal["local", "cluster"] = Field(
+        "local", description="Deployment profile. Demo tenants are refused outside `local`.",
+    )
+    demo_tenants: bool = Field(
+        True,
+        description="Add the two documented demo tenants (demo-moscow, demo-tatarstan). Local profile only: "
+        "a cluster with demo tenants refuses to start.",
+    )
+    tenants_file: str = Field(
+        "",
+        description="Tenant configuration (YAML/JSON list, or a path to it; a mounted Secret in a cluster): "
+        "id, region, institution, token_sha256, dimse (called AE, allowed calling AEs, result destination). "
+        "Format: `python -m mosmedai.tenants --help`.",
+    )
+
+    # --- object storage and jobs ---------------------------------------------------------------
+    s3_endpoint_url: str = Field(
+        "", description="S3 endpoint of the object store. Empty: the local S3-compatible server `make up` "
+        "starts at http://bind_host:s3_port.",
+    )
+    s3_region: str = Field("us-east-1", description="Region of the object store.")
+    s3_port: int = Field(8300, ge=1, le=65535, description="Port of the local S3-compatible server.")
+    s3_data_dir: Path | None = Field(
+        None, description="Where the local S3 server keeps its write log (default run_dir/s3); it replays "
+        "the log at start, so accepted studies survive a restart.",
+    )
+    incoming_bucket: str = Field("mosmedai-incoming", description="Identified originals, job records, indexes.")
+    results_bucket: str = Field("mosmedai-results", description="Result JSON and result objects (SR, SC).")
+    archive_bucket: str = Field("mosmedai-archive", description="De-identified copies (PS3.15 Annex E), kept for training.")
+    retention_s: float = Field(
+        7 * 86400.0, ge=0, description="How long identified originals are kept after their job ends (s).",
+    )
+    job_lease_s: float = Field(
+        300.0, gt=0, description="How long a claimed job is held before another runner may take it (s).",
+    )
+    job_max_attempts: int = Field(3, ge=1, le=100, description="Attempts at a job before it fails visibly.")
+    job_retry_s: float = Field(
+        2.0, gt=0, le=600, description="First wait before retrying a job whose tools were unavailable (s); doubles per attempt.",
+    )
+    job_concurrency: int = Field(2, ge=1, le=256, description="Jobs one gateway replica runs at once.")
+    job_poll_s: float = Field(
+        2.0, gt=0, le=300, description="How often a gateway replica looks in the store for jobs to run (s).",
+    )
+    deid_uid_secret: str = Field(
+        "mosmedai-local", description="Key of the keyed hash that replaces UIDs in the de-identified archive. "
+        "Set a secret of your own outside the local profile.",
+    )
+    study_timeout_s: float = Field(
+        600.0, gt=0, description="Longest a synchronous study request (HTTP, gRPC) may take (s).",
+    )
+
+    # --- gRPC and DIMSE ------------------------------------------------------------------------
+    gateway_url: str = Field(
+        "", description="Base URL of the gateway's HTTP API that the gRPC study service and DIMSE call. "
+        "Empty: http://bind_host:gateway_http_port (the local platform). In a cluster: the gateway Service.",
+    )
+    grpc_port: int = Field(9000, ge=1, le=65535, description="gRPC port: Open Inference Protocol and the study service.")
+    dimse_port: int = Field(11112, ge=1, le=65535, description="DICOM C-STORE/C-ECHO port (listens on bind_host).")
+    dimse_ae_title: str = Field(
+        "MOSMEDAI", pattern=r"^[ -~]{1,16}$", description="Our calling AE title when sending results back by C-STORE.",
+    )
+    dimse_series_quiet_s: float = Field(
+        10.0, gt=0, le=3600, description="A series received by C-STORE is complete after this long without a new instance (s).",
+    )
+    dimse_poll_s: float = Field(1.0, gt=0, le=60, description="How often series completion and result delivery run (s).")
+    dimse_retry_base_s: float = Field(30.0, gt=0, description="First wait before re-sending results to a destination that was down (s).")
+    dimse_retry_max_s: float = Field(3600.0, gt=0, description="Longest wait between two deliveries to a destination (s).")
+    dimse_max_pdu: int = Field(262144, ge=4096, description="Largest PDU we receive (bytes).")
+    dimse_max_associations: int = Field(32, ge=1, le=1024, description="Most simultaneous inbound associations.")
+    dimse_network_timeout_s: float = Field(60.0, gt=0, description="Time limit of association negotiation, messages and reads (s).")
+    dimse_connect_timeout_s: float = Field(10.0, gt=0, description="TCP connect timeout when delivering results (s).")
+
     # --- metrics (Prometheus) ------------------------------------------------------------
     region: str = Field(
         "RU-MOW",
@@ -190,6 +265,9 @@ class Settings(BaseSettings):
             "gateway_direct_grpc_port": self.gateway_direct_grpc_port,
             "router_metrics_port": self.router_metrics_port,
             "prometheus_port": self.prometheus_port,
+            "s3_port": self.s3_port,
+            "grpc_port": self.grpc_port,
+            "dimse_port": self.dimse_port,
         }
         if len(set(ports.values())) != len(ports):
             raise ValueError(f"ports must be distinct: {ports}")
@@ -204,6 +282,18 @@ class Settings(BaseSettings):
         return self.triton_http_url or f"http://{self.bind_host}:{self.triton_http_port}"
 
     @property
+    def gateway_base(self) -> str:
+        return self.gateway_url or f"http://{self.bind_host}:{self.gateway_http_port}"
+
+    @property
+    def s3_endpoint(self) -> str:
+        return self.s3_endpoint_url or f"http://{self.bind_host}:{self.s3_port}"
+
+    @property
+    def s3_log_dir(self) -> Path:
+        return self.s3_data_dir or self.run_dir / "s3"
+
+    @property
     def log_dir(self) -> Path:
         return self.run_dir / "logs"
 
@@ -213,4 +303,5 @@ class Settings(BaseSettings):
         return {
             f"MOSMEDAI_{key.upper()}": json.dumps(value) if isinstance(value, (list, dict)) else str(value)
             for key, value in values.items()
+            if value is not None  # unset optional fields stay unset
         }

@@ -18,14 +18,18 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from mosmedai import __version__
+from mosmedai import __version__, dicomweb
 from mosmedai.config import Settings
 from mosmedai.dicom_input import InputError
 from mosmedai.metrics import GatewayMetrics, gateway_metrics, install_gateway_metrics
-from mosmedai.pipeline import (DICOM_MEDIA_TYPE, MULTIPART_RELATED, decode_off_loop, item_result,
-                               multipart_parts, plan)
+from mosmedai.jobs import DONE, FAILED, UID as UID_PATTERN
+from mosmedai.pipeline import (DICOM_MEDIA_TYPE, MULTIPART_RELATED, ToolsFailed, check_series_limit, decode_off_loop,
+                               failures_of, infer_items, item_result, multipart_body, multipart_parts, no_tool_error,
+                               plan)
 from mosmedai.router import Router
-from mosmedai.schemas import ErrorBody, StudyResult, StudyResults
+from mosmedai.schemas import ErrorBody, StudyResult, StudyResults, StudyStatus
+from mosmedai.tenants import install_registry, installed_registry, load_tenants
+from mosmedai.worker import JobRunner, accept, job_store
 
 log = logging.getLogger("mosmedai.gateway")
 
@@ -66,7 +70,45 @@ class RequestMetricsMiddleware:
             metrics.observe_request(endpoint, scope["method"], code, time.perf_counter() - started)
 
 
+#: Paths anyone may call: probes, metrics and the API description.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/redoc",
+                          "/docs/oauth2-redirect", "/v2/health/live", "/v2/health/ready"})
+
+
+class TenantAuthMiddleware:
+    """Every request outside PUBLIC_PATHS carries `Authorization: Bearer <token>` of a tenant;
+    the tenant goes into the ASGI scope (``scope["mosmedai.tenant"]``)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            return await self.app(scope, receive, send)
+        tenants = installed_registry()
+        if tenants is None:  # fail closed: no registry yet, nobody is let in
+            answer = JSONResponse({"error": "not_ready", "detail": "the tenant registry is not loaded yet"}, 503)
+            return await answer(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else None
+        tenant = tenants.by_token(token) if token else None
+        if tenant is None:
+            detail = ("an `Authorization: Bearer <token>` header is required" if token is None
+                      else "the bearer token is not one of a tenant")
+            answer = JSONResponse({"error": "unauthenticated", "detail": detail}, status_code=401,
+                                  headers={"WWW-Authenticate": 'Bearer realm="mosmedai"'})
+            return await answer(scope, receive, send)
+        scope["mosmedai.tenant"] = tenant
+        return await self.app(scope, receive, send)
+
+
+def tenant_of(request: Request):
+    return request.scope["mosmedai.tenant"]
+
+
+app.add_middleware(TenantAuthMiddleware)
 app.add_middleware(RequestMetricsMiddleware)
+app.include_router(dicomweb.router)
 
 
 @app.exception_handler(InputError)
@@ -102,8 +144,24 @@ class Gateway:
         self.metrics = GatewayMetrics(self.settings.region, self.settings.institution,
                                       self.settings.region_utc_offset_hours, self.settings.enabled_tools)
         install_gateway_metrics(self.metrics)
+        install_registry(load_tenants(self.settings.tenants_file or None, self.settings.profile,
+                                      self.settings.demo_tenants))
+        self.jobs = job_store(self.settings)
+        self.runner = JobRunner(self.jobs, self.settings, self._infer)
+        dicomweb.install(self.jobs, self.runner, self.settings)
+        try:
+            self.runner.start()
+        except RuntimeError:  # no running loop in this constructor: check_health starts it
+            pass
         # DICOM times without a zone are the region's local time (seconds east of UTC).
         self._utc_offset_s = self.settings.region_utc_offset_hours * 3600.0
+
+    async def _infer(self, tools: list[str], tensors) -> dict:
+        return await self.router.infer_image.remote(tools, tensors)
+
+    async def check_health(self) -> None:
+        """Serve calls this every few seconds: it also keeps the job runner going."""
+        self.runner.start()
 
     # --- health -------------------------------------------------------------------------
     @app.get("/healthz", summary="The gateway process is alive")
@@ -161,6 +219,11 @@ class Gateway:
             if unknown:
                 raise InputError(422, "unknown_tool", f"tools not enabled here: {unknown}; "
                                  f"enabled: {self.settings.enabled_tools}")
+        asynchronous = "respond-async" in [token.strip().lower()
+                                           for token in request.headers.get("prefer", "").split(",")]
+        if asynchronous and wanted is not None:
+            raise InputError(422, "tools_with_async", "the `tools` query is not offered with Prefer: respond-async: "
+                             "an accepted study runs every enabled tool that reads it")
         body = await read_body(request, self.settings.max_body_bytes)
         read = time.perf_counter()
         if media_type == DICOM_MEDIA_TYPE:
@@ -168,22 +231,18 @@ class Gateway:
         else:
             bodies = self._instances(multipart_parts(body, content_type))
         images = await decode_off_loop(bodies, self.settings.max_pixels)
+        check_series_limit(images, self.settings.max_series_per_request)
         items, unmatched = await asyncio.to_thread(
             plan, images, self.settings.enabled_tools, wanted, self.settings.transport_max_side)
-        series_count = len({image.series_instance_uid for image in images})
-        if series_count > self.settings.max_series_per_request:
-            raise InputError(422, "too_many_series", f"{series_count} series in one request; the limit is "
-                             f"{self.settings.max_series_per_request} (max_series_per_request)")
         if not items:
-            first = unmatched[0]["looked_at"] if unmatched else {}
-            raise InputError(422, "no_tool_accepts", "no enabled tool reads this image" if len(bodies) == 1
-                             else "no enabled tool reads any of these instances",
-                             looked_at=first, unmatched=unmatched, enabled_tools=self.settings.enabled_tools)
+            raise no_tool_error(len(bodies), unmatched, self.settings.enabled_tools)
+        if asynchronous:
+            return await self._accept(tenant_of(request), bodies, images, request.headers.get("idempotency-key"))
         decoded = time.perf_counter()
 
-        answers = await asyncio.gather(*(self.router.infer_image.remote(item.tools, item.tensors) for item in items))
+        answers = await infer_items(self._infer, items)
         finished = time.perf_counter()
-        failures = {tool: out for outputs in answers for tool, out in outputs.items() if "error" in out}
+        failures = failures_of(answers)
         for item, outputs in zip(items, answers):
             outcomes = {tool: "failed" if "error" in out else ("positive" if out["positive"] else "negative")
                         for tool, out in outputs.items()}
@@ -195,9 +254,8 @@ class Gateway:
                     item.first.facts.modality, item.first.study_instance_uid, outcomes, finished - received,
                     None if acquired is None else time.time() - (acquired.timestamp() - self._utc_offset_s))
         if failures:
-            status = max(out["status"] for out in failures.values())
-            detail = "; ".join(f"{tool}: {out['error']}" for tool, out in failures.items())
-            return JSONResponse({"error": "tool_failed", "detail": detail, "tools": sorted(failures)}, status)
+            failed = ToolsFailed(failures)
+            return JSONResponse(failed.as_json(), failed.status)
 
         timings = {
             "receive": (read - received) * 1000.0,
@@ -227,6 +285,65 @@ class Gateway:
             raise InputError(415, "unsupported_media_type",
                              f"parts {wrong[:10]} are not {DICOM_MEDIA_TYPE}; every part must be one DICOM file")
         return [payload for _, payload in parts]
+
+    # --- asynchronous studies -----------------------------------------------------------------
+    async def _accept(self, tenant, bodies: list[bytes], images, idempotency_key: str | None) -> JSONResponse:
+        job = await accept(self.jobs, self.runner, tenant.id, bodies, images, idempotency_key, source="http")
+        return JSONResponse(self._status(job), status_code=202, headers={"Location": f"/v1/studies/{job.study_uid}"})
+
+    def _status(self, job, results: dict | None = None) -> dict:
+        status = {"study_instance_uid": job.study_uid, "status": job.state, "job_id": job.id}
+        if job.state == FAILED:
+            status["error"] = job.reason
+        if results is not None:
+            status["results"] = results
+        return status
+
+    async def _job(self, request: Request, study_instance_uid: str):
+        """The tenant's latest job of that study; another tenant's study, or none, is 403 alike
+        (a tenant cannot tell another's study from a study that does not exist)."""
+        tenant = tenant_of(request)
+        if not UID_PATTERN.match(study_instance_uid) or len(study_instance_uid) > 64:
+            raise InputError(422, "invalid_uid", f"{study_instance_uid[:80]!r} is not a DICOM UID "
+                             "(digits and dots, at most 64 characters)")
+        job = await asyncio.to_thread(self.jobs.find_by_study, tenant.id, study_instance_uid)
+        if job is None:
+            raise InputError(403, "forbidden", f"no study {study_instance_uid} is visible to tenant {tenant.id}")
+        return job
+
+    @app.get("/v1/studies/{study_instance_uid}", response_model=StudyStatus,
+             summary="Status of an accepted study, and its results when done",
+             responses={code: {"model": ErrorBody} for code in (401, 403)})
+    async def study_status(self, study_instance_uid: str, request: Request) -> JSONResponse:
+        job = await self._job(request, study_instance_uid)
+        results = None
+        if job.state == DONE:
+            results = await asyncio.to_thread(self.jobs.result, job.tenant, job.id)
+        return JSONResponse(self._status(job, results))
+
+    async def _objects(self, request: Request, study_instance_uid: str, kind: str) -> Response:
+        job = await self._job(request, study_instance_uid)
+        if job.state != DONE:
+            raise InputError(409, "not_done", f"study {study_instance_uid} is {job.state}"
+                             + (f": {job.reason}" if job.reason else "; try again when it is done"))
+        keys = await asyncio.to_thread(self.jobs.object_keys, job)
+        names = sorted(name for name in keys if name.rsplit("/", 1)[-1].startswith(kind))
+        payloads = await asyncio.gather(*(asyncio.to_thread(self.jobs.read, keys[name]) for name in names))
+        if kind == "sr" and len(payloads) == 1:
+            return Response(payloads[0], media_type=DICOM_MEDIA_TYPE)
+        body, content_type = multipart_body(payloads)
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/studies/{study_instance_uid}/sr", summary="The DICOM SR (TID 1500) of a done study",
+             response_class=Response, responses={code: {"model": ErrorBody} for code in (401, 403, 409)})
+    async def study_sr(self, study_instance_uid: str, request: Request) -> Response:
+        return await self._objects(request, study_instance_uid, "sr")
+
+    @app.get("/v1/studies/{study_instance_uid}/sc",
+             summary="The secondary-capture series of a done study (multipart/related)",
+             response_class=Response, responses={code: {"model": ErrorBody} for code in (401, 403, 409)})
+    async def study_sc(self, study_instance_uid: str, request: Request) -> Response:
+        return await self._objects(request, study_instance_uid, "sc")
 
     # --- router statistics (benchmarks, SREs) --------------------------------------------
     @app.get("/v1/router/batches", summary="Realised batch sizes per tool since the last reset")

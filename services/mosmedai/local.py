@@ -1,11 +1,16 @@
 """The local platform: `make up` / `make down` on one machine.
 
-Three supervised process groups, each started in its own session so that `down` stops
+Supervised process groups, each started in its own session so that `down` stops
 everything a group spawned (Triton's Python stubs, Ray's raylet and workers):
 
+- ``s3``: the local S3-compatible object store (moto's server with a write log under
+  ``run_dir/s3``, replayed at start), where accepted studies and their jobs live.
 - ``triton``: the ``tritonserver`` binary from the nvidia-pytriton wheel, CPU only.
 - ``serve``: one Python process that starts a local Ray, runs the Serve application
   (gateway + router) and waits; SIGTERM shuts Serve and Ray down.
+- ``grpc``: the gRPC front door (Open Inference Protocol and the study service).
+- ``dimse``: the DICOM C-STORE/C-ECHO service; completed series become jobs, results go
+  back by C-STORE to each tenant's destination.
 - ``prometheus``: the Debian package's Prometheus, scraping the gateway, the router and
   Triton with the chart's rule files loaded (``charts/mosmedai/files/prometheus/rules``).
   Optional: when the binary is missing or does not start, `up` says why and goes on.
@@ -29,7 +34,7 @@ import httpx
 
 from mosmedai.config import REPO_ROOT, Settings
 
-GROUPS = ("triton", "serve", "prometheus")
+GROUPS = ("s3", "triton", "serve", "grpc", "dimse", "prometheus")
 PROMETHEUS_FILES = REPO_ROOT / "charts" / "mosmedai" / "files" / "prometheus"
 
 
@@ -321,10 +326,33 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def _python_module_command(settings: Settings, module: str) -> tuple[list[str], dict[str, str]]:
+    env = {**os.environ, **settings.as_env()}
+    env["PYTHONPATH"] = ":".join(filter(None, [str(REPO_ROOT / "services"), env.get("PYTHONPATH", "")]))
+    return [sys.executable, "-m", module], env
+
+
+def _start_s3(settings: Settings, url: str) -> None:
+    from mosmedai.storage import local_s3_command
+
+    if settings.s3_endpoint_url or running_pid(settings, "s3") is not None:
+        return  # an external object store, or ours is running
+    if not _port_free(settings.bind_host, settings.s3_port):
+        raise RuntimeError(f"port {settings.s3_port} is taken by another program; free it or set MOSMEDAI_S3_PORT")
+    settings.s3_log_dir.mkdir(parents=True, exist_ok=True)
+    command = local_s3_command(settings.bind_host, settings.s3_port, settings.s3_log_dir)
+    _, env = _python_module_command(settings, "mosmedai.storage")
+    _start(settings, "s3", command, env)
+    _wait("object store", lambda: _listening(settings.s3_port), 60.0, settings.log_dir / "s3.log", (settings, "s3"))
+
+
 def endpoints(settings: Settings) -> dict[str, str]:
     host = settings.bind_host
     return {
         "gateway": f"http://{host}:{settings.gateway_http_port}",
+        "grpc": f"{host}:{settings.grpc_port}",
+        "dimse": f"{host}:{settings.dimse_port}",
+        "s3": settings.s3_endpoint,
         "triton_http": f"http://{host}:{settings.triton_http_port}",
         "triton_grpc": f"{host}:{settings.triton_grpc_port}",
         "triton_metrics": f"http://{host}:{settings.triton_metrics_port}/metrics",
@@ -338,6 +366,8 @@ def up(settings: Settings) -> dict[str, str]:
     """Start what is not running, wait until the gateway is ready, return the endpoints."""
     urls = endpoints(settings)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    _start_s3(settings, urls["s3"])
     if running_pid(settings, "triton") is None:
         for port in (settings.triton_http_port, settings.triton_grpc_port, settings.triton_metrics_port):
             if not _port_free(settings.bind_host, port):
@@ -352,6 +382,16 @@ def up(settings: Settings) -> dict[str, str]:
         _start(settings, "serve", *serve_command(settings))
     _wait("gateway", lambda: _http_ok(f"{urls['gateway']}/readyz"), settings.startup_timeout_s,
           settings.log_dir / "serve.log", (settings, "serve"))
+    if running_pid(settings, "grpc") is None:
+        if not _port_free(settings.bind_host, settings.grpc_port):
+            raise RuntimeError(f"port {settings.grpc_port} is taken by another program; free it or set MOSMEDAI_GRPC_PORT")
+        _start(settings, "grpc", *_python_module_command(settings, "mosmedai.grpc_server"))
+    _wait("gRPC", lambda: _listening(settings.grpc_port), 60.0, settings.log_dir / "grpc.log", (settings, "grpc"))
+    if running_pid(settings, "dimse") is None:
+        if not _port_free(settings.bind_host, settings.dimse_port):
+            raise RuntimeError(f"port {settings.dimse_port} is taken by another program; free it or set MOSMEDAI_DIMSE_PORT")
+        _start(settings, "dimse", *_python_module_command(settings, "mosmedai.dimse"))
+    _wait("DIMSE", lambda: _listening(settings.dimse_port), 60.0, settings.log_dir / "dimse.log", (settings, "dimse"))
     problem = _start_prometheus(settings, urls["prometheus"])
     if problem:
         # The platform serves without it; say so plainly, once per `up`.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,6 +68,16 @@ def multipart_parts(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
     if not parts:
         raise InputError(400, "empty_multipart", "the multipart body has no parts")
     return parts
+
+
+def multipart_body(payloads: list[bytes], media_type: str = DICOM_MEDIA_TYPE) -> tuple[bytes, str]:
+    """A multipart/related body of the payloads, and its Content-Type."""
+    boundary = uuid.uuid4().hex
+    chunks = []
+    for payload in payloads:
+        chunks += [f"--{boundary}\r\nContent-Type: {media_type}\r\n\r\n".encode(), payload, b"\r\n"]
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), f'multipart/related; type="{media_type}"; boundary={boundary}'
 
 
 # --- work items -----------------------------------------------------------------------------
@@ -208,3 +219,44 @@ def item_result(item: WorkItem, outputs: dict[str, dict]) -> ItemResult:
         sop_instance_uids=[image.sop_instance_uid for image in item.images],
         tools=[tool_result(tool, outputs[tool], item) for tool in item.tools],
     )
+
+
+# --- running work items -----------------------------------------------------------------------
+class ToolsFailed(Exception):
+    """Tools failed in Triton; ``status`` is the HTTP status to answer (502, 503 or 504)."""
+
+    def __init__(self, failures: dict[str, dict]):
+        self.failures = failures
+        self.status = max(out["status"] for out in failures.values())
+        self.detail = "; ".join(f"{tool}: {out['error']}" for tool, out in failures.items())
+        super().__init__(self.detail)
+
+    @property
+    def transient(self) -> bool:
+        return self.status in (503, 504)
+
+    def as_json(self) -> dict:
+        return {"error": "tool_failed", "detail": self.detail, "tools": sorted(self.failures)}
+
+
+def no_tool_error(count: int, unmatched: list[dict], enabled: list[str]) -> InputError:
+    first = unmatched[0]["looked_at"] if unmatched else {}
+    return InputError(422, "no_tool_accepts",
+                      "no enabled tool reads this image" if count == 1 else "no enabled tool reads any of these instances",
+                      looked_at=first, unmatched=unmatched, enabled_tools=enabled)
+
+
+def check_series_limit(images: list[DecodedImage], limit: int) -> None:
+    count = len({image.series_instance_uid for image in images})
+    if count > limit:
+        raise InputError(422, "too_many_series",
+                         f"{count} series in one request; the limit is {limit} (max_series_per_request)")
+
+
+async def infer_items(infer, items: list[WorkItem]) -> list[dict[str, dict]]:
+    """Every item through the router (``infer(tools, tensors)`` awaits the tool -> outputs map)."""
+    return list(await asyncio.gather(*(infer(item.tools, item.tensors) for item in items)))
+
+
+def failures_of(answers: list[dict[str, dict]]) -> dict[str, dict]:
+    return {tool: out for outputs in answers for tool, out in outputs.items() if "error" in out}

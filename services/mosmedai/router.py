@@ -87,6 +87,10 @@ def _status_of(error: Exception) -> int:
     text = str(error)
     if "UNAVAILABLE" in status or "UNAVAILABLE" in text or "failed to connect" in text.lower():
         return 503
+    # A model that is (re)loading - Triton starting, or a repository update - has no version
+    # ready yet: unavailable for now, not broken.
+    if "no available versions" in text or "is not ready" in text:
+        return 503
     if "DEADLINE_EXCEEDED" in status or "Deadline" in text:
         return 504
     return 502

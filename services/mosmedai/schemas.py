@@ -69,6 +69,16 @@ class StudyResults(BaseModel):
     disclaimer: str = "AI result, not a diagnosis. Reference models trained on synthetic data; not for clinical use."
 
 
+class StudyStatus(BaseModel):
+    """An asynchronous study: accepted, running, done (with results) or failed (with the reason)."""
+
+    study_instance_uid: str
+    status: str = Field(description="accepted, running, done or failed")
+    job_id: str
+    error: str | None = Field(None, description="failed: why")
+    results: StudyResults | None = None
+
+
 class ErrorBody(BaseModel):
     error: str = Field(description="Machine-readable error code")
     detail: str = Field(description="What is wrong, in words")

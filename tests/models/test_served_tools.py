@@ -20,6 +20,7 @@ from mosmedai.config import REPO_ROOT
 from mosmedai.dicom_build import to_bytes
 from mosmedai.families import IMAGE, ToolOutput
 from mosmedai.tools import CATALOG
+from mosmedai.tenants import auth_headers
 from mosmedai.training import TEST_SEED
 
 #: Cases per tool: enough for the tolerances the families state, few enough for CI.
@@ -48,7 +49,7 @@ def served_output(tool_result: dict) -> ToolOutput:
 
 @pytest.fixture(scope="module")
 def gateway(platform):
-    with httpx.Client(base_url=platform["gateway"], timeout=300.0) as client:
+    with httpx.Client(base_url=platform["gateway"], timeout=300.0, headers=auth_headers()) as client:
         yield client
 
 

@@ -8,6 +8,8 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import httpx
+
+from mosmedai.tenants import auth_headers
 import pytest
 
 from mosmedai.training.phantoms import dicom_bytes, make_phantom
@@ -62,7 +64,7 @@ def test_prometheus_records_volume_and_time_to_result_from_traffic(platform, pla
     acquired = datetime.now(timezone(timedelta(hours=platform_settings.region_utc_offset_hours))) - timedelta(minutes=2)
     stamp = {"AcquisitionDate": acquired.strftime("%Y%m%d"), "AcquisitionTime": acquired.strftime("%H%M%S")}
     body = dicom_bytes(make_phantom((TEST_SEED, 1), shape=(600, 500)), **stamp)
-    with httpx.Client(base_url=platform["gateway"], timeout=60) as gateway:
+    with httpx.Client(base_url=platform["gateway"], timeout=60, headers=auth_headers()) as gateway:
         # Spread over several scrapes, so that rate() sees the counters rise.
         for _ in range(8):
             assert gateway.post("/v1/studies", content=body, headers=DICOM).status_code == 200

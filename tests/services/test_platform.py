@@ -22,6 +22,7 @@ from pydicom.uid import (
 )
 
 from mosmedai import local
+from mosmedai.tenants import auth_headers
 from mosmedai.dicom_build import build_dataset, to_bytes
 from mosmedai.training.phantoms import dicom_bytes, make_phantom, to_dataset
 
@@ -33,7 +34,7 @@ DICOM = {"Content-Type": "application/dicom"}
 
 @pytest.fixture(scope="module")
 def gateway(platform):
-    with httpx.Client(base_url=platform["gateway"], timeout=120.0) as client:
+    with httpx.Client(base_url=platform["gateway"], timeout=120.0, headers=auth_headers()) as client:
         yield client
 
 
@@ -149,8 +150,9 @@ def test_stock_tritonclient_http_works_against_the_gateway(platform):
     host = platform["gateway"].removeprefix("http://")
     client = triton_http.InferenceServerClient(host)
     assert client.is_server_ready()
-    assert client.is_model_ready("cxr_nodule")
-    metadata = client.get_model_metadata("cxr_nodule")
+    auth = auth_headers()
+    assert client.is_model_ready("cxr_nodule", headers=auth)
+    metadata = client.get_model_metadata("cxr_nodule", headers=auth)
     assert {tensor["name"] for tensor in metadata["inputs"]} == {"pixels", "params", "voi_lut"}
     phantom = make_phantom((TEST_SEED, 7), shape=(512, 420), findings=["cxr_nodule"])
     inputs = []
@@ -160,10 +162,11 @@ def test_stock_tritonclient_http_works_against_the_gateway(platform):
         tensor = triton_http.InferInput(name, list(array.shape), dtype)
         tensor.set_data_from_numpy(array, binary_data=True)
         inputs.append(tensor)
-    result = client.infer("cxr_nodule", inputs, outputs=[triton_http.InferRequestedOutput("probability", binary_data=True)])
+    result = client.infer("cxr_nodule", inputs, outputs=[triton_http.InferRequestedOutput("probability", binary_data=True)],
+                          headers=auth)
     assert 0.5 <= float(result.as_numpy("probability")[0, 0]) <= 1.0
     with pytest.raises(Exception, match="unknown model"):
-        client.get_model_metadata("cxr_nodule_net")  # only tools, not their steps
+        client.get_model_metadata("cxr_nodule_net", headers=auth)  # only tools, not their steps
 
 
 def test_a_tool_failing_in_triton_gives_503_naming_it_and_recovers(platform, gateway):
@@ -226,5 +229,5 @@ def test_down_stops_everything_and_up_starts_again(platform, platform_settings, 
         assert not any(Path(f"/proc/{p}").exists() for p in local._session_members(pid))
     assert local.up(platform_settings)["gateway"] == platform["gateway"]
     body = dicom_bytes(make_phantom((TEST_SEED, 11), shape=(600, 500)))
-    with httpx.Client(base_url=platform["gateway"], timeout=120.0) as client:
+    with httpx.Client(base_url=platform["gateway"], timeout=120.0, headers=auth_headers()) as client:
         assert submit(client, body).status_code == 200
