@@ -73,10 +73,16 @@ def _metadata(pool: Mapping[str, Any], spec: GpuPoolSpec, name: str, extra_label
     }
 
 
+def model_repository(spec: GpuPoolSpec, config: OperatorConfig) -> str:
+    """The repository the pool's Triton reads: spec.modelRepository (a TensorRT repository is
+    per GPU product and TensorRT version; CPU pools read the ONNX one), else the operator's."""
+    return spec.model_repository or config.triton_model_repository
+
+
 def triton_args(spec: GpuPoolSpec, config: OperatorConfig) -> list[str]:
     args = [
         "tritonserver",
-        f"--model-repository={config.triton_model_repository}",
+        f"--model-repository={model_repository(spec, config)}",
         # Explicit mode loads exactly the pool's ensembles (and the models they compose).
         "--model-control-mode=explicit",
         *(f"--load-model={tool}" for tool in spec.tools),

@@ -26,6 +26,13 @@ TOOL_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"  # a Triton model folder name, as our e
 # Extended resource name: a domain-prefixed name, e.g. nvidia.com/gpu, amd.com/gpu.
 RESOURCE_NAME_PATTERN = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?\.)+[a-z]{2,}/[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"
 DURATION_PATTERN = r"^[0-9]+(ms|s|m)$"  # Prometheus duration as prometheus-operator accepts it
+# A model repository as Triton's --model-repository reads it: s3://bucket[/prefix], with an
+# optional custom endpoint (s3://host:port/bucket/prefix, s3://https://host:port/...),
+# gs://bucket[/prefix], as://account/container[/prefix], or an absolute path in the container.
+MODEL_REPOSITORY_PATTERN = (
+    r"^((s3://(https://)?[A-Za-z0-9][A-Za-z0-9.\-]*(:[0-9]{1,5})?|gs://[a-z0-9][a-z0-9._\-]*|as://[a-z0-9]+)"
+    r"(/[A-Za-z0-9._+=\-]+)*/?|(/[A-Za-z0-9._+=\-]+)+/?)$"
+)
 MAX_REPLICAS = 256
 
 
@@ -92,6 +99,8 @@ class GpuPoolSpec(_Model):
     scale_down: ScaleDown = Field(default_factory=ScaleDown)
     service_monitor: ServiceMonitorSpec = Field(default_factory=ServiceMonitorSpec)
     model_load_timeout_seconds: int = Field(default=900, ge=60, le=7200)
+    # Triton's --model-repository for this pool; None = the operator's triton_model_repository.
+    model_repository: str | None = Field(default=None, pattern=MODEL_REPOSITORY_PATTERN, max_length=1024)
 
     @property
     def zone(self) -> zoneinfo.ZoneInfo:

@@ -106,7 +106,7 @@ def test_helm_lint_strict(scenario: str) -> None:
 def test_required_scenarios_exist() -> None:
     names = {p.name for p in (CHART / "ci").glob("*-values.yaml")}
     assert {"minimal-cpu-values.yaml", "three-gpu-regions-values.yaml", "kuberay-values.yaml",
-            "airgapped-values.yaml", "monitoring-values.yaml"} <= names
+            "airgapped-values.yaml", "monitoring-values.yaml", "integrators-values.yaml"} <= names
 
 
 def test_helm_is_v4() -> None:
@@ -229,14 +229,31 @@ def test_every_container_has_requests_and_limits(rendered) -> None:
                 assert {"cpu", "memory"} <= set(resources.get(kind, {})), f"{where}/{container['name']} {kind}"
 
 
-def test_no_gpu_in_the_charts_pods(rendered) -> None:
-    """GPUs go to Triton only, and Triton's pods are the operator's: the chart asks for
-    GPUs through GpuPool.spec.gpu, never in a container of its own."""
+def is_engine_builder(doc: dict[str, Any]) -> bool:
+    return doc["kind"] == "Job" and doc["metadata"]["labels"]["app.kubernetes.io/component"] == "engine-builder"
+
+
+def test_gpus_only_for_triton_and_the_engine_builder(rendered) -> None:
+    """GPUs go to Triton (the operator's pods, from GpuPool.spec.gpu) and to one exception
+    the chart renders itself: the TensorRT engine-build Job. A TensorRT engine is compiled
+    for the GPU it is built on (tactics timed on that product, tensorrt_build.py), so the
+    build must run on a GPU of the pool's product: exactly one GPU, on a node of that
+    product (nvidia.com/gpu.product), run to completion. Nothing else asks for a GPU."""
+    builders = 0
     for where, doc, spec in all_pods(rendered):
         for container in containers(spec):
             for kind in ("requests", "limits"):
-                gpus = [r for r in container["resources"].get(kind, {}) if r.endswith(GPU_RESOURCE_SUFFIX)]
-                assert not gpus, f"{where}/{container['name']} asks for {gpus}"
+                gpus = {r: q for r, q in container["resources"].get(kind, {}).items() if r.endswith(GPU_RESOURCE_SUFFIX)}
+                if is_engine_builder(doc):
+                    assert list(gpus.values()) == ["1"], f"{where}/{container['name']} {kind}: {gpus}"
+                else:
+                    assert not gpus, f"{where}/{container['name']} asks for {gpus}"
+        if is_engine_builder(doc):
+            builders += 1
+            assert spec["restartPolicy"] == "Never" and len(spec["containers"]) == 1, where
+            product = doc["metadata"]["annotations"]["mosmedai.io/gpu-product"]
+            assert spec["nodeSelector"]["nvidia.com/gpu.product"] == product, where
+    assert builders >= 4
 
 
 def test_triton_pods_the_operator_makes_get_the_gpus_and_a_model_loading_startup_probe(rendered, tmp_path) -> None:
@@ -274,6 +291,8 @@ def test_triton_pods_the_operator_makes_get_the_gpus_and_a_model_loading_startup
             assert triton["image"] == env["MOSMEDAI_OPERATOR_TRITON_IMAGE"]
             envfrom = [e["secretRef"]["name"] for e in triton["envFrom"]]
             assert envfrom == [env["MOSMEDAI_OPERATOR_TRITON_MODEL_REPOSITORY_SECRET"]]
+            # The pool's own repository (spec.modelRepository), not the operator's default.
+            assert f"--model-repository={pool['spec']['modelRepository']}" in triton["args"], scenario
 
 
 def test_every_server_has_liveness_and_readiness_probes(rendered) -> None:
@@ -367,7 +386,7 @@ def test_plain_mode_runs_the_serve_app_against_the_regions_triton(rendered, monk
     from mosmedai.config import Settings
 
     for name, value in env.items():
-        if name.startswith("MOSMEDAI_"):
+        if name.startswith("MOSMEDAI_") and value is not None:  # None: from a Secret (valueFrom)
             monkeypatch.setenv(name, value)
     settings = Settings()
     assert settings.triton_grpc_target == f"ru-mow.{NAMESPACE}.svc:8001"
@@ -397,10 +416,16 @@ def test_model_repository_uri_for_triton(rendered) -> None:
         (op,) = [d for d in rendered[scenario] if d["kind"] == "Deployment" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"]
         return {e["name"]: e.get("value") for e in op["spec"]["template"]["spec"]["containers"][0]["env"]}["MOSMEDAI_OPERATOR_TRITON_MODEL_REPOSITORY"]
 
+    # No GPU product named: no engines, the cpu (ONNX) repository.
     assert uri("defaults") == "s3://mosmedai-models/model_repository"
-    # Triton: plain HTTP to a custom endpoint unless the host is prefixed with https://.
-    assert uri("airgapped-values.yaml") == "s3://minio.storage.svc:9000/mosmedai-models/releases/0.1.0/model_repository"
     assert uri("monitoring-values.yaml") == "s3://https://s3.storage.example.org/mosmedai-models/model_repository"
+    # Triton: plain HTTP to a custom endpoint unless the host is prefixed with https://. One
+    # region of one product: every pool reads that product's TensorRT repository.
+    assert uri("airgapped-values.yaml") == \
+        "s3://minio.storage.svc:9000/mosmedai-models/model_repository_gpu/nvidia-a100-pcie-40gb/trt-10.8.0.43"
+    # Three products: each pool names its own in spec.modelRepository; the operator's
+    # fallback is the cpu one, which every pool can load.
+    assert uri("three-gpu-regions-values.yaml") == "s3://mosmedai-models/model_repository"
 
 
 def test_kuberay_scenario_renders_a_rayservice_instead_of_the_gateway_deployment(rendered) -> None:
@@ -416,24 +441,32 @@ def test_kuberay_scenario_renders_a_rayservice_instead_of_the_gateway_deployment
     assert (workers["minReplicas"], workers["maxReplicas"]) == (2, 6)
 
 
-def test_network_policies_expose_only_the_gateway(rendered) -> None:
-    for scenario in ("monitoring-values.yaml", "kuberay-values.yaml"):
+def test_network_policies_expose_only_the_gateway_grpc_and_dimse(rendered) -> None:
+    """From outside the namespace: the gateway's port (study API, DICOMweb), the gRPC
+    front door's and the DIMSE port, each on its own pods only."""
+    public = {"gateway": 8000, "grpc": 9000, "dimse": 11112}
+    for scenario in ("monitoring-values.yaml", "kuberay-values.yaml", "integrators-values.yaml"):
         policies = [d for d in rendered[scenario] if d["kind"] == "NetworkPolicy"]
         assert policies, scenario
         gateway_port = 8000
+        opened = set()
         for policy in policies:
             for rule in policy["spec"]["ingress"]:
                 peers = rule.get("from")
                 if peers == [{"podSelector": {}}]:
                     continue  # same namespace
                 selector = policy["spec"]["podSelector"].get("matchLabels", {})
-                if peers is None:  # from anywhere: the gateway's port only
-                    assert selector.get("app.kubernetes.io/component") == "gateway", policy["metadata"]["name"]
-                    assert [p["port"] for p in rule["ports"]] == [gateway_port]
+                if peers is None:  # from anywhere: the public ports only, each on its own pods
+                    component = selector.get("app.kubernetes.io/component")
+                    assert component in public, policy["metadata"]["name"]
+                    assert [p["port"] for p in rule["ports"]] == [public[component]]
+                    opened.add(component)
                 else:  # from one named namespace (Prometheus, KubeRay): named ports only
                     (peer,) = peers
                     assert set(peer) == {"namespaceSelector"}
                     assert rule["ports"] and all(p["port"] != gateway_port or selector for p in rule["ports"])
+        expected = {"gateway", "grpc"} | ({"dimse"} if scenario == "integrators-values.yaml" else set())
+        assert opened == expected, scenario
 
 
 def test_monitoring_scenario(rendered) -> None:
@@ -491,6 +524,11 @@ def test_minimal_cpu_scenario(rendered) -> None:
 
 
 # --- bad values fail at install time with the value's name ----------------------------
+def tenant(**changes: Any) -> dict[str, Any]:
+    base = {"id": "kazan-rkb", "region": "RU-TA", "institution": "RKB", "token_sha256": "a" * 64}
+    return {**base, **changes}
+
+
 def region(**changes: Any) -> dict[str, Any]:
     base = {"code": "RU-MOW", "timeZone": "Europe/Moscow", "tools": ["cxr_opacity"],
             "targets": {"queueTimeP95Ms": 200}, "replicas": {"min": 1, "max": 4}}
@@ -522,7 +560,35 @@ BAD_VALUES = [
     ("container-without-limits", {"gateway": {"resources": {"limits": None}}},
      "gateway/resources"),
     ("gateway-region-not-deployed", {"gateway": {"tritonRegion": "RU-KAM"}}, "gateway.tritonRegion"),
-    ("dimse-not-available", {"dimse": {"enabled": True}}, "dimse.enabled"),
+    ("tenant-token-not-sha256", {"tenants": {"items": [tenant(token_sha256="abc123")]}},
+     "tenants/items/0/token_sha256"),
+    ("tenant-token-upper-case-hex", {"tenants": {"items": [tenant(token_sha256="A" * 64)]}},
+     "tenants/items/0/token_sha256"),
+    ("tenant-plain-token", {"tenants": {"items": [tenant(token="secret")]}}, "tenants/items/0"),
+    ("tenant-called-ae-too-long", {"tenants": {"items": [tenant(dimse={"called_ae_title": "MOSMEDAI_KAZAN_RKB",
+                                                                     "allowed_calling_aes": ["RKB_PACS"]})]}},
+     "tenants/items/0/dimse/called_ae_title"),
+    ("tenant-calling-ae-too-long", {"tenants": {"items": [tenant(dimse={"called_ae_title": "MOSMEDAI",
+                                                                      "allowed_calling_aes": ["A" * 17]})]}},
+     "tenants/items/0/dimse/allowed_calling_aes/0"),
+    ("tenant-result-ae-backslash", {"tenants": {"items": [tenant(dimse={
+        "called_ae_title": "MOSMEDAI", "allowed_calling_aes": ["PACS"],
+        "result_destination": {"ae_title": "PA\\CS", "host": "10.0.0.1", "port": 104}})]}},
+     "tenants/items/0/dimse/result_destination/ae_title"),
+    ("tenant-duplicate-called-ae", {"tenants": {"items": [
+        tenant(dimse={"called_ae_title": "MOSMEDAI", "allowed_calling_aes": ["A"]}),
+        tenant(id="other", token_sha256="b" * 64, dimse={"called_ae_title": "MOSMEDAI", "allowed_calling_aes": ["B"]})]}},
+     "tenants.items[1].dimse.called_ae_title"),
+    ("tenant-duplicate-token", {"tenants": {"items": [tenant(), tenant(id="other")]}}, "tenants.items[1].token_sha256"),
+    ("tenants-secret-and-items", {"tenants": {"existingSecret": "mine", "items": [tenant()]}}, "tenants.existingSecret"),
+    ("demo-tenants-through-gateway-env", {"gateway": {"extraEnv": {"MOSMEDAI_DEMO_TENANTS": "true"}}},
+     "gateway.extraEnv.MOSMEDAI_DEMO_TENANTS"),
+    ("local-profile-through-dimse-env", {"dimse": {"extraEnv": {"MOSMEDAI_PROFILE": "local"}}},
+     "dimse.extraEnv.MOSMEDAI_PROFILE"),
+    ("demo-tenants-key", {"tenants": {"demo": True}}, "tenants"),
+    ("dimse-replicas-without-affinity", {"dimse": {"enabled": True, "replicas": 2}}, "dimse.replicas"),
+    ("dimse-bad-service-type", {"dimse": {"service": {"type": "ExternalName"}}}, "dimse/service/type"),
+    ("tensorrt-version-not-a-version", {"tensorrt": {"version": "latest"}}, "tensorrt/version"),
     ("half-credentials", {"objectStorage": {"accessKeyId": "AKIA"}}, "objectStorage.accessKeyId"),
 ]
 
@@ -565,3 +631,220 @@ def test_prometheus_rule_carries_every_rule_file_group(rendered) -> None:
     for group in expected:
         for entry in group["rules"]:
             assert ("record" in entry) != ("alert" in entry) and entry["expr"], entry
+
+
+# --- TensorRT engines per GPU product --------------------------------------------------
+def component(docs: list[dict[str, Any]], kind: str, name: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind and d["metadata"]["labels"]["app.kubernetes.io/component"] == name]
+
+
+def test_one_engine_build_job_per_gpu_product(rendered) -> None:
+    docs = rendered["three-gpu-regions-values.yaml"]
+    jobs = {j["metadata"]["annotations"]["mosmedai.io/gpu-product"]: j for j in component(docs, "Job", "engine-builder")}
+    assert sorted(jobs) == ["NVIDIA-A100-SXM4-80GB", "NVIDIA-H100-80GB-HBM3", "NVIDIA-L4"]
+    a100 = jobs["NVIDIA-A100-SXM4-80GB"]["spec"]["template"]["spec"]
+    # Placed like the first region of the product: its nodeSelector and tolerations too.
+    assert a100["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB", "mosmedai.io/gpu-pool": "inference"}
+    assert a100["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    (container,) = a100["containers"]
+    assert container["image"].startswith("mosmedai/engine-builder:")
+    script = container["command"][-1]
+    assert "python -m mosmedai.tensorrt_build build --out /tmp/repository" in script
+    assert "--tools cxr_opacity cxr_nodule cxr_pneumothorax" in script
+    assert "--prefix=model_repository_gpu/nvidia-a100-sxm4-80gb/trt-10.8.0.43" in script
+    assert "tensorrt.__version__" in script  # refuses an image of another TensorRT
+    assert "--tools cxr_opacity cxr_nodule\n" in jobs["NVIDIA-H100-80GB-HBM3"]["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    assert container["envFrom"] == [{"secretRef": {"name": "mosmedai-object-storage"}}]
+    # Each pool reads the repository of its own product (spec.modelRepository): three
+    # products, three repositories, and the operator gives each pool's Triton its own.
+    from mosmedai_operator import children
+    from mosmedai_operator.config import OperatorConfig
+    from mosmedai_operator.spec import GpuPoolSpec
+
+    config = OperatorConfig(metrics_port=None, health_port=None)
+    repositories = set()
+    for pool in (d for d in docs if d["kind"] == "GpuPool"):
+        slug = pool["spec"]["gpu"]["product"].lower()
+        expected = f"s3://mosmedai-models/model_repository_gpu/{slug}/trt-10.8.0.43"
+        assert pool["spec"]["modelRepository"] == expected
+        assert "mosmedai.io/model-repository" not in pool["metadata"].get("annotations", {})
+        args = children.triton_args(GpuPoolSpec.model_validate(pool["spec"]), config)
+        assert f"--model-repository={expected}" in args
+        repositories.add(expected)
+    assert len(repositories) == 3
+    # No product, or a CPU pool: no engines, the cpu repository.
+    for scenario in ("defaults", "minimal-cpu-values.yaml"):
+        assert not component(rendered[scenario], "Job", "engine-builder"), scenario
+        (pool,) = [d for d in rendered[scenario] if d["kind"] == "GpuPool"]
+        assert pool["spec"]["modelRepository"].endswith("/model_repository")
+
+
+def test_engine_build_regions_of_one_product_share_a_job_and_cpu_pools_get_none(tmp_path: Path) -> None:
+    values = {"regions": [
+        region(gpu={"count": 1, "product": "NVIDIA-L4"}, tools=["cxr_opacity"]),
+        region(code="RU-KAM", timeZone="Asia/Kamchatka", gpu={"count": 1, "product": "NVIDIA-L4"}, tools=["cxr_nodule"]),
+        region(code="RU-KGD", timeZone="Europe/Kaliningrad", gpu={"count": 0, "product": "NVIDIA-L4"}),
+    ]}
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    docs = load_all(helm("template", "mosmedai", str(CHART), "-n", NAMESPACE, "-f", str(path)).stdout)
+    (job,) = component(docs, "Job", "engine-builder")
+    assert "--tools cxr_opacity cxr_nodule\n" in job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    pools = {p["spec"]["region"]: p["spec"]["modelRepository"] for p in docs if p["kind"] == "GpuPool"}
+    assert pools["RU-MOW"] == pools["RU-KAM"] == "s3://mosmedai-models/model_repository_gpu/nvidia-l4/trt-10.8.0.43"
+    assert pools["RU-KGD"] == "s3://mosmedai-models/model_repository"  # gpu.count 0: CPU pool, ONNX
+    # Mixed repositories: the operator keeps the cpu one for every pool.
+    (op,) = component(docs, "Deployment", "operator")
+    env = {e["name"]: e.get("value") for e in op["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MOSMEDAI_OPERATOR_TRITON_MODEL_REPOSITORY"] == "s3://mosmedai-models/model_repository"
+    off = load_all(helm("template", "mosmedai", str(CHART), "-n", NAMESPACE, "-f", str(path),
+                        "--set", "tensorrt.enabled=false").stdout)
+    assert not component(off, "Job", "engine-builder")
+
+
+def test_engine_build_job_is_renamed_when_its_template_changes() -> None:
+    def name(*args: str) -> str:
+        out = load_all(helm("template", "mosmedai", str(CHART), "-n", NAMESPACE,
+                            "-f", str(CHART / "ci" / "integrators-values.yaml"), *args).stdout)
+        (job,) = component(out, "Job", "engine-builder")
+        return job["metadata"]["name"]
+
+    base = name()
+    assert base == name("--set", "gateway.replicas=3")
+    assert base != name("--set", "tensorrt.fp16=false")
+    assert base != name("--set", "tensorrt.version=10.8.0.44")
+    assert len(base) <= 63
+
+
+# --- integrators: DIMSE, gRPC, DICOMweb, tenants -------------------------------------------
+PLATFORM_COMPONENTS = ("gateway", "grpc", "dimse")
+
+
+def platform_containers(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    for doc in docs:
+        if doc["metadata"].get("labels", {}).get("app.kubernetes.io/component") not in PLATFORM_COMPONENTS:
+            continue
+        for where, spec in pod_specs(doc):
+            for container in spec["containers"]:
+                yield f"{where}/{container['name']}", spec, container
+
+
+def test_every_platform_pod_runs_the_cluster_profile_without_demo_tenants(rendered) -> None:
+    seen = 0
+    for scenario, docs in rendered.items():
+        for where, spec, container in platform_containers(docs):
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert env["MOSMEDAI_PROFILE"] == "cluster", f"{scenario}: {where}"
+            assert env["MOSMEDAI_DEMO_TENANTS"] == "false", f"{scenario}: {where}"
+            assert env["MOSMEDAI_TENANTS_FILE"] == "/etc/mosmedai/tenants/tenants.yaml"
+            (mount,) = [m for m in container["volumeMounts"] if m["name"] == "tenants"]
+            assert mount == {"name": "tenants", "mountPath": "/etc/mosmedai/tenants", "readOnly": True}
+            (volume,) = [v for v in spec["volumes"] if v["name"] == "tenants"]
+            assert volume["secret"]["items"][0]["path"] == "tenants.yaml"
+            seen += 1
+    assert seen >= 14
+
+
+def test_platform_env_is_valid_settings(rendered, monkeypatch) -> None:
+    """Every MOSMEDAI_* name the chart sets is a Settings field, and the values parse."""
+    from mosmedai.config import Settings
+
+    for scenario, docs in rendered.items():
+        for where, spec, container in platform_containers(docs):
+            env = container["env"]
+            fields = {e["name"].removeprefix("MOSMEDAI_").lower() for e in env if e["name"].startswith("MOSMEDAI_")}
+            assert fields <= set(Settings.model_fields), f"{scenario}: {where}: {fields - set(Settings.model_fields)}"
+            with monkeypatch.context() as patch:
+                for e in env:
+                    if e["name"].startswith("MOSMEDAI_"):
+                        patch.setenv(e["name"], e.get("value") if "value" in e else "from-a-secret")
+                Settings()
+
+
+def test_integrators_scenario(rendered, tmp_path: Path) -> None:
+    from mosmedai.tenants import load_tenants
+
+    docs = rendered["integrators-values.yaml"]
+    (dimse,) = component(docs, "Deployment", "dimse")
+    spec = dimse["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert container["command"] == ["python", "-m", "mosmedai.dimse"] and dimse["spec"]["replicas"] == 1
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MOSMEDAI_DIMSE_PORT"]["value"] == "11112"
+    assert env["MOSMEDAI_GATEWAY_URL"]["value"] == f"http://mosmedai-gateway.{NAMESPACE}.svc:80"
+    assert env["MOSMEDAI_S3_ENDPOINT_URL"]["value"] == "http://minio.storage.svc:9000"
+    assert env["MOSMEDAI_INCOMING_BUCKET"]["value"] == "rkb-incoming"
+    assert env["MOSMEDAI_RETENTION_S"]["value"] == "259200"
+    assert env["MOSMEDAI_DEID_UID_SECRET"]["valueFrom"] == {"secretKeyRef": {"name": "mosmedai-deid", "key": "uid-secret"}}
+    assert container["envFrom"] == [{"secretRef": {"name": "mosmedai-s3"}}]
+    assert container["readinessProbe"]["tcpSocket"] == {"port": "dimse"}
+    (service,) = component(docs, "Service", "dimse")
+    assert service["spec"]["type"] == "LoadBalancer" and service["spec"]["ports"][0]["port"] == 11112
+    assert service["spec"]["loadBalancerSourceRanges"] == ["10.20.0.0/16", "10.30.0.0/16"]
+    assert service["spec"]["externalTrafficPolicy"] == "Local"
+    # gRPC: Deployment, Service 9000, PDB (2 replicas); calls the region's Triton and the gateway.
+    (grpc,) = component(docs, "Deployment", "grpc")
+    genv = {e["name"]: e.get("value") for e in grpc["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert genv["MOSMEDAI_TRITON_URL"] == f"ru-ta.{NAMESPACE}.svc:8001" and genv["MOSMEDAI_GRPC_PORT"] == "9000"
+    assert genv["MOSMEDAI_GATEWAY_URL"] == f"http://mosmedai-gateway.{NAMESPACE}.svc:80"
+    (gservice,) = component(docs, "Service", "grpc")
+    assert gservice["spec"]["ports"][0]["port"] == 9000
+    assert component(docs, "PodDisruptionBudget", "grpc")
+    # The gateway: the jobs' object store and credentials.
+    (gateway,) = component(docs, "Deployment", "gateway")
+    gw = gateway["spec"]["template"]["spec"]["containers"][0]
+    assert gw["envFrom"] == [{"secretRef": {"name": "mosmedai-s3"}}]
+    assert {"MOSMEDAI_S3_ENDPOINT_URL", "MOSMEDAI_RESULTS_BUCKET", "MOSMEDAI_DEID_UID_SECRET"} <= {e["name"] for e in gw["env"]}
+    # DICOMweb through the Ingress, on the gateway Service.
+    (ingress,) = [d for d in docs if d["kind"] == "Ingress"]
+    paths = {p["path"]: p["backend"]["service"]["name"] for p in ingress["spec"]["rules"][0]["http"]["paths"]}
+    assert paths == {"/dicomweb": "mosmedai-gateway", "/": "mosmedai-gateway"}
+    # The tenants Secret is what the platform's own loader accepts in the cluster profile.
+    (secret,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "tenants"]
+    mounted = tmp_path / "tenants.yaml"  # as the pods read it: a file
+    mounted.write_text(secret["stringData"]["tenants.yaml"])
+    assert load_tenants(str(mounted), "cluster", False) is not None
+    assert len(yaml.safe_load(secret["stringData"]["tenants.yaml"])) == 3
+    # The deid key comes from the SREs' Secret: the chart renders none.
+    assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "deid"]
+    # helm test sends a tenant's token.
+    (test,) = [d for d in docs if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+    tenv = {e["name"]: e for e in test["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert tenv["MOSMEDAI_TEST_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "mosmedai-test-token", "key": "token"}
+
+
+def test_default_tenants_secret_is_an_empty_list_and_deid_key_is_generated(rendered, tmp_path: Path) -> None:
+    from mosmedai.tenants import TenantConfigError, load_tenants
+
+    docs = rendered["defaults"]
+    (secret,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "tenants"]
+    assert yaml.safe_load(secret["stringData"]["tenants.yaml"]) == []
+    # No tenants: the platform refuses to start and says why (NOTES.txt warns at install).
+    mounted = tmp_path / "tenants.yaml"
+    mounted.write_text(secret["stringData"]["tenants.yaml"])
+    with pytest.raises(TenantConfigError, match="no tenants configured"):
+        load_tenants(str(mounted), "cluster", False)
+    (deid,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "deid"]
+    assert deid["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert len(deid["data"]["deid-uid-secret"]) >= 48
+    assert not component(docs, "Deployment", "dimse")  # DIMSE is opt-in
+
+
+def test_dimse_service_types(tmp_path: Path) -> None:
+    for service, expected in (({"type": "ClusterIP"}, None),
+                              ({"type": "NodePort", "nodePort": 31112}, 31112)):
+        out = load_all(helm("template", "mosmedai", str(CHART), "-n", NAMESPACE, "--set", "dimse.enabled=true",
+                            *[a for k, v in service.items() for a in ("--set", f"dimse.service.{k}={v}")]).stdout)
+        (svc,) = component(out, "Service", "dimse")
+        assert svc["spec"]["type"] == service["type"]
+        assert svc["spec"]["ports"][0].get("nodePort") == expected
+        assert "externalTrafficPolicy" not in svc["spec"] or service["type"] != "ClusterIP"
+        for doc in out:
+            if doc["kind"] not in CUSTOM_KINDS:
+                kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    # More than one DIMSE pod: sticky sessions and a PDB.
+    out = load_all(helm("template", "mosmedai", str(CHART), "-n", NAMESPACE, "--set", "dimse.enabled=true",
+                        "--set", "dimse.replicas=2", "--set", "dimse.service.sessionAffinity=ClientIP").stdout)
+    assert component(out, "PodDisruptionBudget", "dimse")
+    (svc,) = component(out, "Service", "dimse")
+    assert svc["spec"]["sessionAffinity"] == "ClientIP"

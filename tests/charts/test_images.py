@@ -19,7 +19,8 @@ DOCKER = ROOT / "docker"
 VALUES = yaml.safe_load((ROOT / "charts" / "mosmedai" / "values.yaml").read_text())
 # values.yaml image key -> Dockerfile
 DOCKERFILES = {"gateway": "gateway.Dockerfile", "operator": "operator.Dockerfile",
-               "modelPublisher": "model-publisher.Dockerfile", "triton": "triton.Dockerfile"}
+               "modelPublisher": "model-publisher.Dockerfile", "triton": "triton.Dockerfile",
+               "engineBuilder": "engine-builder.Dockerfile"}
 
 
 def test_every_chart_image_has_a_dockerfile() -> None:
@@ -61,6 +62,19 @@ def test_chart_runs_as_the_images_user() -> None:
         if key == "triton":
             continue  # started by the operator as NVIDIA's triton-server user (1000)
         assert f"USER {uid}:{uid}" in (DOCKER / name).read_text(), name
+
+
+def test_engine_builder_tensorrt_is_the_charts_and_tritons() -> None:
+    """Triton refuses a plan of another TensorRT version: the builder's pinned wheel, the
+    chart's tensorrt.version (which keys the published prefix) and the Triton base image's
+    TensorRT (tritonserver 25.01: 10.8.0.43, NVIDIA's support matrix) must agree."""
+    builder = (DOCKER / "engine-builder.Dockerfile").read_text()
+    (version,) = re.findall(r"^ARG TENSORRT_VERSION=(\S+)", builder, re.MULTILINE)
+    assert version == VALUES["tensorrt"]["version"]
+    assert "tritonserver:25.01-py3" in (DOCKER / "triton.Dockerfile").read_text() and version.startswith("10.8.")
+    assert "tensorrt-cu12==${TENSORRT_VERSION}" in builder
+    # tensorrt_build reads REPO_ROOT/model_repository: REPO_ROOT = /app with sources in /app/services.
+    assert "PYTHONPATH=/app/services" in builder and "COPY model_repository /app/model_repository" in builder
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from mosmedai_operator import children
 from mosmedai_operator.config import OperatorConfig
@@ -139,6 +140,12 @@ BAD_SPECS = [
     ("window-too-long", {**MINIMAL, "scaleDown": {"stabilizationWindowSeconds": 86400}}),
     ("service-monitor-bad-interval", {**MINIMAL, "serviceMonitor": {"enabled": True, "interval": "soon"}}),
     ("model-load-timeout-too-short", {**MINIMAL, "modelLoadTimeoutSeconds": 5}),
+    ("model-repository-other-scheme", {**MINIMAL, "modelRepository": "ftp://models/model_repository"}),
+    ("model-repository-relative-path", {**MINIMAL, "modelRepository": "model_repository"}),
+    ("model-repository-with-space", {**MINIMAL, "modelRepository": "s3://mosmedai-models/model repository"}),
+    ("model-repository-empty", {**MINIMAL, "modelRepository": ""}),
+    ("model-repository-http-endpoint", {**MINIMAL, "modelRepository": "s3://http://minio:9000/models"}),
+    ("model-repository-not-a-string", {**MINIMAL, "modelRepository": 42}),
 ]
 
 
@@ -147,6 +154,34 @@ def test_bad_specs_are_rejected_by_the_schema(schema: dict[str, Any], spec: dict
     pool = {"apiVersion": "mosmedai.io/v1alpha1", "kind": "GpuPool", "metadata": {"name": "bad"}, "spec": spec}
     with pytest.raises(jsonschema.ValidationError):
         validate(schema, pool)
+
+
+GOOD_MODEL_REPOSITORIES = [
+    "s3://mosmedai-models/model_repository",
+    "s3://mosmedai-models/model_repository_gpu/nvidia-a100-sxm4-80gb/trt-10.8.0.43",
+    "s3://minio.storage.svc:9000/mosmedai-models/model_repository",
+    "s3://https://s3.storage.example.org/mosmedai-models/model_repository/",
+    "gs://mosmedai-models/model_repository",
+    "as://mosmedai/models/model_repository",
+    "/models",
+]
+BAD_MODEL_REPOSITORIES = [s["modelRepository"] for i, s in BAD_SPECS if i.startswith("model-repository") and isinstance(s["modelRepository"], str)]
+
+
+def test_schema_and_typed_spec_agree_on_model_repository(schema: dict[str, Any]) -> None:
+    """The CRD's pattern is the typed spec's, and both accept and reject the same values."""
+    from mosmedai_operator.spec import MODEL_REPOSITORY_PATTERN
+
+    assert schema["properties"]["spec"]["properties"]["modelRepository"]["pattern"] == MODEL_REPOSITORY_PATTERN
+    assert BAD_MODEL_REPOSITORIES
+    for value in GOOD_MODEL_REPOSITORIES:
+        pool = {"apiVersion": "mosmedai.io/v1alpha1", "kind": "GpuPool", "metadata": {"name": "ok"},
+                "spec": {**MINIMAL, "modelRepository": value}}
+        validate(schema, pool)
+        assert GpuPoolSpec.model_validate(pool["spec"]).model_repository == value
+    for value in BAD_MODEL_REPOSITORIES:
+        with pytest.raises(ValidationError):
+            GpuPoolSpec.model_validate({**MINIMAL, "modelRepository": value})
 
 
 def test_schema_and_typed_spec_agree_on_defaults(schema: dict[str, Any]) -> None:

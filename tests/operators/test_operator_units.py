@@ -72,6 +72,29 @@ def test_spec_problems_are_all_reported() -> None:
                                                        "spec.targets: Field required"]
 
 
+def test_triton_reads_the_pools_model_repository_or_the_operators(tmp_path: Path) -> None:
+    from mosmedai_operator import children
+
+    config = OperatorConfig(metrics_port=None, health_port=None, model_repository_path=tmp_path,
+                            triton_model_repository="s3://mosmedai-models/model_repository")
+    base = {"region": "RU-MOW", "timeZone": "Europe/Moscow", "tools": ["cxr_opacity"], "targets": {"queueTimeP95Ms": 200}}
+    pool = {"apiVersion": "mosmedai.io/v1alpha1", "kind": "GpuPool",
+            "metadata": {"name": "ru-mow", "namespace": "mosmedai", "uid": "00000000-0000-4000-8000-000000000001"}}
+
+    def repositories(raw: dict) -> list[str]:
+        spec = GpuPoolSpec.model_validate(raw)
+        (deployment,) = [c for c in children.children({**pool, "spec": raw}, spec, config, replicas=1) if c["kind"] == "Deployment"]
+        (triton,) = deployment["spec"]["template"]["spec"]["containers"]
+        return [a for a in triton["args"] if a.startswith("--model-repository")]
+
+    a100 = "s3://mosmedai-models/model_repository_gpu/nvidia-a100-sxm4-80gb/trt-10.8.0.43"
+    assert repositories({**base, "gpu": {"product": "NVIDIA-A100-SXM4-80GB"}, "modelRepository": a100}) == [f"--model-repository={a100}"]
+    assert repositories(base) == ["--model-repository=s3://mosmedai-models/model_repository"]
+    assert GpuPoolSpec.model_validate(base).model_repository is None
+    problems = validate({**base, "modelRepository": "ftp://x/models"}, None)[1]
+    assert len(problems) == 1 and problems[0].startswith("spec.modelRepository:"), problems
+
+
 def test_subset_and_merge_patch() -> None:
     desired = {"a": 1, "m": Owned({"x": "1"}), "gone": None, "list": [{"k": "v"}], "empty": []}
     actual = {"a": 1, "m": {"x": "1"}, "list": [{"k": "v", "default": True}], "extra": "kept"}

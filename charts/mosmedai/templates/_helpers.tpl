@@ -156,6 +156,7 @@ securityContext:
   value: "8201"
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
+{{ include "mosmedai.platformEnv" . }}
 {{- range $key, $value := .Values.gateway.extraEnv }}
 - name: {{ $key }}
   value: {{ $value | quote }}
@@ -192,11 +193,33 @@ securityContext:
 {{- if gt (int .Values.ray.kuberay.workers.minReplicas) (int .Values.ray.kuberay.workers.maxReplicas) -}}
 {{- fail (printf "ray.kuberay.workers.minReplicas (%d) is greater than ray.kuberay.workers.maxReplicas (%d)" (int .Values.ray.kuberay.workers.minReplicas) (int .Values.ray.kuberay.workers.maxReplicas)) -}}
 {{- end -}}
-{{- if .Values.dimse.enabled -}}
-{{- fail "dimse.enabled: the DIMSE (C-STORE, port 11112) service is not part of the platform yet (a later issue delivers it); leave it false" -}}
+{{- range $where, $env := dict "gateway.extraEnv" .Values.gateway.extraEnv "dimse.extraEnv" .Values.dimse.extraEnv -}}
+{{- range $key := list "MOSMEDAI_DEMO_TENANTS" "MOSMEDAI_PROFILE" "MOSMEDAI_TENANTS_FILE" -}}
+{{- if hasKey $env $key -}}
+{{- fail (printf "%s.%s: the chart sets it (profile cluster, demo tenants never, tenants from the tenants Secret); demo tenants and their published tokens are refused outside the local profile" $where $key) -}}
 {{- end -}}
-{{- if .Values.dicomweb.enabled -}}
-{{- fail "dicomweb.enabled: the DICOMweb (STOW-RS) service is not part of the platform yet (a later issue delivers it); leave it false" -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.tenants.existingSecret .Values.tenants.items -}}
+{{- fail "tenants.existingSecret is set together with tenants.items: use one or the other" -}}
+{{- end -}}
+{{- $ids := dict -}}{{- $hashes := dict -}}{{- $aes := dict -}}
+{{- range $i, $t := .Values.tenants.items -}}
+{{- if hasKey $ids $t.id -}}{{- fail (printf "tenants.items[%d].id: %q is used twice" $i $t.id) -}}{{- end -}}
+{{- $_ := set $ids $t.id true -}}
+{{- if hasKey $hashes $t.token_sha256 -}}{{- fail (printf "tenants.items[%d].token_sha256: same token as tenant %q" $i (get $hashes $t.token_sha256)) -}}{{- end -}}
+{{- $_ := set $hashes $t.token_sha256 $t.id -}}
+{{- with $t.dimse -}}
+{{- $ae := trim .called_ae_title -}}
+{{- if hasKey $aes $ae -}}{{- fail (printf "tenants.items[%d].dimse.called_ae_title: %q is used by tenant %q too" $i $ae (get $aes $ae)) -}}{{- end -}}
+{{- $_ := set $aes $ae $t.id -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.dimse.enabled (gt (int .Values.dimse.replicas) 1) (ne .Values.dimse.service.sessionAffinity "ClientIP") -}}
+{{- fail (printf "dimse.replicas (%d) > 1 needs dimse.service.sessionAffinity: ClientIP (series completion is per pod)" (int .Values.dimse.replicas)) -}}
+{{- end -}}
+{{- if and .Values.dimse.service.nodePort (ne .Values.dimse.service.type "NodePort") -}}
+{{- fail "dimse.service.nodePort is set but dimse.service.type is not NodePort" -}}
 {{- end -}}
 {{- if and .Values.objectStorage.existingSecret (or .Values.objectStorage.accessKeyId .Values.objectStorage.secretAccessKey) -}}
 {{- fail "objectStorage.existingSecret is set together with objectStorage.accessKeyId/secretAccessKey: use one or the other" -}}
@@ -204,4 +227,164 @@ securityContext:
 {{- if ne (empty .Values.objectStorage.accessKeyId) (empty .Values.objectStorage.secretAccessKey) -}}
 {{- fail "objectStorage.accessKeyId and objectStorage.secretAccessKey: set both or neither" -}}
 {{- end -}}
+{{- end -}}
+
+{{/* --- TensorRT engines per GPU product ------------------------------------------------- */}}
+
+{{/* A GPU product label value as the engine cache spells it (tensorrt_build.slug):
+     lower case, every run of other characters one hyphen. NVIDIA-A100-SXM4-80GB -> nvidia-a100-sxm4-80gb */}}
+{{- define "mosmedai.productSlug" -}}
+{{- regexReplaceAll "[^a-z0-9]+" (lower .) "-" | trimAll "-" -}}
+{{- end -}}
+
+{{/* Engine builds as JSON: {product: {"tools": [...], "region": <first region of the product>}}
+     for every distinct gpu.product of a GPU pool (gpu.count > 0); empty when tensorrt.enabled
+     is false. Pools without a product (any GPU) get no engines: a plan is per product. */}}
+{{- define "mosmedai.engineBuilds" -}}
+{{- $builds := dict -}}
+{{- if .Values.tensorrt.enabled -}}
+{{- range .Values.regions -}}
+{{- $gpu := .gpu | default dict -}}
+{{- $count := 1 -}}{{- if hasKey $gpu "count" -}}{{- $count = int $gpu.count -}}{{- end -}}
+{{- if and (gt $count 0) $gpu.product -}}
+{{- $entry := get $builds $gpu.product | default (dict "tools" list "region" .) -}}
+{{- $_ := set $entry "tools" (concat $entry.tools .tools | uniq) -}}
+{{- $_ := set $builds $gpu.product $entry -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $builds -}}
+{{- end -}}
+
+{{/* Key prefix of a product's gpu repository: <tensorrt.prefix>/<product slug>/trt-<version>. */}}
+{{- define "mosmedai.gpuRepositoryPrefix" -}}
+{{- printf "%s/%s/trt-%s" (trimAll "/" .root.Values.tensorrt.prefix) (include "mosmedai.productSlug" .product) .root.Values.tensorrt.version -}}
+{{- end -}}
+
+{{/* An s3:// URI as Triton reads it, for a key prefix of objectStorage.bucket. */}}
+{{- define "mosmedai.tritonUri" -}}
+{{- $s3 := .root.Values.objectStorage -}}
+{{- $path := trimAll "/" (printf "%s/%s" $s3.bucket .prefix) -}}
+{{- if $s3.endpoint -}}
+{{- if hasPrefix "https://" $s3.endpoint -}}
+{{- printf "s3://%s/%s" (trimSuffix "/" $s3.endpoint) $path -}}
+{{- else -}}
+{{- printf "s3://%s/%s" (trimSuffix "/" (trimPrefix "http://" $s3.endpoint)) $path -}}
+{{- end -}}
+{{- else -}}
+{{- printf "s3://%s" $path -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The repository URI a region's Triton should read: its product's gpu repository when
+     engines are built for it, else the cpu (ONNX) repository. */}}
+{{- define "mosmedai.regionRepository" -}}
+{{- $builds := include "mosmedai.engineBuilds" .root | fromJson -}}
+{{- $gpu := .region.gpu | default dict -}}
+{{- $product := $gpu.product | default "" -}}
+{{- $count := 1 -}}{{- if hasKey $gpu "count" -}}{{- $count = int $gpu.count -}}{{- end -}}
+{{- if and (gt $count 0) $product (hasKey $builds $product) -}}
+{{- include "mosmedai.tritonUri" (dict "root" .root "prefix" (include "mosmedai.gpuRepositoryPrefix" (dict "root" .root "product" $product))) -}}
+{{- else -}}
+{{- include "mosmedai.tritonModelRepository" .root -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The operator's fallback --model-repository (MOSMEDAI_OPERATOR_TRITON_MODEL_REPOSITORY),
+     for a GpuPool without spec.modelRepository: the repository every region reads when
+     they all read the same one, else the cpu repository, which every pool can load. */}}
+{{- define "mosmedai.operatorRepository" -}}
+{{- $uris := list -}}
+{{- range .Values.regions -}}
+{{- $uris = append $uris (include "mosmedai.regionRepository" (dict "root" $ "region" .)) -}}
+{{- end -}}
+{{- $uris = uniq $uris -}}
+{{- if eq (len $uris) 1 -}}
+{{- first $uris -}}
+{{- else -}}
+{{- include "mosmedai.tritonModelRepository" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* --- tenants, jobs' object storage ------------------------------------------------------ */}}
+
+{{- define "mosmedai.tenantsSecret" -}}
+{{- default (include "mosmedai.componentName" (dict "root" . "component" "tenants")) .Values.tenants.existingSecret -}}
+{{- end -}}
+
+{{- define "mosmedai.tenantsKey" -}}
+{{- if .Values.tenants.existingSecret -}}{{ .Values.tenants.existingSecretKey }}{{- else -}}tenants.yaml{{- end -}}
+{{- end -}}
+
+{{- define "mosmedai.deidSecret" -}}
+{{- default (include "mosmedai.componentName" (dict "root" . "component" "deid")) .Values.jobs.deidSecret.existingSecret -}}
+{{- end -}}
+
+{{/* The S3 endpoint URL the platform's jobs use (MOSMEDAI_S3_ENDPOINT_URL): objectStorage's,
+     with a scheme; AWS S3 of the region when objectStorage.endpoint is empty. */}}
+{{- define "mosmedai.s3EndpointUrl" -}}
+{{- $e := .Values.objectStorage.endpoint -}}
+{{- if not $e -}}
+{{- printf "https://s3.%s.amazonaws.com" .Values.objectStorage.region -}}
+{{- else if or (hasPrefix "http://" $e) (hasPrefix "https://" $e) -}}
+{{- $e -}}
+{{- else -}}
+{{- printf "http://%s" $e -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Settings of every platform process that holds tenants and talks to the job store
+     (gateway, Ray workers, gRPC, DIMSE): cluster profile, never the demo tenants. */}}
+{{- define "mosmedai.platformEnv" -}}
+- name: MOSMEDAI_PROFILE
+  value: cluster
+# The demo tenants' tokens are published: a cluster never has them (the platform refuses
+# them outside the local profile anyway).
+- name: MOSMEDAI_DEMO_TENANTS
+  value: "false"
+- name: MOSMEDAI_TENANTS_FILE
+  value: /etc/mosmedai/tenants/tenants.yaml
+- name: MOSMEDAI_S3_ENDPOINT_URL
+  value: {{ include "mosmedai.s3EndpointUrl" . | quote }}
+- name: MOSMEDAI_S3_REGION
+  value: {{ .Values.objectStorage.region | quote }}
+- name: MOSMEDAI_INCOMING_BUCKET
+  value: {{ .Values.jobs.incomingBucket | quote }}
+- name: MOSMEDAI_RESULTS_BUCKET
+  value: {{ .Values.jobs.resultsBucket | quote }}
+- name: MOSMEDAI_ARCHIVE_BUCKET
+  value: {{ .Values.jobs.archiveBucket | quote }}
+- name: MOSMEDAI_RETENTION_S
+  value: {{ .Values.jobs.retentionSeconds | int64 | quote }}
+- name: MOSMEDAI_DEID_UID_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "mosmedai.deidSecret" . }}
+      key: {{ .Values.jobs.deidSecret.key }}
+{{- end -}}
+
+{{/* AWS_* credentials of the object store for the platform's jobs: the object-storage Secret. */}}
+{{- define "mosmedai.objectStorageEnvFrom" -}}
+envFrom:
+  - secretRef:
+      name: {{ include "mosmedai.objectStorageSecret" . }}
+{{- end -}}
+
+{{/* The tenants Secret, mounted read-only at /etc/mosmedai/tenants (volume and mount). */}}
+{{- define "mosmedai.tenantsVolume" -}}
+- name: tenants
+  secret:
+    secretName: {{ include "mosmedai.tenantsSecret" . }}
+    defaultMode: 0440
+    items:
+      - {key: {{ include "mosmedai.tenantsKey" . }}, path: tenants.yaml}
+{{- end -}}
+
+{{- define "mosmedai.tenantsMount" -}}
+- {name: tenants, mountPath: /etc/mosmedai/tenants, readOnly: true}
+{{- end -}}
+
+{{/* The gateway Service's in-cluster URL (MOSMEDAI_GATEWAY_URL of gRPC and DIMSE). */}}
+{{- define "mosmedai.gatewayUrl" -}}
+{{- printf "http://%s.%s.svc:%v" (include "mosmedai.componentName" (dict "root" . "component" "gateway")) .Release.Namespace .Values.gateway.service.port -}}
 {{- end -}}
