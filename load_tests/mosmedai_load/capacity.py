@@ -27,21 +27,23 @@ from mosmedai_load.config import (
     GpuProfile,
     PlanningInputError,
     Scenario,
+    SpillOver,
     check_profile_covers,
+    load_neighbours,
     load_profile,
     load_regions,
     make_scenario,
     parse_mapping,
 )
-from mosmedai_load.queueing import simulate
+from mosmedai_load.queueing import simulate, simulate_pools
 
 WEEK_S = 7 * 86400.0
 #: Fractions of a replica's batch-1 throughput the operator's images/s target is set to,
 #: tried from the most economical down until the SLO holds.
 UTILISATION_TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
-DESIGNS = ("regional", "district", "national")
+DESIGNS = ("regional", "district", "district_spill", "national")
 DESIGN_TITLES = {"regional": "a pool per region", "district": "a pool per federal district",
-                 "national": "one national pool"}
+                 "district_spill": "per district, with spill-over", "national": "one national pool"}
 
 
 class Progress:
@@ -82,7 +84,7 @@ def pools_for(design: str, scenario: Scenario) -> dict[str, list[str]]:
     codes = sorted(scenario.region_totals())
     if design == "regional":
         return {code: [code] for code in codes}
-    if design == "district":
+    if design in ("district", "district_spill"):
         pools: dict[str, list[str]] = {}
         for code in codes:
             district = scenario.regions[code].district
@@ -157,6 +159,9 @@ class PoolResult:
     cost: float  # provisioned GPU-hours x price
     mean_batch: float
     plan: list[int] = field(repr=False, default_factory=list)  # replicas per tick over the week
+    spilled_out: int = 0  # studies of this pool's regions served by the neighbour's pool
+    spilled_in: int = 0  # studies of the neighbour districts' regions served here
+    neighbour: str = ""  # the pool this one spills to
 
 
 @dataclass
@@ -168,6 +173,7 @@ class DesignResult:
     p99_s: float
     within_slo: float
     ttr_sample: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    notes: list[str] = field(default_factory=list)
 
     @property
     def gpus(self) -> int:
@@ -215,7 +221,11 @@ def plan_pool(pool: str, codes: list[str], arrivals, scenario: Scenario, profile
 
 
 def run_design(design: str, scenario: Scenario, profile: GpuProfile, *, seed: int = 0, tick_s: float = 300.0,
-               min_replicas: int = 1, max_replicas: int = 256, progress: bool | None = None) -> DesignResult:
+               min_replicas: int = 1, max_replicas: int = 256, progress: bool | None = None,
+               spill: SpillOver | None = None) -> DesignResult:
+    if design == "district_spill":
+        return run_district_spill(scenario, profile, spill or SpillOver(neighbours=load_neighbours()), seed=seed,
+                                  tick_s=tick_s, min_replicas=min_replicas, max_replicas=max_replicas, progress=progress)
     started = time.perf_counter()
     pools = pools_for(design, scenario)
     service = service_table(scenario, profile)
@@ -240,6 +250,121 @@ def run_design(design: str, scenario: Scenario, profile: GpuProfile, *, seed: in
                         float(np.mean(ttr <= scenario.slo_p95_s)) if len(ttr) else 1.0, samples)
 
 
+def run_district_spill(scenario: Scenario, profile: GpuProfile, spill: SpillOver, *, seed: int = 0,
+                       tick_s: float = 300.0, min_replicas: int = 1, max_replicas: int = 256,
+                       progress: bool | None = None) -> DesignResult:
+    """A pool per federal district whose overflow spills to the neighbour district's pool.
+
+    All district pools are replayed together (``queueing.simulate_pools``): a study whose wait
+    at its own pool would exceed ``spill.wait_fraction`` x the SLO goes to the neighbour's
+    pool, ``spill.delay_s`` later, when the wait there plus the transfer is shorter. Each pool's
+    replicas still follow the operator's policy on its *own* expected load (the operator does
+    not know about spill-over). Targets: every pool starts at the most economical one; pools
+    whose own studies (wherever served) miss the SLO step down, and the whole set is replayed
+    again, until all meet it or are at the lowest target.
+    """
+    started = time.perf_counter()
+    pools = pools_for("district_spill", scenario)
+    service = service_table(scenario, profile)
+    overhead_s = profile.overhead_s(scenario.mix)
+    expected = arrivals_mod.expected_hourly(scenario)
+    per_pool = arrivals_mod.generate(scenario, seed=seed, pools=pools)
+    names = [name for name in pools if name in per_pool]
+    index = {name: i for i, name in enumerate(names)}
+    notes = []
+    neighbour = np.full(len(names), -1, np.int64)
+    for i, name in enumerate(names):
+        target = spill.neighbours.get(name.removeprefix("RU-"), "")
+        if target and f"RU-{target}" in index:
+            neighbour[i] = index[f"RU-{target}"]
+        elif target:
+            notes.append(f"{name} does not spill: its neighbour {target} has no connected region")
+    time_s = np.concatenate([per_pool[n].time_s for n in names])
+    order = np.argsort(time_s, kind="stable")
+    time_s = time_s[order]
+    origin = np.concatenate([np.full(len(per_pool[n]), i, np.int64) for i, n in enumerate(names)])[order]
+    modality = np.concatenate([per_pool[n].modality for n in names])[order]
+    del per_pool
+    shares = np.array([m.share for m in scenario.mix])
+    mu1 = 1.0 / float(shares @ service[:, 1])
+    horizon = scenario.days * 86400.0
+    threshold = spill.wait_fraction * scenario.slo_p95_s
+    plans: dict[tuple[int, int], np.ndarray] = {}
+    plan_t = None
+
+    def plan_of(i: int, level: int) -> np.ndarray:
+        nonlocal plan_t
+        if (i, level) not in plans:
+            codes = pools[names[i]]
+            zone = scenario.regions[max(codes, key=lambda c: scenario.regions[c].population_thousands)].time_zone
+            rate = sum(expected[c] for c in codes) / 3600.0
+            spec = pool_spec(names[i], zone, UTILISATION_TARGETS[level] * mu1, min_replicas, max_replicas)
+            plan_t, plans[(i, level)] = plan_week(spec, rate, tick_s)
+        return plans[(i, level)]
+
+    levels = [0] * len(names)
+    bar = Progress(len(UTILISATION_TARGETS), "district+spill", progress)
+    rounds = 0
+    while True:
+        rounds += 1
+        plan_r = np.stack([plan_of(i, level) for i, level in enumerate(levels)])
+        finish, served, busy, batches = simulate_pools(
+            time_s, origin, modality, service, plan_t=plan_t, plan_r=plan_r, period_s=WEEK_S, neighbour=neighbour,
+            spill_wait_s=threshold, delay_s=spill.delay_s, cv=profile.service_cv, seed=seed)
+        ttr = finish - time_s + overhead_s[modality]
+        p95 = np.array([np.percentile(ttr[origin == i], 95) if np.any(origin == i) else 0.0 for i in range(len(names))])
+        failing = [i for i in range(len(names)) if p95[i] > scenario.slo_p95_s and levels[i] < len(UTILISATION_TARGETS) - 1]
+        bar.step(f"round {rounds}")
+        if not failing:
+            break
+        for i in failing:
+            levels[i] += 1
+    results = []
+    out_of = origin != served
+    for i, name in enumerate(names):
+        mine = origin == i
+        own = ttr[mine]
+        plan = plan_r[i]
+        provisioned = float(plan.mean()) * horizon
+        p50, p95_i, p99 = np.percentile(own, [50, 95, 99]) if len(own) else (0.0, 0.0, 0.0)
+        gpu_hours = provisioned / 3600
+        b = batches[i]
+        results.append(PoolResult(
+            pool=name, regions=pools[name], studies=int(mine.sum()), gpus=int(plan.max()),
+            mean_replicas=float(plan.mean()), utilisation=busy[i] / provisioned if provisioned else 0.0,
+            p50_s=float(p50), p95_s=float(p95_i), p99_s=float(p99),
+            within_slo=float(np.mean(own <= scenario.slo_p95_s)) if len(own) else 1.0,
+            meets_slo=bool(p95_i <= scenario.slo_p95_s), target_utilisation=UTILISATION_TARGETS[levels[i]],
+            gpu_hours=gpu_hours, cost=gpu_hours * profile.cost_per_gpu_hour,
+            mean_batch=float((np.arange(len(b)) * b).sum() / max(b.sum(), 1)), plan=plan.tolist(),
+            spilled_out=int((mine & out_of).sum()), spilled_in=int(((served == i) & out_of).sum()),
+            neighbour=names[neighbour[i]] if neighbour[i] >= 0 else ""))
+    p95_all, p99_all = np.percentile(ttr, [95, 99]) if len(ttr) else (0.0, 0.0)
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(ttr, size=min(len(ttr), 200_000), replace=False) if len(ttr) else ttr
+    notes.append(f"spill-over: wait > {threshold:.0f} s ({spill.wait_fraction:g} x SLO), transfer {spill.delay_s:g} s; "
+                 f"{int(out_of.sum()):,} studies spilled ({100 * out_of.mean() if len(ttr) else 0:.3f} %); "
+                 f"{rounds} replay(s) of the quarter")
+    return DesignResult("district_spill", results, time.perf_counter() - started, float(p95_all), float(p99_all),
+                        float(np.mean(ttr <= scenario.slo_p95_s)) if len(ttr) else 1.0, sample, notes)
+
+
+def spill_table(results: list[DesignResult]) -> tuple[list[str], list[list]]:
+    """Per district pool: studies spilled out and in, p95 and GPUs without and with spill-over."""
+    spill = next((r for r in results if r.design == "district_spill"), None)
+    if spill is None:
+        return [], []
+    base = {p.pool: p for r in results if r.design == "district" for p in r.pools}
+    headers = ["pool", "neighbour", "studies", "spilled out", "spilled in", "p95 s without", "p95 s with",
+               "GPUs without", "GPUs with"]
+    rows = []
+    for p in spill.pools:
+        b = base.get(p.pool)
+        rows.append([p.pool, p.neighbour or "-", f"{p.studies:,}", f"{p.spilled_out:,}", f"{p.spilled_in:,}",
+                     f"{b.p95_s:.2f}" if b else "-", f"{p.p95_s:.2f}", b.gpus if b else "-", p.gpus])
+    return headers, rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mosmedai capacity", description=__doc__.splitlines()[0])
     p.add_argument("--regions", type=Path, default=DEFAULT_REGIONS, help="regions CSV (iso_code,name,utc_offset_hours,population_thousands)")
@@ -261,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-replicas", type=int, default=1, help="GpuPool replicas.min of every pool")
     p.add_argument("--max-replicas", type=int, default=256, help="GpuPool replicas.max of every pool")
     p.add_argument("--tick-s", type=float, default=300.0, help="planner's decision interval, s (the operator's is 30 s)")
+    p.add_argument("--spill-wait-fraction", type=float, default=0.25,
+                   help="district_spill: a study spills to the neighbour pool when its wait would exceed this x the SLO")
+    p.add_argument("--spill-delay-s", type=float, default=2.0,
+                   help="district_spill: network transfer of a spilled study to the neighbour district's pool, s")
+    p.add_argument("--neighbours", help="district_spill: override neighbours DISTRICT=NEIGHBOUR,... (default: the districts file)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("capacity-report"), help="folder for report.html, report.md, results.json")
     p.add_argument("--no-report", action="store_true", help="print the tables only")
@@ -295,6 +425,15 @@ def print_tables(scenario: Scenario, profile: GpuProfile, results: list[DesignRe
     for r in results:
         print(f"{DESIGN_TITLES[r.design]:28s} {len(r.pools):5d} {r.gpus:5d} {r.gpu_hours:9.0f} {r.cost:10.0f} "
               f"{r.p95_s:8.2f} {r.p99_s:8.2f} {100 * r.within_slo:6.2f}% {r.seconds:6.1f}")
+    headers, rows = spill_table(results)
+    if rows:
+        print("spill-over between district pools (p95 of each pool's own studies, wherever served):")
+        print("  ".join(f"{h:>13s}" for h in headers))
+        for row in rows:
+            print("  ".join(f"{str(c):>13s}" for c in row))
+    for r in results:
+        for note in r.notes:
+            print(f"{r.design}: {note}")
     failing = [(r.design, p.pool) for r in results for p in r.pools if not p.meets_slo]
     if failing:
         print(f"pools that miss the SLO even at the lowest utilisation target: {failing}")
@@ -308,9 +447,19 @@ def results_json(scenario: Scenario, profile: GpuProfile, results: list[DesignRe
         "profile": {"gpu": profile.name, "source": profile.source, "cost_per_gpu_hour": profile.cost_per_gpu_hour},
         "timings_s": timings,
         "designs": [{"design": r.design, "gpus": r.gpus, "gpu_hours": r.gpu_hours, "cost": r.cost, "p95_s": r.p95_s,
-                     "p99_s": r.p99_s, "within_slo": r.within_slo, "seconds": r.seconds,
+                     "p99_s": r.p99_s, "within_slo": r.within_slo, "seconds": r.seconds, "notes": r.notes,
                      "pools": [asdict(p) for p in r.pools]} for r in results],
     }
+
+
+def _pairs(text: str) -> dict[str, str]:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise PlanningInputError(f"--neighbours: {part!r} is not DISTRICT=NEIGHBOUR")
+        key, value = part.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,12 +471,19 @@ def main(argv: list[str] | None = None) -> int:
         designs = [d.strip() for d in args.designs.split(",") if d.strip()]
         for design in designs:
             pools_for(design, scenario)
+        spill = None
+        if "district_spill" in designs:
+            neighbours = load_neighbours(args.districts, {k: str(v) for k, v in _pairs(args.neighbours).items()}
+                                         if args.neighbours else None)
+            spill = SpillOver(args.spill_wait_fraction, args.spill_delay_s, neighbours)
+            if "district" not in designs:  # the comparison needs it
+                designs.insert(designs.index("district_spill"), "district")
     except PlanningInputError as exc:
         print(f"mosmedai capacity: {exc}", file=sys.stderr)
         return 2
     started = time.perf_counter()
     results = [run_design(d, scenario, profile, seed=args.seed, tick_s=args.tick_s, min_replicas=args.min_replicas,
-                          max_replicas=args.max_replicas, progress=args.progress) for d in designs]
+                          max_replicas=args.max_replicas, progress=args.progress, spill=spill) for d in designs]
     timings = {"planner_total": time.perf_counter() - started} | {f"design_{r.design}": r.seconds for r in results}
     print_tables(scenario, profile, results)
     print(f"planner run: {timings['planner_total']:.1f} s")

@@ -70,6 +70,61 @@ def load_regions(path: Path | str = DEFAULT_REGIONS, districts: Path | str | Non
     return regions
 
 
+def load_neighbours(districts: Path | str = DEFAULT_DISTRICTS, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """District -> the district its pool spills over to (the districts file's ``neighbour``
+    column, then ``overrides``). A neighbour that is not a district of the file, a district
+    naming itself, or two neighbours for one district fail with PlanningInputError."""
+    path = Path(districts)
+    if not path.exists():
+        raise PlanningInputError(f"districts file {path} does not exist (pass --districts PATH)")
+    neighbours: dict[str, str] = {}
+    problems: list[str] = []
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(line for line in handle if not line.startswith("#"))
+        if "neighbour" not in (reader.fieldnames or ()):
+            raise PlanningInputError(f"districts file {path} has no neighbour column (has {reader.fieldnames})")
+        for row in reader:
+            district, neighbour = row["district"].strip(), (row["neighbour"] or "").strip()
+            if neighbours.get(district, neighbour) != neighbour:
+                problems.append(f"district {district} names two neighbours ({neighbours[district]}, {neighbour}) in {path}")
+            if neighbour:
+                neighbours[district] = neighbour
+            else:
+                neighbours.setdefault(district, "")
+    known = set(neighbours)
+    for district, neighbour in (overrides or {}).items():
+        if district not in known:
+            problems.append(f"--neighbours names {district!r}, which is not a district of {path} (known: {sorted(known)})")
+        neighbours[district] = neighbour
+    for district, neighbour in neighbours.items():
+        if neighbour and neighbour not in known:
+            problems.append(f"the neighbour of {district}, {neighbour!r}, is not a district (known: {sorted(known)})")
+        if neighbour == district:
+            problems.append(f"district {district} names itself as its neighbour")
+    if problems:
+        raise PlanningInputError("bad spill-over neighbours:\n  - " + "\n  - ".join(problems))
+    return {d: n for d, n in neighbours.items() if n}
+
+
+@dataclass(frozen=True)
+class SpillOver:
+    """Spill-over between district pools: a study whose wait at its own pool would exceed
+    ``wait_fraction`` x the SLO goes to the neighbour's pool, ``delay_s`` later (the transfer)."""
+
+    wait_fraction: float = 0.25  # of the SLO p95
+    delay_s: float = 2.0  # network transfer of a study to the neighbour district's pool
+    neighbours: dict[str, str] = field(default_factory=dict)  # district -> neighbour district
+
+    def __post_init__(self):
+        problems = []
+        if not math.isfinite(self.wait_fraction) or self.wait_fraction < 0:
+            problems.append(f"spill-over wait threshold must be a non-negative fraction of the SLO, got {self.wait_fraction}")
+        if not math.isfinite(self.delay_s) or self.delay_s < 0:
+            problems.append(f"spill-over transfer delay must be non-negative seconds, got {self.delay_s}")
+        if problems:
+            raise PlanningInputError("bad spill-over settings:\n  - " + "\n  - ".join(problems))
+
+
 @dataclass(frozen=True)
 class Modality:
     """One kind of study: its share of studies, the tools it runs and items per tool."""

@@ -3,10 +3,13 @@ planner's validation (its predicted p95 for the same arrivals against the measur
 
 Steps: start the local platform if it is not running (and stop it after); measure the local
 Triton's service-time profile (``mosmedai profile``) unless one is given; run Locust headless
-(CSV + HTML) with open Poisson-like arrivals at ``--rate``; replay the very arrivals Locust
-sent through the planner's queueing core with that profile (one replica: the local Triton);
-write ``report.md`` and ``report.html`` with throughput and latency percentiles per path,
-Locust's own CPU use, and the validation.
+(CSV + HTML) with open Poisson-like arrivals at ``--rate`` over the chest X-ray paths; then a
+second, short Locust run of the heavier integrator paths (``--extra-paths``: a 4-view
+mammography study, a chest CT series, DICOMweb STOW-RS) at a low rate, kept apart so that
+their load does not blur the validation; replay the first run's arrivals through the
+planner's queueing core with that profile (one replica: the local Triton); write
+``report.md`` and ``report.html`` with throughput and latency percentiles per path, Locust's
+own CPU use, and the validation.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ PATH_MODALITIES = {
 
 
 def run_locust(host: str, out: Path, *, seconds: float, rate: float, paths: str, integrators: int,
-               day_seconds: float | None = None, peak_rps: float | None = None) -> dict:
+               day_seconds: float | None = None, peak_rps: float | None = None, shares: str = "") -> dict:
     """Run Locust headless; returns its CPU seconds, wall seconds and the files it wrote."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "load_tests"), str(REPO / "services"), str(REPO / "operators"),
@@ -50,9 +53,11 @@ def run_locust(host: str, out: Path, *, seconds: float, rate: float, paths: str,
         command += ["--day-seconds", str(day_seconds)]
     if peak_rps:
         command += ["--peak-rps", str(peak_rps)]
+    if shares:
+        command += ["--shares", shares]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 120)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 180)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     (out / "locust.log").write_text(done.stdout + done.stderr)
@@ -62,11 +67,11 @@ def run_locust(host: str, out: Path, *, seconds: float, rate: float, paths: str,
     return {"cpu_s": cpu, "wall_s": wall, "cpu_percent_of_one_core": 100 * cpu / wall}
 
 
-def read_stats(path: Path) -> list[dict]:
+def read_stats(path: Path, run: str | None = None) -> list[dict]:
     rows = []
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
-            rows.append({"path": row["Name"] if row["Name"] != "Aggregated" else "all",
+            rows.append({**({"run": run} if run else {}), "path": row["Name"] if row["Name"] != "Aggregated" else "all",
                          "requests": int(row["Request Count"]), "failures": int(row["Failure Count"]),
                          "rps": float(row["Requests/s"]), "p50_ms": float(row["50%"] or 0), "p95_ms": float(row["95%"] or 0),
                          "p99_ms": float(row["99%"] or 0), "mean_ms": float(row["Average Response Time"] or 0)})
@@ -90,6 +95,8 @@ def predict(arrivals: dict[str, np.ndarray], profile: GpuProfile, *, seeds: int 
     """
     from mosmedai_load.capacity import mix_service_table
 
+    modelled = np.isin(arrivals["path"], list(PATH_MODALITIES))
+    arrivals = {key: value[modelled] for key, value in arrivals.items()}  # other paths: not in this model
     names = [n for n in PATH_MODALITIES if n in set(arrivals["path"])]
     mix = tuple(PATH_MODALITIES[n] for n in names)
     missing = sorted({t for m in mix for t in m.tools} - set(profile.tools))
@@ -119,13 +126,16 @@ def predict(arrivals: dict[str, np.ndarray], profile: GpuProfile, *, seeds: int 
             "arrival_rate": float(len(t) / max(t[-1], 1e-9)), "profile": profile.name, "profile_source": profile.source}
 
 
-def write_report(out: Path, stats: list[dict], locust: dict, validation: dict | None, settings: dict) -> tuple[Path, Path]:
-    headers = ["path", "requests", "failures", "req/s", "p50 ms", "p95 ms", "p99 ms", "mean ms"]
-    rows = [[r["path"], r["requests"], r["failures"], f"{r['rps']:.2f}", f"{r['p50_ms']:.0f}", f"{r['p95_ms']:.0f}",
-             f"{r['p99_ms']:.0f}", f"{r['mean_ms']:.1f}"] for r in stats]
+def write_report(out: Path, stats: list[dict], locust: dict, validation: dict | None, settings: dict,
+                 extra: dict | None = None) -> tuple[Path, Path]:
+    headers = ["run", "path", "requests", "failures", "req/s", "p50 ms", "p95 ms", "p99 ms", "mean ms"]
+    rows = [[r.get("run", "main"), r["path"], r["requests"], r["failures"], f"{r['rps']:.2f}", f"{r['p50_ms']:.0f}",
+             f"{r['p95_ms']:.0f}", f"{r['p99_ms']:.0f}", f"{r['mean_ms']:.1f}"] for r in stats]
     facts = [("run", ", ".join(f"{k} {v}" for k, v in settings.items())),
              ("Locust CPU", f"{locust['cpu_s']:.1f} s over {locust['wall_s']:.1f} s wall = "
                             f"{locust['cpu_percent_of_one_core']:.0f} % of one core (includes building the bodies at start)")]
+    for key, value in (extra or {}).items():
+        facts.append((key, value))
     if validation:
         facts += [("validation", f"planner p95 {validation['predicted_p95_ms']:.1f} ms (seeds "
                                  f"{validation['predicted_p95_ms_range'][0]:.1f}-{validation['predicted_p95_ms_range'][1]:.1f}) "
@@ -150,7 +160,7 @@ def write_report(out: Path, stats: list[dict], locust: dict, validation: dict | 
     (out / "report.md").write_text("\n".join(md))
     (out / "report.html").write_text(page)
     (out / "report.json").write_text(json.dumps({"paths": stats, "locust": locust, "validation": validation,
-                                                 "settings": settings}, indent=1))
+                                                 "settings": settings, "extra": extra or {}}, indent=1))
     return out / "report.html", out / "report.md"
 
 
@@ -162,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=4.0, help="requests/s, all paths together (Poisson-like)")
     p.add_argument("--paths", default="study_cxr,oip_cxr", help="integrator paths (scenarios.PATHS)")
     p.add_argument("--integrators", type=int, default=16, help="Locust users sharing the rate")
+    p.add_argument("--extra-paths", default="study_mg,study_ct,stow_cxr",
+                   help="heavier paths of a second, short run ('' = none); those the platform lacks are skipped, noted")
+    p.add_argument("--extra-rate", type=float, default=0.6, help="requests/s of the second run, by the modality mix")
+    p.add_argument("--extra-seconds", type=float, default=20.0, help="length of the second run")
     p.add_argument("--profile", type=Path, help="service-time profile of the local pool (default: measure it now)")
     p.add_argument("--gpu", help="GPU type in --profile")
     p.add_argument("--no-validate", action="store_true", help="skip the planner's prediction")
@@ -213,10 +227,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"locust: {args.rate} req/s over {args.paths} for {args.seconds:.0f} s against {args.host}")
         locust = run_locust(args.host, args.out, seconds=args.seconds, rate=args.rate, paths=args.paths,
                             integrators=args.integrators)
+        extra_paths = [n.strip() for n in args.extra_paths.split(",") if n.strip()]
+        extra_facts: dict[str, str] = {}
+        extra_stats: list[dict] = []
+        if extra_paths and args.extra_rate > 0 and args.extra_seconds > 0:
+            from mosmedai_load import scenarios
+
+            skipped = scenarios.unavailable_live(args.host, scenarios.resolve(extra_paths))
+            for name, why in skipped.items():
+                extra_facts[f"skipped {name}"] = why
+                print(f"skipping {name}: {why}")
+            run_paths = [n for n in extra_paths if n not in skipped]
+            if run_paths:
+                second = args.out / "paths"
+                second.mkdir(exist_ok=True)
+                print(f"locust: {args.extra_rate} req/s over {','.join(run_paths)} for {args.extra_seconds:.0f} s")
+                cost = run_locust(args.host, second, seconds=args.extra_seconds, rate=args.extra_rate,
+                                  paths=",".join(run_paths), integrators=4)
+                extra_stats = read_stats(second / "locust_stats.csv", "paths")
+                extra_facts["second run"] = (f"{args.extra_rate} req/s over {', '.join(run_paths)} for "
+                                             f"{args.extra_seconds:.0f} s (Locust files in paths/); Locust CPU "
+                                             f"{cost['cpu_s']:.1f} s over {cost['wall_s']:.1f} s wall, including "
+                                             f"building the bodies (4-view MG, CT series, STOW-RS)")
     finally:
         if started_here:
             local.down(settings)
-    stats = read_stats(args.out / "locust_stats.csv")
+    stats = read_stats(args.out / "locust_stats.csv", "main") + extra_stats
     validation = None
     if profile is not None and "study_cxr" in args.paths:
         samples = None
@@ -230,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                                   if samples is not None and len(samples) else "the profile's fixed overhead_ms")
     html_path, md_path = write_report(args.out, stats, locust, validation,
                                       {"rate": args.rate, "seconds": args.seconds, "paths": args.paths,
-                                       "integrators": args.integrators, "host": args.host})
+                                       "integrators": args.integrators, "host": args.host}, extra_facts)
     print(md_path.read_text())
     print(f"report: {html_path} and {md_path}")
     return 0

@@ -7,25 +7,38 @@ the arrivals actually sent are logged for the planner's validation with ``--arri
 
 rate(t): ``--rate`` (constant) or, by default, a region's working day replayed in
 ``--day-seconds`` (the planner's weekday curve, peak ``--peak-rps``) by ``RegionDayShape``.
-The request mix over ``--paths`` follows the planner's modality mix; modalities without a
-path on the platform yet are left out (listed at start).
+The request mix over ``--paths`` follows the planner's modality mix (``--mix``, default
+config.DEFAULT_MIX): chest X-ray and fluorography drive study_cxr (and oip_cxr, stow_cxr when
+chosen), mammography study_mg, chest CT study_ct; modalities without a path are left out
+(listed at start). ``--shares`` pins some paths to a fixed share of the requests instead.
+Every body is built once per Locust process, before the run (``init``), and the platform is
+asked first whether it serves each path (its tools in /readyz, its endpoint).
 """
 from __future__ import annotations
 
 import random
+import sys
 import time
 
 from locust import HttpUser, LoadTestShape, events, task
+from locust.runners import MasterRunner
 
 from mosmedai_load import scenarios
+from mosmedai_load.config import DEFAULT_MIX, Modality, parse_mapping
 
 _state: dict = {"started": None, "senders": [], "weights": [], "log": None}
 
 
 @events.init_command_line_parser.add_listener
 def _options(parser):
-    parser.add_argument("--paths", default="study_cxr,oip_cxr", env_var="MOSMEDAI_LOAD_PATHS",
+    parser.add_argument("--paths", default="study_cxr,study_mg,study_ct", env_var="MOSMEDAI_LOAD_PATHS",
                         help=f"integrator paths, comma-separated: {sorted(scenarios.PATHS)}")
+    parser.add_argument("--mix", default="", env_var="MOSMEDAI_LOAD_MIX",
+                        help="modality shares NAME=share,... (default: the planner's national mix)")
+    parser.add_argument("--shares", default="", env_var="MOSMEDAI_LOAD_SHARES",
+                        help="fixed request shares of some paths PATH=share,... (the rest follow the mix)")
+    parser.add_argument("--no-live-check", action="store_true", env_var="MOSMEDAI_LOAD_NO_LIVE_CHECK",
+                        help="do not ask the platform whether it serves the paths")
     parser.add_argument("--rate", type=float, default=0.0, env_var="MOSMEDAI_LOAD_RATE",
                         help="constant requests/s (0 = replay a region's day)")
     parser.add_argument("--day-seconds", type=float, default=120.0, env_var="MOSMEDAI_LOAD_DAY_S",
@@ -44,15 +57,44 @@ def _options(parser):
                         help="write start time, path, response ms, ok of every request here (CSV)")
 
 
+def _mix(text: str) -> tuple[Modality, ...]:
+    if not text:
+        return DEFAULT_MIX
+    shares = parse_mapping(text, "--mix")
+    unknown = sorted(set(shares) - {m.name for m in DEFAULT_MIX})
+    if unknown:
+        raise scenarios.PathUnavailable(f"--mix: unknown modalities {unknown}")
+    return tuple(Modality(m.name, shares.get(m.name, 0.0), m.tools, m.overhead_ms) for m in DEFAULT_MIX)
+
+
+@events.init.add_listener
+def _init(environment, **_):
+    """Resolve the paths, ask the platform, and build every body, before the shape's clock starts."""
+    options = environment.parsed_options
+    if options is None or isinstance(environment.runner, MasterRunner):
+        return
+    try:
+        paths = scenarios.resolve([p.strip() for p in options.paths.split(",") if p.strip()])
+        if options.host and not options.no_live_check:
+            scenarios.check_live(options.host, paths)
+        fixed = parse_mapping(options.shares, "--shares") if options.shares else None
+        weights, dropped = scenarios.day_weights(paths, _mix(options.mix), fixed)
+    except ValueError as error:  # PathUnavailable, PlanningInputError: say why and stop, no traceback
+        print(f"mosmedai load: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if dropped:
+        print(f"mosmedai load: modalities without an integrator path here, left out: {dropped}")
+    print("mosmedai load: request shares " + ", ".join(f"{p.name} {w:.3f}" for p, w in zip(paths, weights)))
+    _state["senders"] = [scenarios.sender(p, options.syntax) for p in paths]  # builds the bodies (cached)
+    _state["weights"] = weights
+    _state["options"] = options
+
+
 @events.test_start.add_listener
 def _start(environment, **_):
     options = environment.parsed_options
-    paths = scenarios.resolve([p.strip() for p in options.paths.split(",") if p.strip()])
-    weights, dropped = scenarios.day_weights(paths)
-    if dropped:
-        print(f"mosmedai load: modalities without an integrator path on the platform yet, left out: {dropped}")
-    _state["senders"] = [scenarios.sender(p, options.syntax) for p in paths]
-    _state["weights"] = weights
+    if not _state["senders"]:
+        _init(environment)
     _state["options"] = options
     _state["started"] = time.time()
     if options.arrivals_log:

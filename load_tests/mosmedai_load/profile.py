@@ -35,7 +35,7 @@ def sample_study(shape=(2500, 2048), seed: int = 5_000_001) -> bytes:
 def tensors_for(body: bytes, max_side: int = 512, max_pixels: int = 67108864):
     """The three input tensors of a chest X-ray ensemble for one image (as the gateway makes them)."""
     from mosmedai.dicom_input import decode
-    from mosmedai.gateway import image_input
+    from mosmedai.pipeline import image_input
 
     tensors, _ = image_input(decode(body, max_pixels), max_side)
     return tensors.pixels, tensors.params, tensors.voi_lut
@@ -69,7 +69,9 @@ def _time_studies(gateway: str, body: bytes, seconds: float, min_calls: int) -> 
     import httpx
 
     times: list[float] = []
-    with httpx.Client(base_url=gateway, timeout=120) as client:
+    from mosmedai.tenants import auth_headers
+
+    with httpx.Client(base_url=gateway, timeout=120, headers=auth_headers()) as client:
         def once():
             answer = client.post("/v1/studies", content=body, headers={"Content-Type": "application/dicom"})
             answer.raise_for_status()

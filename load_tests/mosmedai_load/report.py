@@ -91,7 +91,7 @@ def plot_cost(results) -> bytes:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = [r.design for r in results]
-    bars = ax.bar(names, [r.cost for r in results], color=["#4472c4", "#ed7d31", "#70ad47"][:len(results)])
+    bars = ax.bar(names, [r.cost for r in results], color=["#4472c4", "#ed7d31", "#ffc000", "#70ad47"][:len(results)])
     for bar, r in zip(bars, results):
         ax.annotate(f"{r.gpus} GPUs\n{r.gpu_hours:,.0f} GPU-h", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=8)
@@ -148,8 +148,10 @@ def write_capacity_report(out: Path, scenario, profile, results, timings) -> tup
               "images/s-per-replica target, fed the expected load every decision interval over a week; the quarter "
               "is then replayed study by study (FIFO, dynamic batching up to the profile's largest batch). "
               "The target is lowered from 90 % of a replica's batch-1 throughput until the pool's p95 meets the SLO. "
-              "GPUs = the pool's peak replicas; cost = provisioned GPU-hours x price. Spill-over between "
-              "district pools is not simulated.")
+              "GPUs = the pool's peak replicas; cost = provisioned GPU-hours x price. With spill-over "
+              "(district_spill) the district pools are replayed together: a study whose wait at its own pool "
+              "would pass the threshold goes to the neighbour district's pool after a transfer delay, when the "
+              "wait there is shorter; a pool's p95 is that of its own regions' studies, wherever served.")
 
     html_parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mosmedai capacity plan</title><style>",
                   "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
@@ -165,6 +167,16 @@ def write_capacity_report(out: Path, scenario, profile, results, timings) -> tup
         html_parts.append(f"<h2>{html.escape(title)}</h2><img alt='{name}' src='data:image/png;base64,"
                           f"{base64.b64encode(png).decode()}'>")
         md_parts += [f"## {title}", "", f"![{title}]({name}.png)", ""]
+    from mosmedai_load.capacity import spill_table
+
+    spill_headers, spill_rows = spill_table(results)
+    notes = [f"{r.design}: {note}" for r in results for note in r.notes]
+    if spill_rows:
+        html_parts += ["<h2>Spill-over between district pools</h2>", _table_html(spill_headers, spill_rows)]
+        md_parts += ["## Spill-over between district pools", "", _table_md(spill_headers, spill_rows), ""]
+    if notes:
+        html_parts += ["<ul>", *[f"<li>{html.escape(n)}</li>" for n in notes], "</ul>"]
+        md_parts += [*[f"- {n}" for n in notes], ""]
     html_parts += ["<h2>Pools</h2>", _table_html(pool_headers, pool_rows), "</body></html>"]
     md_parts += ["## Pools", "", _table_md(pool_headers, pool_rows), ""]
     html_path, md_path = out / "report.html", out / "report.md"
