@@ -171,6 +171,8 @@ def measurement_values(spec: ToolSpec, values: list[float]) -> list[MeasurementV
     out = []
     for measurement, value in zip(spec.measurements, values):
         value = _finite(value)
+        if measurement.unit == "{slice}" and value is not None and value < 0:
+            value = None  # a slice index of -1: nothing located
         label = None
         if measurement.is_category and value is not None:
             index = int(round(value))
