@@ -44,6 +44,8 @@ def build_dataset(pixels: np.ndarray, *, modality: str = "DX", bits_stored: int 
     now = datetime.now(timezone.utc)
     dataset.StudyDate = dataset.SeriesDate = dataset.ContentDate = dataset.AcquisitionDate = now.strftime("%Y%m%d")
     dataset.StudyTime = dataset.SeriesTime = dataset.ContentTime = dataset.AcquisitionTime = now.strftime("%H%M%S")
+    # UTF-8, so Cyrillic series descriptions (ОГК, ФЛГ) survive; ASCII is a subset of it.
+    dataset.SpecificCharacterSet = "ISO_IR 192"
     dataset.PatientID = "SYNTHETIC"
     dataset.PatientName = "Synthetic^Phantom"
     dataset.Modality = modality
