@@ -49,11 +49,11 @@ def overlaps(found: dict, truth: tuple) -> bool:
     return row0 - margin_r <= centre_r <= row1 + margin_r and col0 - margin_c <= centre_c <= col1 + margin_c
 
 
-def test_health_and_readiness(gateway):
+def test_health_and_readiness(gateway, platform_settings):
     assert gateway.get("/healthz").json() == {"status": "alive"}
     ready = gateway.get("/readyz")
     assert ready.status_code == 200, ready.text
-    assert ready.json()["states"] == {"triton": True, **{tool: True for tool in CHEST_TOOLS}}
+    assert ready.json()["states"] == {"triton": True, **{tool: True for tool in platform_settings.enabled_tools}}
 
 
 @pytest.mark.parametrize("tool", CHEST_TOOLS)
