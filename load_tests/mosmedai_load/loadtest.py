@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=30.0, help="length of the Locust run")
     p.add_argument("--rate", type=float, default=4.0, help="requests/s, all paths together (Poisson-like)")
     p.add_argument("--paths", default="study_cxr,oip_cxr", help="integrator paths (scenarios.PATHS)")
+    p.add_argument("--shares", default="oip_cxr=0.5",
+                   help="fixed request shares of the main run's paths PATH=share,... ('' = the modality mix): "
+                        "half raw tensors by default, so both paths are measured")
     p.add_argument("--integrators", type=int, default=16, help="Locust users sharing the rate")
     p.add_argument("--extra-paths", default="study_mg,study_ct,stow_cxr",
                    help="heavier paths of a second, short run ('' = none); those the platform lacks are skipped, noted")
@@ -225,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             run_locust(args.host, calibration, seconds=args.calibration_seconds, rate=args.calibration_rate,
                        paths="study_cxr", integrators=2)
         print(f"locust: {args.rate} req/s over {args.paths} for {args.seconds:.0f} s against {args.host}")
+        shares = ",".join(item for item in args.shares.split(",")
+                          if item.split("=")[0].strip() in args.paths.split(","))
         locust = run_locust(args.host, args.out, seconds=args.seconds, rate=args.rate, paths=args.paths,
-                            integrators=args.integrators)
+                            integrators=args.integrators, shares=shares)
         extra_paths = [n.strip() for n in args.extra_paths.split(",") if n.strip()]
         extra_facts: dict[str, str] = {}
         extra_stats: list[dict] = []

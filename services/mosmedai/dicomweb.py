@@ -46,8 +46,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from mosmedai.dicom_input import DecodedImage, InputError, decode
 from mosmedai.jobs import DONE, UID
-from mosmedai.pipeline import DICOM_MEDIA_TYPE, MULTIPART_RELATED, check_series_limit, multipart_body, \
-    multipart_parts, plan
+from mosmedai.pipeline import (DICOM_MEDIA_TYPE, MULTIPART_RELATED, check_series_limit, multipart_body,
+                               multipart_parts, plan, read_body)
 
 log = logging.getLogger("mosmedai.dicomweb")
 
@@ -422,20 +422,6 @@ def store_response(parts: list[Part], study_url: str | None, instance_url=None) 
         response.ReferencedSOPSequence = stored
     status = 200 if not failed else 202 if stored else 409
     return status, response
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise InputError(413, "body_too_large", f"the body is {declared} bytes; the limit is {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise InputError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _base(request: Request) -> str:

@@ -25,7 +25,7 @@ from mosmedai.metrics import GatewayMetrics, gateway_metrics, install_gateway_me
 from mosmedai.jobs import DONE, FAILED, UID as UID_PATTERN
 from mosmedai.pipeline import (DICOM_MEDIA_TYPE, MULTIPART_RELATED, ToolsFailed, check_series_limit, decode_off_loop,
                                failures_of, infer_items, item_result, multipart_body, multipart_parts, no_tool_error,
-                               plan)
+                               plan, read_body)
 from mosmedai.router import Router
 from mosmedai.schemas import ErrorBody, StudyResult, StudyResults, StudyStatus
 from mosmedai.tenants import install_registry, installed_registry, load_tenants
@@ -117,20 +117,6 @@ async def _input_error(_: Request, error: InputError) -> JSONResponse:
     if metrics is not None:
         metrics.rejected_input(error.code)
     return JSONResponse(error.as_json(), status_code=error.status)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise InputError(413, "body_too_large", f"the body is {declared} bytes; the limit is {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise InputError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})

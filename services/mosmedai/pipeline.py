@@ -28,6 +28,20 @@ DICOM_MEDIA_TYPE = "application/dicom"
 MULTIPART_RELATED = "multipart/related"
 
 
+async def read_body(request, limit: int) -> bytes:
+    """The body of a Starlette request, refused with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise InputError(413, "body_too_large", f"the body is {declared} bytes; the limit is {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InputError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 # --- multipart/related (PS3.18 8.6.1.2: STOW-RS request body) -----------------------------
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 _TYPE = re.compile(r'type="?([^";]+)"?', re.IGNORECASE)

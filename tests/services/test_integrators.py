@@ -205,11 +205,13 @@ def test_accepted_studies_survive_triton_dying_and_coming_back(platform, platfor
     _exactly_one_result(platform_settings, uids, gateway)
 
 
-def test_dimse_store_gives_sr_and_sc_back_to_the_tenants_scp(platform):
+def test_dimse_store_gives_sr_and_sc_back_to_the_tenants_scp(platform, platform_settings):
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 
-    from conftest import TEST_SCP_PORT
+    # The test tenant's result destination (tests/conftest.py): our SCP below.
+    (tenant,) = json.loads(platform_settings.tenants_file)
+    scp_port = tenant["dimse"]["result_destination"]["port"]
 
     received = []
     scp = AE(ae_title="TEST_SCP")
@@ -221,7 +223,7 @@ def test_dimse_store_gives_sr_and_sc_back_to_the_tenants_scp(platform):
         received.append(event.dataset)
         return 0x0000
 
-    server = scp.start_server(("127.0.0.1", TEST_SCP_PORT), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    server = scp.start_server(("127.0.0.1", scp_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
         dataset = to_dataset(make_phantom((SEED, 300), findings=["cxr_nodule"]))  # full size, 2500 x 2048
         host, port = platform["dimse"].split(":")
