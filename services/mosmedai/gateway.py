@@ -23,9 +23,9 @@ from mosmedai.config import Settings
 from mosmedai.dicom_input import InputError
 from mosmedai.metrics import GatewayMetrics, gateway_metrics, install_gateway_metrics
 from mosmedai.jobs import DONE, FAILED, UID as UID_PATTERN
-from mosmedai.pipeline import (DICOM_MEDIA_TYPE, MULTIPART_RELATED, ToolsFailed, check_series_limit, decode_off_loop,
-                               failures_of, infer_items, item_result, multipart_body, multipart_parts, no_tool_error,
-                               plan, read_body)
+from mosmedai.pipeline import (DICOM_MEDIA_TYPE, MULTIPART_RELATED, ToolsFailed, failures_of, infer_items,
+                               item_result, multipart_body, multipart_parts, no_tool_error, prepare_off_loop,
+                               read_body)
 from mosmedai.router import Router
 from mosmedai.schemas import ErrorBody, StudyResult, StudyResults, StudyStatus
 from mosmedai.tenants import install_registry, installed_registry, load_tenants
@@ -216,10 +216,7 @@ class Gateway:
             bodies = [body]
         else:
             bodies = self._instances(multipart_parts(body, content_type))
-        images = await decode_off_loop(bodies, self.settings.max_pixels)
-        check_series_limit(images, self.settings.max_series_per_request)
-        items, unmatched = await asyncio.to_thread(
-            plan, images, self.settings.enabled_tools, wanted, self.settings.transport_max_side)
+        images, items, unmatched = await prepare_off_loop(bodies, self.settings, wanted)
         if not items:
             raise no_tool_error(len(bodies), unmatched, self.settings.enabled_tools)
         if asynchronous:

@@ -132,14 +132,6 @@ def decode_all(bodies: list[bytes], max_pixels: int) -> list[DecodedImage]:
     return images
 
 
-async def decode_off_loop(bodies: list[bytes], max_pixels: int) -> list[DecodedImage]:
-    """Uncompressed single images decode inline (a view of the body, ~3 ms); anything
-    compressed or many instances go to a thread so other uploads are received meanwhile."""
-    if len(bodies) == 1 and is_uncompressed(bodies[0]):
-        return decode_all(bodies, max_pixels)
-    return await asyncio.to_thread(decode_all, bodies, max_pixels)
-
-
 def plan(images: list[DecodedImage], enabled: list[str], wanted: list[str] | None,
          transport_max_side: int) -> tuple[list[WorkItem], list[dict]]:
     """Work items for these instances, and what matched no tool (with what was looked at).
@@ -174,6 +166,23 @@ def plan(images: list[DecodedImage], enabled: list[str], wanted: list[str] | Non
                 items.append(WorkItem(VOLUME, ordered, [spec.name for spec in family_specs],
                                       VolumeInput(grid, geometry.as_vector()), looked_at=members[0].facts.looked_at))
     return items, unmatched
+
+
+def prepare(bodies: list[bytes], settings, wanted: list[str] | None = None):
+    """Decode the instances and plan their work: (images, items, unmatched); raises InputError."""
+    images = decode_all(bodies, settings.max_pixels)
+    check_series_limit(images, settings.max_series_per_request)
+    items, unmatched = plan(images, settings.enabled_tools, wanted, settings.transport_max_side)
+    return images, items, unmatched
+
+
+async def prepare_off_loop(bodies: list[bytes], settings, wanted: list[str] | None = None):
+    """`prepare`, inline for one uncompressed image (its pixels are a view of the body: a few
+    ms, less than the hop to a thread); anything compressed, or several instances, in a thread
+    so other uploads are received meanwhile (the decoders release the GIL)."""
+    if len(bodies) == 1 and is_uncompressed(bodies[0]):
+        return prepare(bodies, settings, wanted)
+    return await asyncio.to_thread(prepare, bodies, settings, wanted)
 
 
 # --- results --------------------------------------------------------------------------------

@@ -24,8 +24,7 @@ from mosmedai.dicom_input import InputError
 from mosmedai.families import IMAGE
 from mosmedai.jobs import DONE, FAILED, Job, JobError, JobStore
 from mosmedai.storage import StorageError
-from mosmedai.pipeline import (ToolsFailed, check_series_limit, decode_all, failures_of, infer_items, item_result,
-                               no_tool_error, plan)
+from mosmedai.pipeline import ToolsFailed, failures_of, infer_items, item_result, no_tool_error, prepare
 from mosmedai.schemas import StudyResults
 
 log = logging.getLogger("mosmedai.worker")
@@ -70,10 +69,7 @@ def result_objects(bodies: list[bytes], items, results: StudyResults) -> dict[st
 async def analyse(settings: Settings, infer, bodies: list[bytes], wanted: list[str] | None = None):
     """Instances -> (StudyResults, work items). Raises InputError (bad input) or ToolsFailed."""
     started = time.perf_counter()
-    images = await asyncio.to_thread(decode_all, bodies, settings.max_pixels)
-    check_series_limit(images, settings.max_series_per_request)
-    items, unmatched = await asyncio.to_thread(plan, images, settings.enabled_tools, wanted,
-                                               settings.transport_max_side)
+    images, items, unmatched = await asyncio.to_thread(prepare, bodies, settings, wanted)
     if not items:
         raise no_tool_error(len(bodies), unmatched, settings.enabled_tools)
     decoded = time.perf_counter()
