@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from mosmedai.tenants import auth_headers
+from mosmedai.tenants import DEMO_TOKENS, auth_headers
 
 from mosmedai.config import Settings
 
@@ -35,7 +35,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"  {name:15s} {url}")
     print(f"  {'logs':15s} {settings.log_dir}")
     print("Try:")
-    print(f"  curl -s -X POST -H 'Content-Type: application/dicom' --data-binary @chest.dcm {urls['gateway']}/v1/studies")
+    print(f"  curl -s -X POST -H 'Authorization: Bearer {DEMO_TOKENS['demo-moscow']}' "
+          f"-H 'Content-Type: application/dicom' --data-binary @chest.dcm {urls['gateway']}/v1/studies")
     print("  mosmedai submit chest.dcm        # `mosmedai example chest.dcm` writes a synthetic one")
     return 0
 

@@ -196,6 +196,8 @@ def measurement_values(spec: ToolSpec, values: list[float]) -> list[MeasurementV
         value = _finite(value)
         if measurement.unit == "{slice}" and value is not None and value < 0:
             value = None  # a slice index of -1: nothing located
+        if value is not None:
+            value = round(value, 4)  # float32 from Triton: more digits would be noise
         label = None
         if measurement.is_category and value is not None:
             index = int(round(value))
