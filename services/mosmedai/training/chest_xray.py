@@ -9,25 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mosmedai.families import ToolOutput
 from mosmedai.training import HELD_OUT_SEED
+from mosmedai.training.common import Case
 from mosmedai.training.evaluate import auc_score, box_hit, evaluate as _evaluate, model_card, sensitivity_specificity
 from mosmedai.training.phantoms import TOOLS, generate, to_dataset
 
 #: How far metrics recomputed on ~20 fresh cases may lie from the card's (400 cases): with
 #: 10 positives a sensitivity of 0.92 can read 0.7 by chance (binomial 2.5th percentile).
 TOLERANCE = {"auc": 0.12, "sensitivity": 0.3, "specificity": 0.3}
-
-
-@dataclass
-class Case:
-    instances: list  # pydicom Datasets
-    truth: dict
 
 
 def train(tools: list[str], out: Path) -> None:

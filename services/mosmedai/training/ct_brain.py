@@ -36,7 +36,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -44,7 +44,8 @@ import numpy as np
 
 from mosmedai.families import ToolOutput
 from mosmedai.families import ct_brain as family
-from mosmedai.training import CALIBRATION_SEED, HELD_OUT_SEED, TEST_SEED, TRAIN_SEED
+from mosmedai.training import CALIBRATION_SEED, HELD_OUT_SEED, TEST_SEED, TRAIN_SEED, common
+from mosmedai.training.common import Case, minibatches, one_cycle, optimise, training_summary
 from mosmedai.volumes import VolumeGeometry, sample_indices, window
 
 TOOLS = tuple(spec.name for spec in family.TOOLS)
@@ -474,13 +475,7 @@ def network_arrays(seed: int, n: int, size: int = TRAIN_SIZE, workers: int = 1) 
     """Training/calibration arrays: volume uint8 [n, D, H, W] (HU - window low, clipped to the
     window: window() == volume / (high - low)), targets bool [n, 4, D, H/2, W/2], labels [n, 3]."""
     jobs = [(seed, i, size) for i in range(n)]
-    if workers > 1:
-        from multiprocessing import get_context
-
-        with get_context("fork").Pool(workers) as pool:
-            items = pool.map(_phantom_arrays, jobs, chunksize=8)
-    else:
-        items = [_phantom_arrays(job) for job in jobs]
+    items = common.map_items(_phantom_arrays, jobs, workers, chunksize=8)
     return {key: np.stack([item[key] for item in items]) for key in items[0]}
 
 
@@ -587,16 +582,12 @@ def train_network(data: dict[str, np.ndarray], epochs: int = EPOCHS, log=print):
     columns = torch.from_numpy(data["columns"])
     n = len(labels)
     model = CtBrainNet()
-    steps = epochs * (n // BATCH)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LEARNING_RATE, total_steps=steps, pct_start=0.2)
+    optimizer, schedule = one_cycle(model.parameters(), LEARNING_RATE, epochs * (n // BATCH))
     started = time.perf_counter()
     for epoch in range(epochs):
         model.train()
-        order = torch.randperm(n, generator=generator)
         totals = np.zeros(4)
-        for step in range(n // BATCH):
-            batch = order[step * BATCH:(step + 1) * BATCH]
+        for batch in minibatches(n, BATCH, generator):
             x = volumes[batch].float()[:, None] / (WINDOW[1] - WINDOW[0])
             t = targets[batch].float()
             cols = columns[batch].clone()
@@ -617,68 +608,24 @@ def train_network(data: dict[str, np.ndarray], epochs: int = EPOCHS, log=print):
                 outside = (heat[:, i] - 1e4 * t[:, i]).reshape(len(batch), -1)
                 hardest = outside.topk(16, dim=1).values
                 loss_hard = loss_hard + F.binary_cross_entropy_with_logits(hardest, torch.zeros_like(hardest))
-            loss = loss_cls + 0.5 * loss_map + 0.5 * loss_col + 0.5 * loss_hard
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            optimise(optimizer, schedule, loss_cls + 0.5 * loss_map + 0.5 * loss_col + 0.5 * loss_hard)
             totals += [float(loss_cls.detach()), float(loss_map.detach()), float(loss_col.detach()), 1]
         log(f"ct_brain: epoch {epoch + 1}/{epochs} classification {totals[0] / totals[3]:.4f} "
             f"heatmaps {totals[1] / totals[3]:.4f} columns {totals[2] / totals[3]:.4f} "
             f"({time.perf_counter() - started:.0f} s)")
     model.eval()
-    summary = {
-        "epochs": epochs, "batch": BATCH, "learning_rate": LEARNING_RATE,
-        "train_seconds": round(time.perf_counter() - started, 1),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "torch_threads": torch.get_num_threads(),
-    }
-    return model, summary
+    return model, training_summary(model, epochs, BATCH, LEARNING_RATE, started)
 
 
 def export_tool(model, tool: str, path: Path, metadata: dict) -> None:
-    import onnx
-    import torch
-
     _, ToolNet = _torch_net()
-    spec = family.TOOLS[TOOLS.index(tool)]
-    names = [o.name for o in spec.network_outputs]
-    wrapper = ToolNet(model, tool).eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp.onnx")
-    torch.onnx.export(
-        wrapper, (torch.zeros(1, 1, *GRID),), str(temporary), input_names=["image"], output_names=names,
-        dynamic_axes={"image": {0: "batch"}, **{name: {0: "batch"} for name in names}},
-        opset_version=OPSET, do_constant_folding=True, dynamo=False,
-    )
-    proto = onnx.load(str(temporary))
-    proto.doc_string = "mosmedai reference model trained on synthetic phantoms; not for clinical use"
-    onnx.helper.set_model_props(proto, {key: str(value) for key, value in metadata.items()})
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
-    temporary.unlink()
-    check = torch.rand(2, 1, *GRID, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = wrapper(check)
-    got = run_onnx(path, check.numpy())
-    for name, value in zip(names, expected):
-        if not np.allclose(got[name], value.numpy(), atol=2e-3):
-            raise RuntimeError(f"{path}: ONNX Runtime output {name} differs from PyTorch's")
+    names = [o.name for o in family.TOOLS[TOOLS.index(tool)].network_outputs]
+    common.export_onnx(ToolNet(model, tool), path, metadata, (1, *GRID), names, check_batch=2, atol=2e-3, run=run_onnx)
 
 
 def run_onnx(path: Path, images: np.ndarray, batch: int = 8) -> dict[str, np.ndarray]:
     """All outputs of an exported network for images [n, 1, D, H, W] (ONNX Runtime, one thread)."""
-    from mosmedai.training.evaluate import _session
-
-    path = Path(path)
-    session = _session(str(path.resolve()), path.stat().st_mtime)
-    names = [o.name for o in session.get_outputs()]
-    chunks: dict[str, list] = {name: [] for name in names}
-    for start in range(0, len(images), batch):
-        values = session.run(names, {"image": np.ascontiguousarray(images[start:start + batch], np.float32)})
-        for name, value in zip(names, values):
-            chunks[name].append(value)
-    return {name: np.concatenate(value) for name, value in chunks.items()}
+    return common.run_onnx(path, images, batch)
 
 
 def _network_images(data: dict[str, np.ndarray]) -> np.ndarray:
@@ -688,11 +635,10 @@ def _network_images(data: dict[str, np.ndarray]) -> np.ndarray:
 def calibrate(tool: str, onnx_path: Path, data: dict[str, np.ndarray], out: Path) -> dict:
     """calibration.json: Platt a/b and the suggested threshold (detection tools), or the
     shift scale (midline shift), fitted on the calibration split's exported-model outputs."""
-    from mosmedai.training.evaluate import auc_score, sensitivity_specificity
-    from mosmedai.training.train import fit_platt, suggest_threshold
+    from mosmedai.training.evaluate import auc_score
 
     outputs = run_onnx(onnx_path, _network_images(data))
-    common = {
+    shared = {
         "seed": CALIBRATION_SEED, "n": int(len(data["labels"])),
         "model_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
     }
@@ -708,30 +654,25 @@ def calibrate(tool: str, onnx_path: Path, data: dict[str, np.ndarray], out: Path
             "shift_positive_mm": SHIFT_POSITIVE_MM,
             "mae_mm_before": round(float(np.abs(raw - truth).mean()), 3),
             "mae_mm_after": round(float(np.abs(scale * raw - truth).mean()), 3),
-            **common,
+            **shared,
         }
     else:
         index = TOOLS.index(tool)
         labels = data["labels"][:, index].astype(bool)
         logits = outputs["logit"][:, 0]
-        calibration = fit_platt(logits, labels)
-        probability = 1.0 / (1.0 + np.exp(-(calibration.a * logits + calibration.b)))
-        threshold = suggest_threshold(probability, labels)
-        sensitivity, specificity, _ = sensitivity_specificity(probability >= threshold, labels)
+        calibration, threshold, sensitivity, specificity = common.platt_operating_point(
+            logits, labels, TARGET_SENSITIVITY, probability=lambda x, c: 1.0 / (1.0 + np.exp(-(c.a * x + c.b))))
         record = {
             "a": calibration.a, "b": calibration.b,
             "fitted_on": (f"calibration split: phantoms (seed {CALIBRATION_SEED}, i), outputs of "
                           f"{tool}_net/1/model.onnx under ONNX Runtime; Platt scaling (Newton, smoothed targets)"),
             "n_positive": int(labels.sum()), "auc": round(auc_score(logits, labels), 4),
             "suggested_threshold": threshold,
-            "threshold_rule": f"highest threshold (0.01 steps, at most 0.5) with sensitivity >= {TARGET_SENSITIVITY}",
+            "threshold_rule": common.threshold_rule(TARGET_SENSITIVITY, suffix=""),
             "sensitivity_at_suggested": round(sensitivity, 4), "specificity_at_suggested": round(specificity, 4),
-            **common,
+            **shared,
         }
-    path = out / f"{tool}_post" / "1" / "calibration.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    return common.write_calibration(out, tool, record)
 
 
 def signed_shift(septum: np.ndarray, midline: np.ndarray, col_spacing_mm: float, scale: float = 1.0) -> float:
@@ -813,14 +754,6 @@ TOLERANCE: dict[str, float] = {
     "mae_mm": 1.5,
 }
 HIT_ENLARGEMENT = 0.25
-
-
-@dataclass
-class Case:
-    """One head CT series as a hospital would send it, and what it shows."""
-
-    instances: list  # pydicom Datasets, the ordered series (slice 0 at the feet)
-    truth: dict
 
 
 def _threshold(tool: str, repository: Path) -> tuple[float, str]:
@@ -1068,15 +1001,11 @@ def _fmt(value, pct: bool = False) -> str:
 
 def write_card(tool: str, result: dict, repository: Path) -> None:
     """<repository>/<tool>/MODEL_CARD.md and evaluation.json."""
-    import onnx
-
     repository = Path(repository)
     folder = repository / tool
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-    path = repository / f"{tool}_net" / "1" / "model.onnx"
-    proto = onnx.load(str(path))
-    facts = {p.key: p.value for p in proto.metadata_props}
+    facts = common.model_facts(repository, tool)
     calibration = json.loads((repository / f"{tool}_post" / "1" / "calibration.json").read_text())
     spec = family.TOOLS[TOOLS.index(tool)]
     outputs = ", ".join(f"`{o.name}` [N, {', '.join(map(str, o.dims))}]" for o in spec.network_outputs)
@@ -1206,7 +1135,7 @@ this tool's ONNX holds the shared trunk and its own outputs: {outputs}. Heatmap 
 | | |
 | --- | --- |
 | parameters (whole network) | {facts.get('mosmedai.parameters', '?')} |
-| ONNX | opset 17, dynamic batch, {path.stat().st_size / 1024:.0f} KiB |
+| ONNX | opset 17, dynamic batch, {int(facts['size_bytes']) / 1024:.0f} KiB |
 | training | {facts.get('mosmedai.epochs', '?')} epochs, batch {facts.get('mosmedai.batch', '?')}, AdamW, one-cycle learning rate {facts.get('mosmedai.learning_rate', '?')}, left-right flips; loss: logit BCE + class-balanced heatmap BCE + BCE of the 16 highest cells outside the finding (hard negatives) + smooth-L1 of the soft-argmax septum/midline columns and their difference |
 | training time | {facts.get('mosmedai.train_seconds', '?')} s network + {facts.get('mosmedai.generation_seconds', '?')} s phantoms ({facts.get('mosmedai.total_seconds', '?')} s to export) on {facts.get('mosmedai.torch_threads', '?')} torch thread of a shared 2-core machine (torch {facts.get('mosmedai.torch_version', '?')}) |
 | inference | {r['inference_ms_per_series']} ms per series (ONNX Runtime, one thread, with postprocess) |

@@ -48,7 +48,8 @@ from mosmedai import dicom_build, volumes
 from mosmedai.families import ct_chest as family
 from mosmedai.families import ToolOutput
 from mosmedai.families.ct_chest import GRID, HEAD, HEADS, TOOL_NAMES, WINDOW
-from mosmedai.training import CALIBRATION_SEED, HELD_OUT_SEED, TEST_SEED, TRAIN_SEED
+from mosmedai.training import CALIBRATION_SEED, HELD_OUT_SEED, TEST_SEED, TRAIN_SEED, common
+from mosmedai.training.common import Case, minibatches, one_cycle, optimise, training_summary
 from mosmedai.training.evaluate import (
     auc_score,
     auc_standard_error,
@@ -529,18 +530,15 @@ def train_network(data: dict[str, np.ndarray], epochs: int = EPOCHS, log=print):
     generator = torch.Generator().manual_seed(TRAIN_SEED)
     model = ChestNet()
     n = len(data["grid"])
-    steps = epochs * (n // BATCH)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LEARNING_RATE, total_steps=steps, pct_start=0.15)
+    optimizer, schedule = one_cycle(model.parameters(), LEARNING_RATE, epochs * (n // BATCH), pct_start=0.15)
     shifts = torch.arange(len(HEADS), dtype=torch.uint8)[None, :, None, None, None]
     nodule_index = HEADS.index("nodule")
     started = time.perf_counter()
     for epoch in range(epochs):
         model.train()
-        order = torch.randperm(n, generator=generator)
         totals = np.zeros(3)
-        for step in range(n // BATCH):
-            batch = order[step * BATCH : (step + 1) * BATCH].numpy()
+        for batch in minibatches(n, BATCH, generator):
+            batch = batch.numpy()
             x = torch.from_numpy(np.stack([network_input(g) for g in data["grid"][batch]]))
             bits = torch.from_numpy(data["bits"][batch])[:, None]
             target = ((bits >> shifts) & 1).float()
@@ -559,74 +557,27 @@ def train_network(data: dict[str, np.ndarray], epochs: int = EPOCHS, log=print):
             peak = logits[:, nodule_index].amax(dim=(1, 2, 3))
             detect = nn.functional.binary_cross_entropy_with_logits(peak, present)
             loss = seg + NODULE_DETECTION_WEIGHT * detect
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            optimise(optimizer, schedule, loss)
             totals += [float(loss.detach()), float(dice.detach().mean()), float(detect.detach())]
         k = n // BATCH
         log(f"ct_chest: epoch {epoch + 1}/{epochs} loss {totals[0] / k:.3f} dice-loss {totals[1] / k:.3f} "
             f"nodule {totals[2] / k:.3f} ({time.perf_counter() - started:.0f} s)")
     model.eval()
-    summary = {"epochs": epochs, "batch": BATCH, "learning_rate": LEARNING_RATE,
-               "train_seconds": round(time.perf_counter() - started, 1),
-               "parameters": sum(p.numel() for p in model.parameters()),
-               "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__}
-    return model, summary
+    return model, {**training_summary(model, epochs, BATCH, LEARNING_RATE, started), "torch_version": torch.__version__}
 
 
 def export_tool(model, tool: str, path: Path, metadata: dict) -> None:
-    import onnx
-    import torch
-
     _, ToolNet = _build_network()
-    net = ToolNet(model, tool).eval()
-    names = net.names
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp.onnx")
-    torch.onnx.export(net, (torch.zeros(1, 1, *GRID),), str(temporary), input_names=["image"], output_names=names,
-                      dynamic_axes={"image": {0: "batch"}, **{name: {0: "batch"} for name in names}},
-                      opset_version=OPSET, do_constant_folding=True, dynamo=False)
-    proto = onnx.load(str(temporary))
-    proto.doc_string = "mosmedai reference model trained on synthetic phantoms; not for clinical use"
-    onnx.helper.set_model_props(proto, {key: str(value) for key, value in metadata.items()})
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
-    temporary.unlink()
-    check = torch.rand(2, 1, *GRID, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = [t.numpy() for t in net(check)]
-    got = run_onnx(path, check.numpy())
-    for name, e in zip(names, expected):
-        if not np.allclose(got[name], e, atol=1e-3):
-            raise RuntimeError(f"{path}: ONNX Runtime output {name} differs from PyTorch's")
+    net = ToolNet(model, tool)
+    common.export_onnx(net, path, metadata, (1, *GRID), net.names, check_batch=2, run=run_onnx)
 
 
 # ======================================================================================
 # ONNX Runtime
 
 
-@functools.lru_cache(maxsize=8)
-def _session(path: str, modified: float):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
 def run_onnx(path: Path, images: np.ndarray, batch: int = 4) -> dict[str, np.ndarray]:
-    path = Path(path)
-    session = _session(str(path.resolve()), path.stat().st_mtime)
-    names = [o.name for o in session.get_outputs()]
-    chunks = {name: [] for name in names}
-    for start in range(0, len(images), batch):
-        outs = session.run(names, {"image": np.ascontiguousarray(images[start : start + batch], np.float32)})
-        for name, out in zip(names, outs):
-            chunks[name].append(out)
-    return {name: np.concatenate(chunk) for name, chunk in chunks.items()}
+    return common.run_onnx(path, images, batch)
 
 
 # ======================================================================================
@@ -637,24 +588,17 @@ def calibrate(tool: str, onnx_path: Path, data: dict[str, np.ndarray], out: Path
     """calibration.json: Platt scaling and threshold (nodule); postprocess constants (others)."""
     record: dict = {"tool": tool, "model_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest()}
     if tool == "ctc_nodule":
-        from mosmedai.postprocess import calibrated_probability
-        from mosmedai.training.train import fit_platt, suggest_threshold
-
         images = np.stack([network_input(g) for g in data["grid"]])
         logits = run_onnx(onnx_path, images)["logit"][:, 0]
         labels = data["nodule"]
-        calibration = fit_platt(logits, labels)
-        probability = calibrated_probability(logits, calibration)
-        threshold = suggest_threshold(probability, labels)
-        sensitivity, specificity, _ = sensitivity_specificity(probability >= threshold, labels)
+        calibration, threshold, sensitivity, specificity = common.platt_operating_point(logits, labels, TARGET_SENSITIVITY)
         record.update({
             "a": calibration.a, "b": calibration.b,
             "fitted_on": (f"calibration split: grid-sampled phantoms (seed {CALIBRATION_SEED}, i) for i in "
                           f"0..{len(labels) - 1}; Platt scaling of the nodule map's peak logit"),
             "seed": CALIBRATION_SEED, "n": int(len(labels)), "n_positive": int(labels.sum()),
             "auc": round(auc_score(logits, labels), 4), "suggested_threshold": threshold,
-            "threshold_rule": (f"highest threshold (0.01 steps, at most 0.5) with sensitivity >= "
-                               f"{TARGET_SENSITIVITY} on this split"),
+            "threshold_rule": common.threshold_rule(TARGET_SENSITIVITY),
             "sensitivity_at_suggested": round(sensitivity, 4), "specificity_at_suggested": round(specificity, 4),
         })
     elif tool == "ctc_cac":
@@ -674,10 +618,7 @@ def calibrate(tool: str, onnx_path: Path, data: dict[str, np.ndarray], out: Path
                                "and one grid slice in z; voxels >= cortical_hu dropped; mean HU of the rest"})
     else:
         record.update({"rule": "fixed rule, no fitted constants"})
-    path = out / f"{tool}_post" / "1" / "calibration.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    return common.write_calibration(out, tool, record)
 
 
 #: Full-source calibration phantoms for the calcium threshold.
@@ -901,12 +842,6 @@ def evaluate(tool: str, repository: Path = Path("model_repository"), n: int = 20
 # cases and scoring of served outputs
 
 
-@dataclass
-class Case:
-    instances: list[pydicom.Dataset]
-    truth: dict
-
-
 DESCRIPTIONS = ("CT CHEST", "ОГК без контраста", "THORAX LOW DOSE", "КТ ОГК", "LUNG SCREENING")
 
 
@@ -1027,16 +962,6 @@ TOOL_LIMITATIONS = {
 }
 
 
-def _model_facts(repository: Path, tool: str) -> dict[str, str]:
-    import onnx
-
-    path = repository / f"{tool}_net" / "1" / "model.onnx"
-    proto = onnx.load(str(path))
-    facts = {prop.key: prop.value for prop in proto.metadata_props}
-    facts["size_bytes"] = str(path.stat().st_size)
-    return facts
-
-
 def _table(result: dict) -> str:
     rows = []
     skip = {"tool", "split", "seed", "model", "model_sha256", "counts", "location_hit_rule"}
@@ -1053,7 +978,7 @@ def _table(result: dict) -> str:
 
 def write_card(tool: str, result: dict, repository: Path = Path("model_repository")) -> None:
     repository = Path(repository)
-    facts = _model_facts(repository, tool)
+    facts = common.model_facts(repository, tool)
     spec = _spec(tool)
     calibration = json.loads((repository / f"{tool}_post" / "1" / "calibration.json").read_text())
     measurements = "\n".join(f"| `{m.name}` | `{m.unit}` | {m.description}{' (' + ', '.join(m.labels) + ')' if m.labels else ''} |"

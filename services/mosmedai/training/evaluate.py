@@ -28,6 +28,7 @@ import numpy as np
 
 from mosmedai.postprocess import Calibration, postprocess
 from mosmedai.training import CALIBRATION_SEED, HELD_OUT_SEED, TRAIN_SEED
+from mosmedai.training.common import frozen, model_facts, pct, run_onnx
 from mosmedai.training.phantoms import TOOLS, network_arrays
 
 #: Threshold when the postprocess config does not exist yet.
@@ -152,29 +153,10 @@ def box_hit(predicted: np.ndarray, truth: np.ndarray, enlargement: float = HIT_E
 # ONNX Runtime
 
 
-@functools.lru_cache(maxsize=8)
-def _session(path: str, modified: float):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
 def onnx_outputs(path: str | Path, images: np.ndarray, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """logit [n, 1] and heatmap [n, 1, 32, 32] of an exported network for images [n, 1, 256, 256]."""
-    path = Path(path)
-    session = _session(str(path.resolve()), path.stat().st_mtime)
-    logits, heatmaps = [], []
-    for start in range(0, len(images), batch):
-        chunk = np.ascontiguousarray(images[start : start + batch], np.float32)
-        logit, heatmap = session.run(["logit", "heatmap"], {"image": chunk})
-        logits.append(logit)
-        heatmaps.append(heatmap)
-    return np.concatenate(logits), np.concatenate(heatmaps)
+    outputs = run_onnx(path, images, batch, names=("logit", "heatmap"))
+    return outputs["logit"], outputs["heatmap"]
 
 
 # --------------------------------------------------------------------------------------
@@ -200,10 +182,7 @@ def read_threshold(repository: str | Path, tool: str) -> float | None:
 
 @functools.lru_cache(maxsize=2)
 def _held_out(seed: int, n: int) -> dict[str, np.ndarray]:
-    data = network_arrays(seed, n)
-    for array in data.values():
-        array.setflags(write=False)
-    return data
+    return frozen(network_arrays(seed, n))
 
 
 def evaluate(
@@ -309,28 +288,13 @@ def evaluate(
 # model cards
 
 
-def _model_facts(repository: Path, tool: str) -> dict[str, str]:
-    import onnx
-
-    path = repository / f"{tool}_net" / "1" / "model.onnx"
-    proto = onnx.load(str(path))
-    facts = {prop.key: prop.value for prop in proto.metadata_props}
-    facts["size_bytes"] = str(path.stat().st_size)
-    facts["opset"] = str(max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")))
-    return facts
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f} %"
-
-
 def model_card(result: dict, repository: Path) -> str:
     tool = result["tool"]
-    facts = _model_facts(repository, tool)
+    facts = model_facts(repository, tool)
     calibration = json.loads((repository / f"{tool}_post" / "1" / "calibration.json").read_text())
     c = result["counts"]
     size_rows = "\n".join(
-        f"| {band} | {row['n']} | {row['detected']} | {_pct(row['sensitivity'])} |"
+        f"| {band} | {row['n']} | {row['detected']} | {pct(row['sensitivity'])} |"
         for band, row in result["sensitivity_by_size"].items()
     )
     size_name = "apical depth" if tool == "cxr_pneumothorax" else "diameter"
@@ -410,9 +374,9 @@ Produced by `python -m mosmedai.training.evaluate --tool {tool} --n {result['n']
 | --- | --- | --- |
 | images (positive / negative) | {result['n']} ({result['n_positive']} / {result['n_negative']}) | |
 | AUC | {result['auc']:.4f} | {result['auc_ci95'][0]:.3f}-{result['auc_ci95'][1]:.3f} (Hanley-McNeil{'; no spread at a perfect separation' if result['auc'] >= 1.0 else ''}) |
-| sensitivity at {result['threshold']} | {_pct(result['sensitivity'])} ({c['tp']}/{c['tp'] + c['fn']}) | {_pct(result['sensitivity_ci95'][0])}-{_pct(result['sensitivity_ci95'][1])} (Wilson) |
-| specificity at {result['threshold']} | {_pct(result['specificity'])} ({c['tn']}/{c['tn'] + c['fp']}) | {_pct(result['specificity_ci95'][0])}-{_pct(result['specificity_ci95'][1])} (Wilson) |
-| localisation hit rate | {_pct(result['localisation_hit_rate'])} of {result['localisation_n']} true positives | |
+| sensitivity at {result['threshold']} | {pct(result['sensitivity'])} ({c['tp']}/{c['tp'] + c['fn']}) | {pct(result['sensitivity_ci95'][0])}-{pct(result['sensitivity_ci95'][1])} (Wilson) |
+| specificity at {result['threshold']} | {pct(result['specificity'])} ({c['tn']}/{c['tn'] + c['fp']}) | {pct(result['specificity_ci95'][0])}-{pct(result['specificity_ci95'][1])} (Wilson) |
+| localisation hit rate | {pct(result['localisation_hit_rate'])} of {result['localisation_n']} true positives | |
 | median box-centre error | {result['localisation_median_error_mm']} mm | |
 | Brier score | {result['brier']:.4f} | |
 | ECE ({result['ece_bins']} bins) | {result['ece']:.4f} | |

@@ -39,9 +39,10 @@ import numpy as np
 import pydicom
 
 from mosmedai.families import ToolOutput
-from mosmedai.imaging import NETWORK_SIZE, GrayscaleParams, Letterbox, VoiFunction, preprocess
+from mosmedai.imaging import GrayscaleParams, Letterbox, VoiFunction, preprocess
 from mosmedai.training import CALIBRATION_SEED, HELD_OUT_SEED, TEST_SEED, TRAIN_SEED
 from mosmedai.training import phantoms as cxr
+from mosmedai.training.common import Case, apply_overrides, model_facts, pct
 from mosmedai.training.evaluate import (
     auc_score,
     auc_standard_error,
@@ -311,7 +312,7 @@ def _build_network(n_heads: int = len(TOOLS)):
     import torch
     from torch import nn
 
-    from mosmedai.training.train import _block
+    from mosmedai.training.common import block2d as _block
 
     class FlgNet(nn.Module):
         """256 x 256 -> per tool a logit and a 32 x 32 heatmap. Three stride-2 stages to 1/8,
@@ -357,7 +358,8 @@ def train(tools: list[str] | None = None, out: Path = Path("model_repository"), 
     import torch
     from torch import nn
 
-    from mosmedai.training.train import count_macs, export_onnx, heatmap_loss
+    from mosmedai.training.common import count_macs, minibatches, one_cycle, optimise
+    from mosmedai.training.train import export_onnx, heatmap_loss
 
     tools = list(tools or TOOLS)
     out = Path(out)
@@ -375,17 +377,13 @@ def train(tools: list[str] | None = None, out: Path = Path("model_repository"), 
     labels = torch.from_numpy(data["labels"].astype(np.float32))
     heat = torch.from_numpy(data["heatmaps"])
     n = len(labels)
-    steps = epochs * (n // BATCH)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LEARNING_RATE, total_steps=steps, pct_start=0.2)
+    optimizer, schedule = one_cycle(net.parameters(), LEARNING_RATE, epochs * (n // BATCH))
     bce = nn.BCEWithLogitsLoss()
     train_started = time.perf_counter()
     for epoch in range(epochs):
         net.train()
-        order = torch.randperm(n, generator=generator)
         total = 0.0
-        for step in range(n // BATCH):
-            batch = order[step * BATCH : (step + 1) * BATCH]
+        for batch in minibatches(n, BATCH, generator):
             x, h = images[batch].float(), heat[batch].float()
             flip = torch.rand(len(batch), generator=generator) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -396,10 +394,7 @@ def train(tools: list[str] | None = None, out: Path = Path("model_repository"), 
             loss = bce(logits, labels[batch]) * len(TOOLS)
             for i in range(len(TOOLS)):
                 loss = loss + heatmap_loss(heatmaps[:, i : i + 1], h[:, i : i + 1])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            optimise(optimizer, schedule, loss)
             total += float(loss.detach())
         log(f"fluorography: epoch {epoch + 1}/{epochs} loss {total / (n // BATCH):.4f} "
             f"({time.perf_counter() - train_started:.0f} s)")
@@ -435,28 +430,16 @@ def train(tools: list[str] | None = None, out: Path = Path("model_repository"), 
     return records
 
 
-def _suggest_threshold(probability: np.ndarray, labels: np.ndarray, target: float) -> float:
-    best = 0.01
-    for threshold in np.round(np.arange(0.01, 0.505, 0.01), 2):
-        if float((probability[labels] >= threshold).mean()) >= target:
-            best = float(threshold)
-    return best
-
-
 def _calibrate(tool: str, onnx_path: Path, data: dict[str, np.ndarray], out: Path) -> dict:
-    from mosmedai.postprocess import calibrated_probability
+    from mosmedai.training.common import platt_operating_point, threshold_rule, write_calibration
     from mosmedai.training.evaluate import onnx_outputs
-    from mosmedai.training.train import fit_platt
 
     index = TOOLS.index(tool)
     labels = data["labels"][:, index]
     logits, _ = onnx_outputs(onnx_path, data["image"][:, None].astype(np.float32))
     logits = logits[:, 0]
-    calibration = fit_platt(logits, labels)
-    probability = calibrated_probability(logits, calibration)
     target = TARGET_SENSITIVITY[tool]
-    threshold = _suggest_threshold(probability, labels, target)
-    sensitivity, specificity, _ = sensitivity_specificity(probability >= threshold, labels)
+    calibration, threshold, sensitivity, specificity = platt_operating_point(logits, labels, target)
     record = {
         "a": calibration.a,
         "b": calibration.b,
@@ -467,15 +450,12 @@ def _calibrate(tool: str, onnx_path: Path, data: dict[str, np.ndarray], out: Pat
         "n_positive": int(labels.sum()),
         "auc": round(auc_score(logits, labels), 4),
         "suggested_threshold": threshold,
-        "threshold_rule": f"highest threshold (0.01 steps, at most 0.5) with sensitivity >= {target} on this split",
+        "threshold_rule": threshold_rule(target),
         "sensitivity_at_suggested": round(sensitivity, 4),
         "specificity_at_suggested": round(specificity, 4),
         "model_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
     }
-    path = out / f"{tool}_post" / "1" / "calibration.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    return write_calibration(out, tool, record)
 
 
 # --------------------------------------------------------------------------------------
@@ -591,12 +571,6 @@ def evaluate(tool: str, repository: Path = Path("model_repository"), n: int = 30
 # DICOM cases and served scores
 
 
-@dataclass
-class Case:
-    instances: list[pydicom.Dataset]
-    truth: dict
-
-
 DESCRIPTIONS = ("FLG chest screening (synthetic phantom)", "ФЛГ ОГК (synthetic phantom)",
                 "Fluorography PA (synthetic phantom)", "ФЛЮОРОГРАФИЯ (synthetic phantom)")
 
@@ -628,13 +602,7 @@ def to_dataset(phantom: FlgPhantom, description: str = DESCRIPTIONS[0], **overri
     dataset = build_dataset(np.ascontiguousarray(phantom.stored), modality="DX", bits_stored=phantom.bits_stored,
                             photometric=phantom.photometric_interpretation, **attributes)
     dataset["PixelData"].VR = "OB" if phantom.stored.dtype == np.uint8 else "OW"
-    for keyword, value in overrides.items():
-        if value is None:
-            if keyword in dataset:
-                delattr(dataset, keyword)
-        else:
-            setattr(dataset, keyword, value)
-    return dataset
+    return apply_overrides(dataset, overrides)
 
 
 def cases(tool: str, seed: int = TEST_SEED, n: int = 20) -> list[Case]:
@@ -691,14 +659,9 @@ LIMITATIONS = {
 
 def write_card(tool: str, result: dict, repository: Path = Path("model_repository")) -> None:
     repository = Path(repository)
-    import onnx
-
-    path = repository / f"{tool}_net" / "1" / "model.onnx"
-    proto = onnx.load(str(path))
-    facts = {p.key: p.value for p in proto.metadata_props}
+    facts = model_facts(repository, tool)
     calibration = json.loads((repository / f"{tool}_post" / "1" / "calibration.json").read_text())
     c = result["counts"]
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
     ci = lambda pair: "" if not pair else f"{pct(pair[0])}-{pct(pair[1])} (Wilson)"  # noqa: E731
     macs = int(facts.get("mosmedai.macs_per_image", "0"))
     folder = repository / tool
@@ -751,7 +714,7 @@ its heatmap's max. Input `image` float32 [N, 1, 256, 256]; outputs `logit` [N, 1
 | --- | --- |
 | parameters | {facts.get('mosmedai.parameters', '?')} |
 | compute per image | {macs / 1e6:.0f} M multiply-accumulates |
-| ONNX | opset {OPSET}, {path.stat().st_size / 1024:.0f} KiB |
+| ONNX | opset {OPSET}, {int(facts['size_bytes']) / 1024:.0f} KiB |
 | training | {facts.get('mosmedai.epochs', '?')} epochs, batch {facts.get('mosmedai.batch', '?')}, AdamW, one-cycle lr {facts.get('mosmedai.learning_rate', '?')}, flips and gamma; loss: image BCE + class-balanced heatmap BCE, summed over the three heads |
 | training time | {facts.get('mosmedai.train_seconds_all_heads', '?')} s (all three heads) + {facts.get('mosmedai.generation_seconds', '?')} s phantoms, one torch thread, shared 2-core machine |
 | inference | {result['inference_ms_per_image']} ms per image, ONNX Runtime, one thread |

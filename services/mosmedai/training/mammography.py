@@ -47,6 +47,11 @@ from mosmedai.training.evaluate import (
     ECE_BINS, HIT_ENLARGEMENT, auc_score, auc_standard_error, expected_calibration_error,
     sensitivity_specificity, wilson_interval,
 )
+from mosmedai.training.common import (
+    Case, count_macs as _count_macs, export_onnx, frozen, map_items, minibatches, model_facts as _model_facts, one_cycle, optimise,
+    pct as _pct, platt_operating_point, run_onnx, stack_columns, threshold_rule, training_summary, write_calibration,
+)
+from mosmedai.training.common import block2d
 from mosmedai.training.phantoms import _bbox, _blur, _smoothstep, _to_stored, heatmap_target
 
 TOOLS = tuple(spec.name for spec in SPECS)
@@ -412,16 +417,9 @@ def network_arrays(seed: int, n: int, start: int = 0, workers: int = 1) -> dict[
     """Phantoms (seed, start..start+n-1) as arrays: image float16 [n, 256, 256], geometry [n, 5],
     labels bool [n, 2], boxes [n, 2, 4], heatmaps uint8 [n, 2, 32, 32], sizes_mm [n, 2],
     spacing_mm [n], category int64 [n], fraction [n]; the second axis follows DETECTION_TOOLS."""
-    seeds = [(seed, i) for i in range(start, start + n)]
-    if workers > 1 and n > 1:
-        import multiprocessing
-
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            rows = pool.map(_sample_arrays, seeds, chunksize=max(1, n // (8 * workers)))
-    else:
-        rows = [_sample_arrays(s) for s in seeds]
-    names = ("image", "geometry", "labels", "boxes", "heatmaps", "sizes_mm", "spacing_mm", "category", "fraction")
-    return {name: np.stack(column) for name, column in zip(names, zip(*rows))}
+    rows = map_items(_sample_arrays, [(seed, i) for i in range(start, start + n)], workers)
+    return stack_columns(rows, ("image", "geometry", "labels", "boxes", "heatmaps", "sizes_mm", "spacing_mm",
+                                "category", "fraction"))
 
 
 # --------------------------------------------------------------------------------------
@@ -448,10 +446,6 @@ def _torch_modules():
     import torch
     from torch import nn
 
-    def block(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
-                             nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
     class MammoNet(nn.Module):
         """256 x 256 mammogram -> mass and calcification logits and 32 x 32 heatmaps, and
         four density logits, from one shared trunk (three stride-2 stages, two dilated)."""
@@ -460,8 +454,8 @@ def _torch_modules():
             super().__init__()
             w1, w2, w3 = widths
             self.features = nn.Sequential(
-                block(1, w1, stride=2), block(w1, w2, stride=2), block(w2, w2),
-                block(w2, w3, stride=2), block(w3, w3), block(w3, w3, dilation=2), block(w3, w3, dilation=4),
+                block2d(1, w1, stride=2), block2d(w1, w2, stride=2), block2d(w2, w2), block2d(w2, w3, stride=2),
+                block2d(w3, w3), block2d(w3, w3, dilation=2), block2d(w3, w3, dilation=4),
             )
             self.heatmaps = nn.Conv2d(w3, len(DETECTION_TOOLS), 1)
             # A finding's image logit is an affine map of its heatmap's maximum: a small finding
@@ -497,25 +491,6 @@ def _torch_modules():
     return torch, nn, MammoNet, ToolNet
 
 
-def _count_macs(model, size: int = NETWORK_SIZE) -> int:
-    torch, nn, _, _ = _torch_modules()
-    total = 0
-
-    def hook(module, inputs, output):
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            total += output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
-        elif isinstance(module, nn.Linear):
-            total += module.in_features * module.out_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, 1, size, size))
-    for handle in handles:
-        handle.remove()
-    return total
-
-
 def train_network(data: dict[str, np.ndarray], epochs: int = EPOCHS, log=print):
     """The shared MammoNet trained on all three tasks at once; returns it and a summary."""
     torch, nn, MammoNet, _ = _torch_modules()
@@ -529,25 +504,20 @@ def train_network(data: dict[str, np.ndarray], epochs: int = EPOCHS, log=print):
     category = torch.from_numpy(data["category"])
     n = len(labels)
     model = MammoNet()
-    steps = epochs * (n // BATCH)
     # The detection logits' scale and bias must travel several units (the heatmap peak of a
     # clean image is not at 0): at the network's learning rate Adam moves them ~0.2 per epoch,
     # so they get a higher one.
     head = [model.detect_scale, model.detect_bias]
     rest = [p for p in model.parameters() if all(p is not h for h in head)]
-    optimizer = torch.optim.AdamW([{"params": rest}, {"params": head, "weight_decay": 0.0}],
-                                  lr=LEARNING_RATE, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[LEARNING_RATE, HEAD_LEARNING_RATE],
-                                                   total_steps=steps, pct_start=0.2)
+    optimizer, schedule = one_cycle([{"params": rest}, {"params": head, "weight_decay": 0.0}], LEARNING_RATE,
+                                    epochs * (n // BATCH), max_lr=[LEARNING_RATE, HEAD_LEARNING_RATE])
     bce = nn.BCEWithLogitsLoss()
     ce = nn.CrossEntropyLoss()
     started = time.perf_counter()
     for epoch in range(epochs):
         model.train()
-        order = torch.randperm(n, generator=generator)
         totals = np.zeros(5)
-        for step in range(n // BATCH):
-            batch = order[step * BATCH : (step + 1) * BATCH]
+        for batch in minibatches(n, BATCH, generator):
             x, h = images[batch].float(), heat[batch].float()
             # Left-right flips (both lateralities exist), up-down flips and a display gamma.
             flip = torch.rand(len(batch), generator=generator) < 0.5
@@ -563,23 +533,13 @@ def train_network(data: dict[str, np.ndarray], epochs: int = EPOCHS, log=print):
             losses += [HEATMAP_WEIGHTS[k] * heatmap_loss(heatmaps[:, k : k + 1], h[:, k : k + 1])
                        for k in range(len(DETECTION_TOOLS))]
             losses.append(ce(density, category[batch]))
-            loss = sum(losses)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            optimise(optimizer, schedule, sum(losses))
             totals += [float(v.detach()) for v in losses]
         t = totals / max(1, n // BATCH)
         log(f"epoch {epoch + 1}/{epochs}: mass {t[0]:.3f}/{t[2]:.3f} calcification {t[1]:.3f}/{t[3]:.3f} "
             f"density {t[4]:.3f} (image/heatmap BCE, CE) ({time.perf_counter() - started:.0f} s)")
     model.eval()
-    summary = {
-        "epochs": epochs, "batch": BATCH, "learning_rate": LEARNING_RATE,
-        "train_seconds": round(time.perf_counter() - started, 1),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "torch_threads": torch.get_num_threads(),
-    }
-    return model, summary
+    return model, training_summary(model, epochs, BATCH, LEARNING_RATE, started)
 
 
 def output_names(tool: str) -> list[str]:
@@ -588,67 +548,19 @@ def output_names(tool: str) -> list[str]:
 
 def export_tool(model, tool: str, path: Path, metadata: dict[str, object]) -> None:
     """ONNX opset 17, dynamic batch, input ``image`` [N, 1, 256, 256], the tool's outputs."""
-    torch, _, _, ToolNet = _torch_modules()
-    import onnx
-
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _, _, _, ToolNet = _torch_modules()
     wrapper = ToolNet(model, tool).eval()
-    names = output_names(tool)
-    temporary = path.with_suffix(".tmp.onnx")
-    torch.onnx.export(
-        wrapper, (torch.zeros(1, 1, NETWORK_SIZE, NETWORK_SIZE),), str(temporary),
-        input_names=["image"], output_names=names,
-        dynamic_axes={"image": {0: "batch"}, **{name: {0: "batch"} for name in names}},
-        opset_version=OPSET, do_constant_folding=True, dynamo=False,
-    )
-    proto = onnx.load(str(temporary))
-    proto.doc_string = "mosmedai reference model trained on synthetic phantoms; not for clinical use"
-    macs = _count_macs(wrapper)
-    onnx.helper.set_model_props(proto, {key: str(value) for key, value in {**metadata, "mosmedai.tool": tool,
-                                                                           "mosmedai.macs_per_image": macs}.items()})
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
-    temporary.unlink()
-    check = torch.rand(3, 1, NETWORK_SIZE, NETWORK_SIZE, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = wrapper(check)
-    expected = [expected] if tool == "mg_density" else list(expected)
-    got = onnx_run(path, check.numpy())
-    for name, value in zip(names, expected):
-        if not np.allclose(got[name], value.numpy(), atol=1e-3):
-            raise RuntimeError(f"{path}: ONNX Runtime output {name} differs from PyTorch's")
+    metadata = {**metadata, "mosmedai.tool": tool, "mosmedai.macs_per_image": _count_macs(wrapper)}
+    export_onnx(wrapper, path, metadata, (1, NETWORK_SIZE, NETWORK_SIZE), output_names(tool), check_batch=3)
 
 
-@functools.lru_cache(maxsize=8)
-def _session(path: str, modified: float):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
-def onnx_run(path: str | Path, images: np.ndarray, batch: int = 16) -> dict[str, np.ndarray]:
-    """All outputs of an exported network for images [n, 1, 256, 256], by output name."""
-    path = Path(path)
-    session = _session(str(path.resolve()), path.stat().st_mtime)
-    names = [o.name for o in session.get_outputs()]
-    chunks: dict[str, list] = {name: [] for name in names}
-    for start in range(0, len(images), batch):
-        values = session.run(names, {"image": np.ascontiguousarray(images[start : start + batch], np.float32)})
-        for name, value in zip(names, values):
-            chunks[name].append(value)
-    return {name: np.concatenate(value) for name, value in chunks.items()}
+#: All outputs of an exported network for images [n, 1, 256, 256], by output name.
+onnx_run = run_onnx
 
 
 def calibrate(tool: str, onnx_path: Path, data: dict[str, np.ndarray], out: Path) -> dict:
     """Detection tools: Platt scaling and the suggested threshold on the calibration split.
     Density: the category rule (argmax) and its calibration-split accuracy, for the record."""
-    from mosmedai.postprocess import calibrated_probability
-    from mosmedai.training.train import fit_platt
-
     outputs = onnx_run(onnx_path, data["image"][:, None].astype(np.float32))
     common = {
         "seed": CALIBRATION_SEED,
@@ -671,34 +583,18 @@ def calibrate(tool: str, onnx_path: Path, data: dict[str, np.ndarray], out: Path
         k = DETECTION_TOOLS.index(tool)
         labels = data["labels"][:, k]
         logits = outputs["logit"][:, 0]
-        calibration = fit_platt(logits, labels)
-        probability = calibrated_probability(logits, calibration)
-        threshold = suggest_threshold(probability, labels)
-        sensitivity, specificity, _ = sensitivity_specificity(probability >= threshold, labels)
+        calibration, threshold, sensitivity, specificity = platt_operating_point(logits, labels, TARGET_SENSITIVITY)
         record = {
             "a": calibration.a, "b": calibration.b, **common,
             "method": "Platt scaling, Newton's method on log-loss with Platt's smoothed targets",
             "n_positive": int(labels.sum()),
             "auc": round(auc_score(logits, labels), 4),
             "suggested_threshold": threshold,
-            "threshold_rule": f"highest threshold (0.01 steps, at most 0.5) with sensitivity >= {TARGET_SENSITIVITY} "
-                              "on this split",
+            "threshold_rule": threshold_rule(TARGET_SENSITIVITY),
             "sensitivity_at_suggested": round(sensitivity, 4),
             "specificity_at_suggested": round(specificity, 4),
         }
-    path = out / f"{tool}_post" / "1" / "calibration.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return record
-
-
-def suggest_threshold(probability: np.ndarray, labels: np.ndarray) -> float:
-    labels = np.asarray(labels, bool)
-    best = 0.01
-    for threshold in np.round(np.arange(0.01, 0.505, 0.01), 2):
-        if float((probability[labels] >= threshold).mean()) >= TARGET_SENSITIVITY:
-            best = float(threshold)
-    return best
+    return write_calibration(out, tool, record)
 
 
 def train(tools: list[str], out: Path, *, epochs: int = EPOCHS, n_train: int = N_TRAIN,
@@ -855,10 +751,7 @@ def _threshold(tool: str, repository: Path) -> tuple[float, str]:
 
 @functools.lru_cache(maxsize=2)
 def _held_out(seed: int, n: int) -> dict[str, np.ndarray]:
-    data = network_arrays(seed, n)
-    for array in data.values():
-        array.setflags(write=False)
-    return data
+    return frozen(network_arrays(seed, n))
 
 
 def evaluate(tool: str, repository: Path = Path("model_repository"), n: int = 400, seed: int = HELD_OUT_SEED) -> dict:
@@ -939,21 +832,6 @@ LIMITATIONS = {
                    "bounds; the 5th edition's masking criterion and reader variability are not modelled. "
                    "A category is per image: a study's density is usually the denser breast."),
 }
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f} %"
-
-
-def _model_facts(repository: Path, tool: str) -> dict[str, str]:
-    import onnx
-
-    path = repository / f"{tool}_net" / "1" / "model.onnx"
-    proto = onnx.load(str(path))
-    facts = {prop.key: prop.value for prop in proto.metadata_props}
-    facts["size_bytes"] = str(path.stat().st_size)
-    facts["opset"] = str(max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")))
-    return facts
 
 
 def _metrics_section(result: dict, calibration: dict) -> str:
@@ -1147,14 +1025,8 @@ PATIENT_ORIENTATION = {("L", "CC"): ["A", "R"], ("R", "CC"): ["P", "L"],
                        ("L", "MLO"): ["A", "FR"], ("R", "MLO"): ["P", "FL"]}
 
 
-@dataclass
-class Case:
-    """One mammogram as a hospital sends it and its ground truth:
-    truth = {label, box (source pixels or None), category (0..3), fraction, laterality, view,
-    spacing_mm, size_mm}; label is the tool's finding (density: category C or D)."""
-
-    instances: list
-    truth: dict
+#: A `Case`'s truth: {label, box (source pixels or None), category (0..3), fraction, laterality,
+#: view, spacing_mm, size_mm}; label is the tool's finding (density: category C or D).
 
 
 def to_dataset(phantom: Phantom, **attributes):

@@ -36,6 +36,7 @@ import cv2
 import numpy as np
 
 from mosmedai.imaging import NETWORK_SIZE, GrayscaleParams, Letterbox, VoiFunction, preprocess
+from mosmedai.training.common import apply_overrides, map_items, stack_columns
 
 TOOLS = ("cxr_opacity", "cxr_nodule", "cxr_pneumothorax")
 
@@ -654,13 +655,7 @@ def to_dataset(phantom: Phantom, **overrides) -> "pydicom.dataset.Dataset":  # n
                        bits_stored=phantom.bits_stored, photometric=phantom.photometric_interpretation,
                        **attributes)
     ds["PixelData"].VR = "OW"
-    for keyword, value in overrides.items():
-        if value is None:
-            if keyword in ds:
-                delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    return ds
+    return apply_overrides(ds, overrides)
 
 
 def write_dicom(phantom: Phantom, path_or_buffer: str | os.PathLike | io.IOBase, **overrides):
@@ -700,13 +695,5 @@ def network_arrays(seed: int, n: int, start: int = 0, workers: int = 1) -> dict[
     absent), heatmaps uint8 [n, 3, 32, 32] (targets), sizes_mm float32 [n, 3], spacing_mm [n];
     the second axis follows TOOLS.
     """
-    seeds = [(seed, index) for index in range(start, start + n)]
-    if workers > 1 and n > 1:
-        import multiprocessing
-
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            rows = pool.map(_sample_arrays, seeds, chunksize=max(1, n // (8 * workers)))
-    else:
-        rows = [_sample_arrays(s) for s in seeds]
-    names = ("image", "geometry", "labels", "boxes", "heatmaps", "sizes_mm", "spacing_mm")
-    return {name: np.stack(column) for name, column in zip(names, zip(*rows))}
+    rows = map_items(_sample_arrays, [(seed, index) for index in range(start, start + n)], workers)
+    return stack_columns(rows, ("image", "geometry", "labels", "boxes", "heatmaps", "sizes_mm", "spacing_mm"))

@@ -49,6 +49,8 @@ from mosmedai.families.spine_xray import (
 from mosmedai.imaging import NETWORK_SIZE, GrayscaleParams, Letterbox, VoiFunction, preprocess
 from mosmedai.training import CALIBRATION_SEED, HELD_OUT_SEED, TEST_SEED, TRAIN_SEED
 from mosmedai.training import phantoms as cxr
+from mosmedai.training.common import Case, apply_overrides, model_facts, pct, run_onnx, write_calibration
+from mosmedai.training.common import export_onnx as common_export_onnx
 from mosmedai.training.evaluate import box_hit, sensitivity_specificity, wilson_interval
 
 TOOLS = ("spine_scoliosis",)
@@ -326,7 +328,7 @@ def _build_network():
     import torch
     from torch import nn
 
-    from mosmedai.training.train import _block
+    from mosmedai.training.common import block2d as _block
 
     class SpineNet(nn.Module):
         """256 x 256 -> ``spine`` logits and ``tilt`` (units of 30 deg) maps at 32 x 32."""
@@ -349,28 +351,7 @@ def _build_network():
 
 
 def export_onnx(model, path: Path, metadata: dict) -> None:
-    import onnx
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp.onnx")
-    torch.onnx.export(model.eval(), (torch.zeros(1, 1, NETWORK_SIZE, NETWORK_SIZE),), str(temporary),
-                      input_names=["image"], output_names=["spine", "tilt"],
-                      dynamic_axes={"image": {0: "batch"}, "spine": {0: "batch"}, "tilt": {0: "batch"}},
-                      opset_version=OPSET, do_constant_folding=True, dynamo=False)
-    proto = onnx.load(str(temporary))
-    proto.doc_string = "mosmedai reference model trained on synthetic phantoms; not for clinical use"
-    onnx.helper.set_model_props(proto, {k: str(v) for k, v in metadata.items()})
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
-    temporary.unlink()
-    check = torch.rand(2, 1, NETWORK_SIZE, NETWORK_SIZE, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        spine, tilt = model(check)
-    outputs = run_network(path, check.numpy())
-    if not all(np.allclose(o["spine"], spine[i].numpy(), atol=1e-3) and np.allclose(o["tilt"], tilt[i].numpy(), atol=1e-3)
-               for i, o in enumerate(outputs)):
-        raise RuntimeError(f"{path}: ONNX Runtime outputs differ from PyTorch's")
+    common_export_onnx(model, path, metadata, (1, NETWORK_SIZE, NETWORK_SIZE), ("spine", "tilt"), check_batch=2)
 
 
 def train(tools: list[str] | None = None, out: Path = Path("model_repository"), *, n_train: int = N_TRAIN,
@@ -378,7 +359,7 @@ def train(tools: list[str] | None = None, out: Path = Path("model_repository"), 
     import torch
     from torch import nn
 
-    from mosmedai.training.train import count_macs
+    from mosmedai.training.common import count_macs, minibatches, one_cycle, optimise
 
     out = Path(out)
     torch.set_num_threads(1)
@@ -394,16 +375,12 @@ def train(tools: list[str] | None = None, out: Path = Path("model_repository"), 
     cover = torch.from_numpy(data["cover"])[:, None]
     tilt = torch.from_numpy(data["tilt"])[:, None]
     n = len(images)
-    steps = epochs * (n // BATCH)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LEARNING_RATE, total_steps=steps, pct_start=0.2)
+    optimizer, schedule = one_cycle(net.parameters(), LEARNING_RATE, epochs * (n // BATCH))
     train_started = time.perf_counter()
     for epoch in range(epochs):
         net.train()
-        order = torch.randperm(n, generator=generator)
         totals = [0.0, 0.0]
-        for step in range(n // BATCH):
-            batch = order[step * BATCH : (step + 1) * BATCH]
+        for batch in minibatches(n, BATCH, generator):
             x, c, t = images[batch].float(), cover[batch].float(), tilt[batch].float()
             flip = (torch.rand(len(batch), generator=generator) < 0.5)[:, None, None, None]
             x, c = torch.where(flip, x.flip(3), x), torch.where(flip, c.flip(3), c)
@@ -416,11 +393,7 @@ def train(tools: list[str] | None = None, out: Path = Path("model_repository"), 
             loss_spine = per_cell[target > 0.5].mean() + per_cell[target < 0.5].mean()
             weight = c.clamp(0.0, 1.0) * (c > 0.15)
             loss_tilt = (nn.functional.smooth_l1_loss(predicted, t, reduction="none", beta=0.1) * weight).sum() / weight.sum()
-            loss = loss_spine + TILT_LOSS_WEIGHT * loss_tilt
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            optimise(optimizer, schedule, loss_spine + TILT_LOSS_WEIGHT * loss_tilt)
             totals[0] += float(loss_spine.detach())
             totals[1] += float(loss_tilt.detach())
         k = n // BATCH
@@ -477,10 +450,7 @@ def _calibrate(onnx_path: Path, data: dict[str, np.ndarray], out: Path) -> dict:
         "mae_deg_after": round(float(np.mean(np.abs(corrected - truth[ok]))), 3),
         "model_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
     }
-    path = out / "spine_scoliosis_post" / "1" / "calibration.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    return write_calibration(out, "spine_scoliosis", record)
 
 
 # --------------------------------------------------------------------------------------
@@ -489,16 +459,8 @@ def _calibrate(onnx_path: Path, data: dict[str, np.ndarray], out: Path) -> dict:
 
 def run_network(path: Path, images: np.ndarray, batch: int = 16) -> list[dict[str, np.ndarray]]:
     """Per-item outputs (no batch dim) of the exported network for images [n, 1, 256, 256]."""
-    from mosmedai.training.evaluate import _session
-
-    path = Path(path)
-    session = _session(str(path.resolve()), path.stat().st_mtime)
-    outputs = []
-    for start in range(0, len(images), batch):
-        chunk = np.ascontiguousarray(images[start : start + batch], np.float32)
-        spine, tilt = session.run(["spine", "tilt"], {"image": chunk})
-        outputs.extend({"spine": spine[i], "tilt": tilt[i]} for i in range(len(chunk)))
-    return outputs
+    outputs = run_onnx(path, images, batch, names=("spine", "tilt"))
+    return [{"spine": outputs["spine"][i], "tilt": outputs["tilt"][i]} for i in range(len(outputs["spine"]))]
 
 
 def _spec():
@@ -606,12 +568,6 @@ def evaluate(tool: str = "spine_scoliosis", repository: Path = Path("model_repos
 # DICOM cases and served scores
 
 
-@dataclass
-class Case:
-    instances: list[pydicom.Dataset]
-    truth: dict
-
-
 #: (BodyPartExamined, SeriesDescription) of the cases, in turn.
 HEADERS = (("SPINE", "Spine AP scoliosis (synthetic phantom)"),
            ("WHOLESPINE", "Whole spine AP (synthetic phantom)"),
@@ -646,13 +602,7 @@ def to_dataset(phantom: SpinePhantom, body_part: str = "SPINE", description: str
                             bits_stored=phantom.bits_stored, photometric=phantom.photometric_interpretation,
                             **attributes)
     dataset["PixelData"].VR = "OW"
-    for keyword, value in overrides.items():
-        if value is None:
-            if keyword in dataset:
-                delattr(dataset, keyword)
-        else:
-            setattr(dataset, keyword, value)
-    return dataset
+    return apply_overrides(dataset, overrides)
 
 
 def cases(tool: str = "spine_scoliosis", seed: int = TEST_SEED, n: int = 20) -> list[Case]:
@@ -693,13 +643,9 @@ TOLERANCE = {"mae_deg": 2.5, "within_5deg_rate": 0.3, "grade_accuracy": 0.3, "se
 
 
 def write_card(tool: str, result: dict, repository: Path = Path("model_repository")) -> None:
-    import onnx
-
     repository = Path(repository)
-    path = repository / f"{tool}_net" / "1" / "model.onnx"
-    facts = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    facts = model_facts(repository, tool)
     calibration = json.loads((repository / f"{tool}_post" / "1" / "calibration.json").read_text())
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
     ci = lambda pair: f"{pct(pair[0])}-{pct(pair[1])} (Wilson)"  # noqa: E731
     c = result["counts"]
     bands = "\n".join(f"| {band} | {row['n']} | {row['mae_deg']} |" for band, row in result["mae_by_cobb"].items())
@@ -770,7 +716,7 @@ squares on the calibration split (MAE there {calibration['mae_deg_before']} deg 
 | --- | --- |
 | parameters | {facts.get('mosmedai.parameters', '?')} |
 | compute per image | {int(facts.get('mosmedai.macs_per_image', '0')) / 1e6:.0f} M multiply-accumulates |
-| ONNX | opset {OPSET}, {path.stat().st_size / 1024:.0f} KiB |
+| ONNX | opset {OPSET}, {int(facts['size_bytes']) / 1024:.0f} KiB |
 | training | {facts.get('mosmedai.epochs', '?')} epochs, batch {facts.get('mosmedai.batch', '?')}, AdamW, one-cycle lr {facts.get('mosmedai.learning_rate', '?')}, mirror flips (tilts negated) and gamma; loss: class-balanced BCE on the spine map + {TILT_LOSS_WEIGHT:g} x smooth-L1 on the tilt over body cells |
 | training time | {facts.get('mosmedai.train_seconds', '?')} s + {facts.get('mosmedai.generation_seconds', '?')} s phantoms, one torch thread, shared 2-core machine |
 | inference | {result['inference_ms_per_image']} ms per image, ONNX Runtime, one thread |

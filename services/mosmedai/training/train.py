@@ -23,22 +23,32 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
 from mosmedai.training import CALIBRATION_SEED, TRAIN_SEED
-from mosmedai.training.evaluate import auc_score, onnx_outputs, sensitivity_specificity
+from mosmedai.training.common import (  # noqa: F401 (fit_platt, suggest_threshold: re-exported)
+    block2d,
+    count_macs,
+    export_onnx as common_export_onnx,
+    fit_platt,
+    minibatches,
+    one_cycle,
+    optimise,
+    platt_operating_point,
+    suggest_threshold,
+    threshold_rule,
+    training_summary,
+    write_calibration,
+)
+from mosmedai.training.evaluate import auc_score, onnx_outputs
 from mosmedai.training.phantoms import HEATMAP_SIZE, TOOLS, network_arrays
 from mosmedai.imaging import NETWORK_SIZE
-from mosmedai.postprocess import Calibration, calibrated_probability
 
 N_TRAIN = 3000
 N_CALIBRATION = 600
@@ -53,12 +63,7 @@ TARGET_SENSITIVITY = 0.9
 OPSET = 17
 
 
-def _block(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
+_block = block2d
 
 
 class CxrNet(nn.Module):
@@ -94,25 +99,6 @@ class CxrNet(nn.Module):
         return self.classifier(pooled), heatmap
 
 
-def count_macs(model: nn.Module, size: int = NETWORK_SIZE) -> int:
-    """Multiply-accumulates of one image's forward pass (convolutions and linear layers)."""
-    total = 0
-
-    def hook(module, inputs, output):
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            total += output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
-        elif isinstance(module, nn.Linear):
-            total += module.in_features * module.out_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, 1, size, size))
-    for handle in handles:
-        handle.remove()
-    return total
-
-
 def _augment(images: torch.Tensor, heatmaps: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-right flips and a display gamma (0.8-1.25): cheap variety on top of the phantoms."""
     n = images.shape[0]
@@ -146,26 +132,18 @@ def train_tool(tool: str, data: dict[str, np.ndarray], epochs: int = EPOCHS, log
     n = len(labels)
 
     model = CxrNet()
-    steps = epochs * (n // BATCH)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LEARNING_RATE, total_steps=steps, pct_start=0.2)
+    optimizer, schedule = one_cycle(model.parameters(), LEARNING_RATE, epochs * (n // BATCH))
     image_loss = nn.BCEWithLogitsLoss()
     started = time.perf_counter()
     for epoch in range(epochs):
         model.train()
-        order = torch.randperm(n, generator=generator)
         totals = [0.0, 0.0]
-        for step in range(n // BATCH):
-            batch = order[step * BATCH : (step + 1) * BATCH]
+        for batch in minibatches(n, BATCH, generator):
             x, h = _augment(images[batch].float(), heat[batch].float(), generator)
             logit, heatmap = model(x)
             loss_image = image_loss(logit, labels[batch])
             loss_heat = heatmap_loss(heatmap, h)
-            loss = loss_image + HEATMAP_LOSS_WEIGHT * loss_heat
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            optimise(optimizer, schedule, loss_image + HEATMAP_LOSS_WEIGHT * loss_heat)
             totals[0] += float(loss_image.detach())
             totals[1] += float(loss_heat.detach())
         steps_done = n // BATCH
@@ -174,79 +152,12 @@ def train_tool(tool: str, data: dict[str, np.ndarray], epochs: int = EPOCHS, log
             f"heatmap loss {totals[1] / steps_done:.4f} ({time.perf_counter() - started:.0f} s)"
         )
     model.eval()
-    summary = {
-        "epochs": epochs,
-        "batch": BATCH,
-        "learning_rate": LEARNING_RATE,
-        "train_seconds": round(time.perf_counter() - started, 1),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "macs_per_image": count_macs(model),
-        "torch_threads": torch.get_num_threads(),
-    }
-    return model, summary
+    return model, training_summary(model, epochs, BATCH, LEARNING_RATE, started, macs_per_image=count_macs(model))
 
 
 def export_onnx(model: CxrNet, path: Path, metadata: dict[str, str]) -> None:
     """ONNX opset 17, dynamic batch axis, input ``image``, outputs ``logit`` and ``heatmap``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
-    example = torch.zeros(1, 1, NETWORK_SIZE, NETWORK_SIZE)
-    temporary = path.with_suffix(".tmp.onnx")
-    torch.onnx.export(
-        model,
-        (example,),
-        str(temporary),
-        input_names=["image"],
-        output_names=["logit", "heatmap"],
-        dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}, "heatmap": {0: "batch"}},
-        opset_version=OPSET,
-        do_constant_folding=True,
-        dynamo=False,  # the TorchScript exporter: no onnxscript needed, plain Conv/Relu graph
-    )
-    proto = onnx.load(str(temporary))
-    proto.doc_string = "mosmedai reference model trained on synthetic phantoms; not for clinical use"
-    onnx.helper.set_model_props(proto, {key: str(value) for key, value in metadata.items()})
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
-    temporary.unlink()
-    # The exported graph must agree with the network it came from.
-    check = torch.rand(3, 1, NETWORK_SIZE, NETWORK_SIZE, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logit, heatmap = model(check)
-    ort_logit, ort_heatmap = onnx_outputs(path, check.numpy())
-    if not (np.allclose(ort_logit, logit.numpy(), atol=1e-3) and np.allclose(ort_heatmap, heatmap.numpy(), atol=1e-3)):
-        raise RuntimeError(f"{path}: ONNX Runtime outputs differ from PyTorch's")
-
-
-def fit_platt(logits: np.ndarray, labels: np.ndarray, iterations: int = 100) -> Calibration:
-    """Platt scaling by Newton's method on the log-loss, with Platt's smoothed targets
-    ((N+ + 1) / (N+ + 2) and 1 / (N- + 2)) so a separable split does not give infinite a."""
-    logits = np.asarray(logits, np.float64).ravel()
-    labels = np.asarray(labels, bool).ravel()
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    target = np.where(labels, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
-    a, b = 1.0, 0.0
-    design = np.stack([logits, np.ones_like(logits)], axis=1)
-    for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-np.clip(a * logits + b, -50, 50)))
-        gradient = design.T @ (p - target)
-        hessian = design.T @ (design * (p * (1 - p))[:, None]) + 1e-6 * np.eye(2)
-        step = np.linalg.solve(hessian, gradient)
-        a, b = a - step[0], b - step[1]
-        if np.abs(step).max() < 1e-9:
-            break
-    return Calibration(float(a), float(b))
-
-
-def suggest_threshold(probability: np.ndarray, labels: np.ndarray) -> float:
-    """Highest threshold on a 0.01 grid with sensitivity >= TARGET_SENSITIVITY, at most 0.5."""
-    labels = np.asarray(labels, bool)
-    best = 0.01
-    for threshold in np.round(np.arange(0.01, 0.505, 0.01), 2):
-        sensitivity = float((probability[labels] >= threshold).mean())
-        if sensitivity >= TARGET_SENSITIVITY:
-            best = float(threshold)
-    return best
+    common_export_onnx(model, path, metadata, (1, NETWORK_SIZE, NETWORK_SIZE), ("logit", "heatmap"), check_batch=3)
 
 
 def calibrate(tool: str, onnx_path: Path, data: dict[str, np.ndarray], out: Path) -> dict:
@@ -255,10 +166,7 @@ def calibrate(tool: str, onnx_path: Path, data: dict[str, np.ndarray], out: Path
     labels = data["labels"][:, index]
     logits, _ = onnx_outputs(onnx_path, data["image"][:, None].astype(np.float32))
     logits = logits[:, 0]
-    calibration = fit_platt(logits, labels)
-    probability = calibrated_probability(logits, calibration)
-    threshold = suggest_threshold(probability, labels)
-    sensitivity, specificity, _ = sensitivity_specificity(probability >= threshold, labels)
+    calibration, threshold, sensitivity, specificity = platt_operating_point(logits, labels, TARGET_SENSITIVITY)
     record = {
         "a": calibration.a,
         "b": calibration.b,
@@ -272,18 +180,12 @@ def calibrate(tool: str, onnx_path: Path, data: dict[str, np.ndarray], out: Path
         "n_positive": int(labels.sum()),
         "auc": round(auc_score(logits, labels), 4),
         "suggested_threshold": threshold,
-        "threshold_rule": (
-            f"highest threshold (0.01 steps, at most 0.5) with sensitivity >= {TARGET_SENSITIVITY} "
-            "on this split"
-        ),
+        "threshold_rule": threshold_rule(TARGET_SENSITIVITY),
         "sensitivity_at_suggested": round(sensitivity, 4),
         "specificity_at_suggested": round(specificity, 4),
         "model_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
     }
-    path = out / f"{tool}_post" / "1" / "calibration.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    return write_calibration(out, tool, record)
 
 
 def main(argv: list[str] | None = None) -> int:
