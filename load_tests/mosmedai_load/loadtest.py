@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--integrators", type=int, default=16, help="Locust users sharing the rate")
     p.add_argument("--extra-paths", default="study_mg,study_ct,stow_cxr",
                    help="heavier paths of a second, short run ('' = none); those the platform lacks are skipped, noted")
-    p.add_argument("--extra-rate", type=float, default=0.6, help="requests/s of the second run, by the modality mix")
-    p.add_argument("--extra-seconds", type=float, default=20.0, help="length of the second run")
+    p.add_argument("--extra-rate", type=float, default=1.0, help="requests/s of the second run, by the modality mix")
+    p.add_argument("--extra-seconds", type=float, default=30.0, help="length of the second run")
     p.add_argument("--profile", type=Path, help="service-time profile of the local pool (default: measure it now)")
     p.add_argument("--gpu", help="GPU type in --profile")
     p.add_argument("--no-validate", action="store_true", help="skip the planner's prediction")
