@@ -296,49 +296,6 @@ def parse_manifest(text: str | dict, source: str = MANIFEST) -> Manifest:
 
 # --- the package family ------------------------------------------------------------------------
 @dataclass(frozen=True)
-class PackageFamily(Family):
-    """A package's own family: its input size, windowing and normalisation."""
-
-    network_size: int = NETWORK_SIZE
-    windowing: str = "header"
-    window_center: float | None = None
-    window_width: float | None = None
-    percentile_low: float = 0.5
-    percentile_high: float = 99.5
-    mean: float = 0.0
-    std: float = 1.0
-
-    def preprocess_parameters(self) -> dict[str, str]:
-        """The preprocess model's config parameters (read by triton_models.PreprocessModel)."""
-        parameters = {"network_size": str(self.network_size)}  # all xr_preprocess has
-        if self.windowing != "header":
-            parameters["windowing"] = self.windowing
-        if self.windowing == "fixed":
-            parameters |= {"window_center": repr(self.window_center), "window_width": repr(self.window_width)}
-        if self.windowing == "percentile":
-            parameters |= {"percentile_low": repr(self.percentile_low), "percentile_high": repr(self.percentile_high)}
-        if (self.mean, self.std) != (0.0, 1.0):
-            parameters |= {"mean": repr(self.mean), "std": repr(self.std)}
-        return parameters
-
-    @property
-    def is_default(self) -> bool:
-        return (self.network_size, self.windowing, self.mean, self.std) == (NETWORK_SIZE, "header", 0.0, 1.0)
-
-
-def family_of(manifest: Manifest) -> PackageFamily:
-    inp = manifest.input
-    w = inp.windowing
-    default = (inp.size, w.mode, inp.normalisation.mean, inp.normalisation.std) == (NETWORK_SIZE, "header", 0.0, 1.0)
-    return PackageFamily(
-        name=f"package_{manifest.name}", kind=IMAGE,
-        preprocess=XR_PREPROCESS if default else f"{manifest.name}_preprocess",
-        network_size=inp.size, windowing=w.mode, window_center=w.center, window_width=w.width,
-        percentile_low=w.low, percentile_high=w.high, mean=inp.normalisation.mean, std=inp.normalisation.std,
-    )
-
-
-@dataclass(frozen=True)
 class PreprocessSettings:
     """What a preprocess model does beyond the default chain (config parameters, parsed)."""
 
@@ -362,6 +319,50 @@ class PreprocessSettings:
                    window_center=number("window_center", None), window_width=number("window_width", None),
                    percentile_low=number("percentile_low", 0.5), percentile_high=number("percentile_high", 99.5),
                    mean=number("mean", 0.0), std=number("std", 1.0))
+
+    @property
+    def is_default(self) -> bool:
+        """Whether xr_preprocess already does this (its size, the header's window, no normalisation)."""
+        return (self.size, self.windowing, self.mean, self.std) == (NETWORK_SIZE, "header", 0.0, 1.0)
+
+    def parameters(self) -> dict[str, str]:
+        """The preprocess model's config parameters (the inverse of ``from_parameters``)."""
+        parameters = {"network_size": str(self.size)}  # all xr_preprocess has
+        if self.windowing != "header":
+            parameters["windowing"] = self.windowing
+        if self.windowing == "fixed":
+            parameters |= {"window_center": repr(self.window_center), "window_width": repr(self.window_width)}
+        if self.windowing == "percentile":
+            parameters |= {"percentile_low": repr(self.percentile_low), "percentile_high": repr(self.percentile_high)}
+        if (self.mean, self.std) != (0.0, 1.0):
+            parameters |= {"mean": repr(self.mean), "std": repr(self.std)}
+        return parameters
+
+
+@dataclass(frozen=True)
+class PackageFamily(Family):
+    """A package's own family: its input size, windowing and normalisation."""
+
+    preprocessing: PreprocessSettings = PreprocessSettings()
+
+    @property
+    def network_size(self) -> int:
+        return self.preprocessing.size
+
+    def preprocess_parameters(self) -> dict[str, str]:
+        """The preprocess model's config parameters (read by triton_models.PreprocessModel)."""
+        return self.preprocessing.parameters()
+
+
+def family_of(manifest: Manifest) -> PackageFamily:
+    inp = manifest.input
+    w = inp.windowing
+    settings = PreprocessSettings(size=inp.size, windowing=w.mode, window_center=w.center, window_width=w.width,
+                                  percentile_low=w.low, percentile_high=w.high, mean=inp.normalisation.mean,
+                                  std=inp.normalisation.std)
+    return PackageFamily(name=f"package_{manifest.name}", kind=IMAGE,
+                         preprocess=XR_PREPROCESS if settings.is_default else f"{manifest.name}_preprocess",
+                         preprocessing=settings)
 
 
 def window_params(stored: np.ndarray, params: GrayscaleParams, settings: PreprocessSettings) -> GrayscaleParams:

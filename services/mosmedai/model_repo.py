@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mosmedai.families import IMAGE, ToolSpec
 from mosmedai.imaging import N_PARAMS, NETWORK_SIZE
-from mosmedai.tools import CATALOG, FAMILIES
+from mosmedai.tools import CATALOG
 from mosmedai.volumes import N_GEOMETRY
 
 MAX_BATCH_SIZE = 16

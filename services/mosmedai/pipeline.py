@@ -12,7 +12,7 @@ import asyncio
 import math
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -104,7 +104,6 @@ class WorkItem:
     tools: list[str]
     tensors: ImageInput | VolumeInput
     factors: tuple[float, float] = (1.0, 1.0)  # transport pixels -> source pixels (images)
-    looked_at: dict = field(default_factory=dict)
 
     @property
     def first(self) -> DecodedImage:
@@ -158,13 +157,13 @@ def plan(images: list[DecodedImage], enabled: list[str], wanted: list[str] | Non
         if image_tools:
             for image in members:
                 tensors, factors = image_input(image, transport_max_side)
-                items.append(WorkItem(IMAGE, [image], image_tools, tensors, factors, image.facts.looked_at))
+                items.append(WorkItem(IMAGE, [image], image_tools, tensors, factors))
         if volume_families:
             ordered, spacing = order_slices(members)
             for family_specs in volume_families.values():
                 grid, geometry = grid_from_images(ordered, spacing, family_specs[0].family.grid)
                 items.append(WorkItem(VOLUME, ordered, [spec.name for spec in family_specs],
-                                      VolumeInput(grid, geometry.as_vector()), looked_at=members[0].facts.looked_at))
+                                      VolumeInput(grid, geometry.as_vector())))
     return items, unmatched
 
 

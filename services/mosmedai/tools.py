@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
 
-from mosmedai.families import Family, ToolSpec
+from mosmedai.families import ToolSpec
 
 #: Family modules, in catalog order.
 FAMILY_MODULES = ("chest_xray", "fluorography", "mammography", "spine_xray", "ct_brain", "ct_chest")
@@ -62,7 +62,6 @@ def _load_packages() -> None:
 
 _load_packages()
 
-FAMILIES: dict[str, Family] = {spec.family.name: spec.family for spec in CATALOG.values()}
 
 
 def family_module(tool: str) -> ModuleType:

@@ -46,23 +46,19 @@ class PreprocessModel(_Model):
         super().initialize(args)
         self.size = int(_parameter(self.model_config, "network_size", "256"))
         # A tool package's own preprocess (mosmedai.byo) may set windowing and normalisation.
-        self.settings = None
         if any(_parameter(self.model_config, key) is not None for key in ("windowing", "mean", "std")):
-            from mosmedai.byo import PreprocessSettings
+            from mosmedai.byo import PreprocessSettings, preprocess_image
 
-            self.settings = PreprocessSettings.from_parameters(
+            settings = PreprocessSettings.from_parameters(
                 lambda key, default: _parameter(self.model_config, key, default))
+            self.preprocess_frame = lambda frame, params: preprocess_image(frame, params, settings)
+        else:
+            from mosmedai.imaging import preprocess
+
+            self.preprocess_frame = lambda frame, params: preprocess(frame, params, self.size)
 
     def execute(self, requests):
-        from mosmedai.imaging import GrayscaleParams, preprocess
-
-        if self.settings is not None:
-            from mosmedai.byo import preprocess_image
-
-            settings = self.settings
-
-            def preprocess(frame, params, size):  # noqa: F811 - the package's chain
-                return preprocess_image(frame, params, settings)
+        from mosmedai.imaging import GrayscaleParams
 
         pb = _pb()
         responses = []
@@ -76,7 +72,7 @@ class PreprocessModel(_Model):
                 geometry = np.empty((len(pixels), 5), np.float32)
                 for index, frame in enumerate(pixels):
                     lut = luts[index] if luts is not None else None
-                    image, box = preprocess(frame, GrayscaleParams.from_vector(params[index], lut), self.size)
+                    image, box = self.preprocess_frame(frame, GrayscaleParams.from_vector(params[index], lut))
                     images[index, 0] = image
                     geometry[index] = box.as_vector()
                 responses.append(

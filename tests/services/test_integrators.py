@@ -18,7 +18,6 @@ import pytest
 import tritonclient.grpc as triton_grpc
 
 from mosmedai import local
-from mosmedai.dicom_build import to_bytes
 from mosmedai.grpc_api import studies_pb2, studies_pb2_grpc
 from mosmedai.pipeline import multipart_parts
 from mosmedai.storage import ObjectStore

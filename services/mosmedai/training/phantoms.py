@@ -232,7 +232,6 @@ def _draw(
     v = ((y - apex_y) / scale)[:, None] * np.ones((1, cols), np.float32)
     u = ((x - centre_x) / scale)[None, :] * np.ones((rows, 1), np.float32)
     au = np.abs(u)
-    px_per_unit = scale / spacing
 
     lungs = {
         side: _Lung(

@@ -325,7 +325,6 @@ def network_arrays(seed: int, n: int, rows_range: tuple[int, int] = TRAIN_ROWS) 
 
 
 def _build_network():
-    import torch
     from torch import nn
 
     from mosmedai.training.common import block2d as _block

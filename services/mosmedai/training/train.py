@@ -32,16 +32,14 @@ import torch
 from torch import nn
 
 from mosmedai.training import CALIBRATION_SEED, TRAIN_SEED
-from mosmedai.training.common import (  # noqa: F401 (fit_platt, suggest_threshold: re-exported)
+from mosmedai.training.common import (
     block2d,
     count_macs,
     export_onnx as common_export_onnx,
-    fit_platt,
     minibatches,
     one_cycle,
     optimise,
     platt_operating_point,
-    suggest_threshold,
     threshold_rule,
     training_summary,
     write_calibration,
