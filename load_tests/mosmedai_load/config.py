@@ -20,7 +20,8 @@ REPO_ROOT = PACKAGE_DIR.parents[1]
 DATA_DIR = PACKAGE_DIR / "data"
 #: CI runs with a copy of shared/ beside the clone; the planner's default regions file.
 DEFAULT_REGIONS = REPO_ROOT.parent / "shared" / "data" / "regions.csv"
-DEFAULT_DISTRICTS = DATA_DIR / "federal_districts.csv"
+# The districts file is the platform's (the router maps pool-less regions by it too).
+DEFAULT_DISTRICTS = REPO_ROOT / "services" / "mosmedai" / "data" / "federal_districts.csv"
 DEFAULT_PROFILE = DATA_DIR / "profile_illustrative.yaml"
 MOSCOW = "RU-MOW"
 

@@ -59,6 +59,30 @@ class Settings(BaseSettings):
         "Protocol REST calls. Empty: the local Triton at http://bind_host:triton_http_port. "
         "In a cluster: http://<pool Service>:8000.",
     )
+    second_pool_http_port: int = Field(
+        8110, ge=1, le=65535,
+        description="HTTP port of the local default's second pool (RU-TA's Triton); its gRPC and metrics "
+        "ports are the next two (8111, 8112).",
+    )
+    second_pool_tools: list[str] = Field(
+        default_factory=lambda: ["cxr_opacity", "cxr_nodule", "cxr_pneumothorax"],
+        description="Tools the local default's second pool (RU-TA) loads: a subset keeps `make up` light; "
+        "RU-TA's other tools run on its neighbour RU-MOW. Empty: one pool only.",
+    )
+    pools_file: str = Field(
+        "",
+        description="The pool directory (YAML/JSON list, or a path to it): name, regions, districts, endpoints "
+        "(gRPC host:port), metrics_url, tools, neighbours, transfer_s (mosmedai.pools). Empty: the local "
+        "default (RU-MOW and RU-TA on this machine), unless pool_discovery is `kubernetes`.",
+    )
+    pool_discovery: Literal["config", "kubernetes"] = Field(
+        "config",
+        description="Where the router learns its pools: `config` (pools_file or the local default) or "
+        "`kubernetes` (watches GpuPool resources in pool_namespace; mosmedai.pool_discovery).",
+    )
+    pool_namespace: str = Field(
+        "", description="Namespace whose GpuPools the router watches (kubernetes discovery); empty: its own.",
+    )
     model_repository: Path = Field(
         REPO_ROOT / "model_repository",
         description="Triton model repository (one folder per model, config.pbtxt + versions).",
@@ -93,6 +117,45 @@ class Settings(BaseSettings):
     )
     triton_retries: int = Field(
         2, ge=0, le=10, description="Retries of a Triton call that failed with UNAVAILABLE (connection)."
+    )
+    router_max_concurrent_batches: int = Field(
+        2, ge=1, le=64,
+        description="Batches of one tool a router replica keeps in one pool's Triton at once. More wait in "
+        "the router, where priority and fair share order them, not in Triton's queue.",
+    )
+
+    # --- national routing: failover, spill-over, admission (issue: national serving) -------
+    time_to_result_slo_s: float = Field(
+        900.0, gt=0, le=86400,
+        description="Time-to-result SLO of an asynchronous study (s; 15 min as in the reference workload). "
+        "Spill-over compares a pool's expected wait with a fraction of it.",
+    )
+    sync_deadline_s: float = Field(
+        10.0, gt=0, le=600,
+        description="Default deadline of a synchronous study (s). A client may ask for less with "
+        "`Prefer: wait=N` (RFC 7240). A study no allowed pool can finish in time gets 503 at once.",
+    )
+    spill_wait_fraction: float = Field(
+        0.25, gt=0, le=1,
+        description="A study spills to a neighbour pool when its home pool's expected wait exceeds this "
+        "fraction of its budget (the deadline, or the SLO for asynchronous work).",
+    )
+    pool_probe_interval_s: float = Field(
+        1.0, gt=0, le=60, description="How often the router checks each pool's readiness (s).",
+    )
+    pool_eject_after: int = Field(
+        3, ge=1, le=100, description="Consecutive UNAVAILABLE answers that take a pool out of rotation.",
+    )
+    pool_ejection_s: float = Field(
+        5.0, gt=0, le=3600,
+        description="Shortest time an ejected pool stays out (s); doubles with each ejection in a row "
+        "(at most 8x). It comes back when its readiness probe passes after that.",
+    )
+    retry_budget_fraction: float = Field(
+        0.1, ge=0, le=1, description="Retries (failover) allowed as a fraction of requests in the last 10 s.",
+    )
+    retry_budget_min: int = Field(
+        10, ge=0, le=10000, description="Retries always allowed per 10 s, so a quiet router can still fail over.",
     )
 
     # --- input limits -----------------------------------------------------------------
@@ -254,6 +317,14 @@ class Settings(BaseSettings):
             raise ValueError("at least one tool must be enabled")
         return tools
 
+    @field_validator("second_pool_tools")
+    @classmethod
+    def _second_pool_tools_known(cls, tools: list[str]) -> list[str]:
+        unknown = sorted(set(tools) - set(_catalog()))
+        if unknown:
+            raise ValueError(f"unknown tools {unknown}; known: {sorted(_catalog())}")
+        return tools
+
     @model_validator(mode="after")
     def _ports_distinct(self) -> "Settings":
         ports = {
@@ -269,9 +340,19 @@ class Settings(BaseSettings):
             "grpc_port": self.grpc_port,
             "dimse_port": self.dimse_port,
         }
+        if self.second_pool_tools:
+            ports.update({f"second_pool_{kind}_port": port for kind, port in self.second_pool_ports.items()})
+            outside = sorted(set(self.second_pool_tools) - set(self.enabled_tools))
+            if outside:
+                raise ValueError(f"second_pool_tools: {outside} are not enabled (enabled_tools)")
         if len(set(ports.values())) != len(ports):
             raise ValueError(f"ports must be distinct: {ports}")
         return self
+
+    @property
+    def second_pool_ports(self) -> dict[str, int]:
+        return {"http": self.second_pool_http_port, "grpc": self.second_pool_http_port + 1,
+                "metrics": self.second_pool_http_port + 2}
 
     @property
     def triton_grpc_target(self) -> str:
