@@ -34,6 +34,12 @@ except ImportError:  # pragma: no cover
         return wrap
 
 
+from mosmedai.routing import route  # noqa: E402 - the router's own decision, compiled below
+
+# One policy, one function: the simulation decides spill-over with the router's ``route``.
+_route = njit(cache=True)(route)
+
+
 @njit(cache=True)
 def _replicas_at(t, plan_t, plan_r, period):
     x = t % period if period > 0 else t
@@ -216,6 +222,13 @@ def _simulate_pools(arrival, pool, modality, service, max_batch, plan_t, plan_r,
     sigma = math.sqrt(math.log(1.0 + cv * cv)) if cv > 0 else 0.0
     mu = -0.5 * sigma * sigma
     queue = np.empty(n, np.int64)  # spilled studies, FIFO (a constant delay keeps them in time order)
+    # the two candidates of ``route`` (home, neighbour): always up in the plan, the neighbour
+    # ``delay`` away; the budget is any positive number (the threshold is a fraction of it)
+    cand_up = np.ones(2, np.bool_)
+    cand_wait = np.zeros(2)
+    cand_transfer = np.zeros(2)
+    cand_transfer[1] = delay
+    budget = threshold if threshold > 0 else 1.0
     q_head = 0
     q_tail = 0
     i = 0
@@ -239,6 +252,8 @@ def _simulate_pools(arrival, pool, modality, service, max_batch, plan_t, plan_r,
         else:
             k, start = _place(p, a, free, plan_t, plan_r, period)
         if not spilled and start - a > threshold and neighbour[p] >= 0:
+            # Past the threshold: the neighbour's wait decides (below threshold ``route``
+            # keeps the study home without looking, so neither does the simulation).
             q = neighbour[p]
             there = a + delay
             if ob_count[q] > 0 and (a > ob_start[q] or ob_count[q] >= max_batch):
@@ -259,7 +274,10 @@ def _simulate_pools(arrival, pool, modality, service, max_batch, plan_t, plan_r,
             else:
                 k_q, start_q = _place(q, there, free, plan_t, plan_r, period)
                 wait_q = start_q - there
-            if wait_q + delay < start - a:
+            cand_wait[0] = start - a
+            cand_wait[1] = wait_q
+            choice, _ = _route(cand_up, cand_wait, cand_transfer, budget, 1.0 * threshold / budget, True, False)
+            if choice == 1:
                 served_by[s] = q
                 queue[q_tail] = s
                 q_tail += 1
