@@ -17,7 +17,7 @@ TEST_PORTS = {name: port + PORT_OFFSET for name, port in {
     "gateway_http_port": 18000, "triton_http_port": 18100, "triton_grpc_port": 18101,
     "serve_proxy_port": 18099, "gateway_direct_grpc_port": 18400, "triton_metrics_port": 18102,
     "router_metrics_port": 18201, "prometheus_port": 19090, "s3_port": 18300, "grpc_port": 19000,
-    "dimse_port": 21112}.items()}
+    "dimse_port": 21112, "second_pool_http_port": 18110}.items()}
 # The test Prometheus scrapes and evaluates every second so that recorded series appear
 # within seconds of the traffic that makes them.
 TEST_PROMETHEUS = {"prometheus_scrape_interval_s": 1.0, "prometheus_evaluation_interval_s": 1.0}

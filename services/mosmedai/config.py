@@ -259,26 +259,6 @@ class Settings(BaseSettings):
     dimse_connect_timeout_s: float = Field(10.0, gt=0, description="TCP connect timeout when delivering results (s).")
 
     # --- metrics (Prometheus) ------------------------------------------------------------
-    region: str = Field(
-        "RU-MOW",
-        pattern=r"^RU-[A-Z]{2,3}$",
-        description="ISO 3166-2:RU code of the region this deployment counts its images under "
-        "(label `region`). There is no authentication yet, so every request is this region's; "
-        "a configured value keeps the label's values bounded.",
-    )
-    institution: str = Field(
-        "local",
-        pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$",
-        description="Institution label of every request (configuration, never request text).",
-    )
-    region_utc_offset_hours: float = Field(
-        3.0,
-        ge=-12,
-        le=14,
-        description="The region's UTC offset (hours; Moscow +3). DICOM acquisition times carry no "
-        "zone unless Timezone Offset From UTC is set; they are read as this zone's local time for "
-        "the acquisition time-to-result, and rules derive the region's working hours from it.",
-    )
     router_metrics_port: int = Field(
         8201,
         ge=1,
@@ -343,7 +323,10 @@ class Settings(BaseSettings):
         if self.second_pool_tools:
             ports.update({f"second_pool_{kind}_port": port for kind, port in self.second_pool_ports.items()})
             outside = sorted(set(self.second_pool_tools) - set(self.enabled_tools))
-            if outside:
+            if outside and "second_pool_tools" not in self.model_fields_set:
+                # the default subset follows enabled_tools; only a stated list must agree with it
+                self.second_pool_tools = [tool for tool in self.second_pool_tools if tool in self.enabled_tools]
+            elif outside:
                 raise ValueError(f"second_pool_tools: {outside} are not enabled (enabled_tools)")
         if len(set(ports.values())) != len(ports):
             raise ValueError(f"ports must be distinct: {ports}")

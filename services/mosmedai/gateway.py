@@ -9,6 +9,7 @@
 
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -21,13 +22,14 @@ from ray.serve.handle import DeploymentHandle
 from mosmedai import __version__, dicomweb
 from mosmedai.config import Settings
 from mosmedai.dicom_input import InputError
-from mosmedai.metrics import GatewayMetrics, gateway_metrics, install_gateway_metrics
+from mosmedai.metrics import GatewayMetrics, gateway_metrics, install_gateway_metrics, utc_offset_hours
 from mosmedai.jobs import DONE, FAILED, UID as UID_PATTERN
 from mosmedai.pipeline import (DICOM_MEDIA_TYPE, MULTIPART_RELATED, ToolsFailed, failures_of, infer_items,
                                item_result, multipart_body, multipart_parts, no_tool_error, prepare_off_loop,
                                read_body)
-from mosmedai.router import Router
-from mosmedai.schemas import ErrorBody, StudyResult, StudyResults, StudyStatus
+from mosmedai.pools import directory_for
+from mosmedai.router import Router, StudyContext
+from mosmedai.schemas import ErrorBody, PoolsAnswer, StudyResult, StudyResults, StudyStatus
 from mosmedai.tenants import install_registry, installed_registry, load_tenants
 from mosmedai.worker import JobRunner, accept, job_store
 
@@ -112,11 +114,28 @@ app.include_router(dicomweb.router)
 
 
 @app.exception_handler(InputError)
-async def _input_error(_: Request, error: InputError) -> JSONResponse:
+async def _input_error(request: Request, error: InputError) -> JSONResponse:
     metrics = gateway_metrics()
     if metrics is not None:
-        metrics.rejected_input(error.code)
+        metrics.rejected_input(request.scope.get("mosmedai.tenant"), error.code)
     return JSONResponse(error.as_json(), status_code=error.status)
+
+
+def study_deadline_s(prefer: str, default_s: float) -> float:
+    """The synchronous deadline: ``Prefer: wait=N`` (RFC 7240, seconds) may ask for less than
+    the configured default, never more."""
+    for token in prefer.split(","):
+        name, _, value = token.strip().partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                seconds = float(value.strip().strip('"'))
+            except ValueError:
+                seconds = -1.0
+            if not 0 < seconds < 1e9:
+                raise InputError(400, "bad_prefer_wait", f"Prefer: wait={value.strip()!r} is not a positive number of "
+                                 "seconds (RFC 7240)")
+            return min(seconds, default_s)
+    return default_s
 
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
@@ -127,23 +146,39 @@ class Gateway:
         self.settings = Settings(**settings)
         self.triton = httpx.AsyncClient(base_url=self.settings.triton_http_base,
                                         timeout=self.settings.triton_timeout_s)
-        self.metrics = GatewayMetrics(self.settings.region, self.settings.institution,
-                                      self.settings.region_utc_offset_hours, self.settings.enabled_tools)
+        self.tenants = load_tenants(self.settings.tenants_file or None, self.settings.profile,
+                                    self.settings.demo_tenants)
+        # A directory that leaves a tenant's region without a pool is refused at start.
+        if self.settings.pool_discovery == "config":
+            directory_for(self.settings).check_regions({t.id: t.region for t in self.tenants.all()})
+        self.metrics = GatewayMetrics(self.tenants.all(), self.settings.enabled_tools)
         install_gateway_metrics(self.metrics)
-        install_registry(load_tenants(self.settings.tenants_file or None, self.settings.profile,
-                                      self.settings.demo_tenants))
+        install_registry(self.tenants)
         self.jobs = job_store(self.settings)
-        self.runner = JobRunner(self.jobs, self.settings, self._infer)
+        self.runner = JobRunner(self.jobs, self.settings, self._infer_job, on_backlog=self._backlog)
         dicomweb.install(self.jobs, self.runner, self.settings)
         try:
             self.runner.start()
         except RuntimeError:  # no running loop in this constructor: check_health starts it
             pass
-        # DICOM times without a zone are the region's local time (seconds east of UTC).
-        self._utc_offset_s = self.settings.region_utc_offset_hours * 3600.0
 
-    async def _infer(self, tools: list[str], tensors) -> dict:
-        return await self.router.infer_image.remote(tools, tensors)
+    async def _infer(self, context: StudyContext, tools: list[str], tensors) -> dict:
+        return await self.router.infer_image.remote(tools, tensors, context)
+
+    async def _infer_job(self, tenant_id: str, tools: list[str], tensors) -> dict:
+        """An accepted (asynchronous) study's tools: routed by its tenant's region, never shed."""
+        tenant = self.tenants.get(tenant_id)
+        region = tenant.region if tenant is not None else "RU-MOW"
+        context = StudyContext(tenant_id, region, self.settings.time_to_result_slo_s, synchronous=False)
+        return await self._infer(context, tools, tensors)
+
+    def _backlog(self, per_tenant: dict[str, int]) -> None:
+        per_region = {tenant.region: 0 for tenant in self.tenants.all()}
+        for tenant_id, count in per_tenant.items():
+            tenant = self.tenants.get(tenant_id)
+            if tenant is not None:
+                per_region[tenant.region] += count
+        self.metrics.set_backlog(per_region)
 
     async def check_health(self) -> None:
         """Serve calls this every few seconds: it also keeps the job runner going."""
@@ -185,13 +220,16 @@ class Gateway:
         "or several (`multipart/related; type=\"application/dicom\"`, as DICOMweb STOW-RS; answer: "
         "StudyResults). Instances are grouped by series; CT tools read a whole series ordered by Image "
         "Position (Patient). Optional query `tools=a,b` restricts the run to those tools.",
-        responses={code: {"model": ErrorBody} for code in (400, 413, 415, 422, 502, 503, 504)},
+        responses={code: {"model": ErrorBody} for code in (400, 413, 415, 422, 429, 502, 503, 504)},
         openapi_extra={"requestBody": {"required": True, "content": {
             DICOM_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
             MULTIPART_RELATED: {"schema": {"type": "string", "format": "binary"}}}}},
     )
     async def submit_study(self, request: Request, tools: str | None = None) -> JSONResponse:
         received = time.perf_counter()
+        tenant = tenant_of(request)
+        context = StudyContext(tenant.id, tenant.region,
+                               study_deadline_s(request.headers.get("prefer", ""), self.settings.sync_deadline_s))
         content_type = request.headers.get("content-type", "")
         media_type = content_type.split(";")[0].strip().lower()
         if media_type not in (DICOM_MEDIA_TYPE, MULTIPART_RELATED):
@@ -223,22 +261,26 @@ class Gateway:
             return await self._accept(tenant_of(request), bodies, images, request.headers.get("idempotency-key"))
         decoded = time.perf_counter()
 
-        answers = await infer_items(self._infer, items)
+        answers = await infer_items(functools.partial(self._infer, context), items)
         finished = time.perf_counter()
         failures = failures_of(answers)
         for item, outputs in zip(items, answers):
             outcomes = {tool: "failed" if "error" in out else ("positive" if out["positive"] else "negative")
                         for tool, out in outputs.items()}
             if failures:
-                self.metrics.image_failed(item.first.facts.modality, outcomes)
+                self.metrics.image_failed(tenant, item.first.facts.modality, outcomes)
             else:
                 acquired = item.first.acquired_at
+                # DICOM times without a zone are the tenant region's local time.
+                utc_offset_s = utc_offset_hours(tenant.region) * 3600.0
                 self.metrics.image_done(
-                    item.first.facts.modality, item.first.study_instance_uid, outcomes, finished - received,
-                    None if acquired is None else time.time() - (acquired.timestamp() - self._utc_offset_s))
+                    tenant, item.first.facts.modality, item.first.study_instance_uid, outcomes, finished - received,
+                    None if acquired is None else time.time() - (acquired.timestamp() - utc_offset_s))
         if failures:
             failed = ToolsFailed(failures)
-            return JSONResponse(failed.as_json(), failed.status)
+            if failed.reason:
+                self.metrics.shed_study(tenant, failed.reason)
+            return JSONResponse(failed.as_json(), failed.status, headers=failed.headers())
 
         timings = {
             "receive": (read - received) * 1000.0,
@@ -328,7 +370,12 @@ class Gateway:
     async def study_sc(self, study_instance_uid: str, request: Request) -> Response:
         return await self._objects(request, study_instance_uid, "sc")
 
-    # --- router statistics (benchmarks, SREs) --------------------------------------------
+    # --- pools and router statistics (SREs, benchmarks) ------------------------------------
+    @app.get("/v1/pools", response_model=PoolsAnswer, summary="The Triton pools, their state and load",
+             description="Any tenant's token; shows no tenant data. `endpoint` is the pool's gRPC host:port.")
+    async def pools(self) -> dict:
+        return {"pools": await self.router.pools_info.remote()}
+
     @app.get("/v1/router/batches", summary="Realised batch sizes per tool since the last reset")
     async def router_batches(self) -> dict:
         return await self.router.batch_stats.remote()

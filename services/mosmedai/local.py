@@ -5,7 +5,8 @@ everything a group spawned (Triton's Python stubs, Ray's raylet and workers):
 
 - ``s3``: the local S3-compatible object store (moto's server with a write log under
   ``run_dir/s3``, replayed at start), where accepted studies and their jobs live.
-- ``triton``: the ``tritonserver`` binary from the nvidia-pytriton wheel, CPU only.
+- ``triton`` (pool RU-MOW) and ``triton-RU-TA`` (pool RU-TA): one ``tritonserver`` process
+  from the nvidia-pytriton wheel per local pool, CPU only (``mosmedai.pools.local_directory``).
 - ``serve``: one Python process that starts a local Ray, runs the Serve application
   (gateway + router) and waits; SIGTERM shuts Serve and Ray down.
 - ``grpc``: the gRPC front door (Open Inference Protocol and the study service).
@@ -34,7 +35,16 @@ import httpx
 
 from mosmedai.config import REPO_ROOT, Settings
 
-GROUPS = ("s3", "triton", "serve", "grpc", "dimse", "prometheus")
+GROUPS = ("s3", "triton", "triton-RU-TA", "serve", "grpc", "dimse", "prometheus")
+
+
+def local_pools(settings: Settings) -> dict[str, tuple[str, dict[str, int], list[str]]]:
+    """Process group -> (pool name, its Triton's ports, the tools it loads), for `make up`."""
+    pools = {"triton": ("RU-MOW", {"http": settings.triton_http_port, "grpc": settings.triton_grpc_port,
+                                   "metrics": settings.triton_metrics_port}, list(settings.enabled_tools))}
+    if settings.second_pool_tools:
+        pools["triton-RU-TA"] = ("RU-TA", settings.second_pool_ports, list(settings.second_pool_tools))
+    return pools
 PROMETHEUS_FILES = REPO_ROOT / "charts" / "mosmedai" / "files" / "prometheus"
 
 
@@ -69,7 +79,9 @@ def triton_backend_dir(settings: Settings) -> Path:
     return target.parent
 
 
-def triton_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
+def triton_command(settings: Settings, group: str = "triton") -> tuple[list[str], dict[str, str]]:
+    """The command line of one local pool's Triton (``group`` of `local_pools`)."""
+    _, ports, tools = local_pools(settings)[group]
     binary = pytriton_root() / "tritonserver" / "bin" / "tritonserver"
     libs = Path(sysconfig.get_paths()["purelib"]) / "nvidia_pytriton.libs"
     env = {**os.environ, **settings.as_env()}
@@ -83,14 +95,14 @@ def triton_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
         str(binary),
         f"--model-repository={settings.model_repository}",
         f"--backend-directory={triton_backend_dir(settings)}",
-        f"--http-address={host}", f"--http-port={settings.triton_http_port}",
-        f"--grpc-address={host}", f"--grpc-port={settings.triton_grpc_port}",
-        f"--metrics-address={host}", f"--metrics-port={settings.triton_metrics_port}",
+        f"--http-address={host}", f"--http-port={ports['http']}",
+        f"--grpc-address={host}", f"--grpc-port={ports['grpc']}",
+        f"--metrics-address={host}", f"--metrics-port={ports['metrics']}",
         "--allow-gpu-metrics=false",
         "--allow-cpu-metrics=true",
         # Explicit control: only the enabled tools (and their steps) are loaded.
         "--model-control-mode=explicit",
-        *(f"--load-model={tool}" for tool in settings.enabled_tools),
+        *(f"--load-model={tool}" for tool in tools),
         # Tensors reach Python stubs through shared memory; a 2500x2048 UINT16 image is
         # 10 MB, so start each stub's region at 16 MB and grow in 16 MB steps.
         "--backend-config=python,shm-default-byte-size=16777216",
@@ -148,7 +160,9 @@ def prometheus_config(settings: Settings) -> dict:
         "scrape_configs": [
             {"job_name": "mosmedai-gateway", "static_configs": [{"targets": gateways}]},
             {"job_name": "mosmedai-router", "static_configs": [{"targets": routers}]},
-            {"job_name": "triton", "static_configs": [{"targets": [f"{host}:{settings.triton_metrics_port}"]}]},
+            {"job_name": "triton", "static_configs": [
+                {"targets": [f"{host}:{ports['metrics']}"], "labels": {"pool": pool}}
+                for pool, ports, _ in local_pools(settings).values()]},
         ],
     }
 
@@ -207,6 +221,12 @@ def running_pid(settings: Settings, group: str) -> int | None:
     path = _pid_file(settings, group)
     try:
         pid = int(path.read_text().strip())
+        try:
+            # A group this process started and that died is a zombie until reaped: reap it,
+            # or it would count as running.
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
         os.kill(pid, 0)
         return pid
     except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
@@ -359,7 +379,27 @@ def endpoints(settings: Settings) -> dict[str, str]:
         "gateway_metrics": f"http://{host}:{settings.gateway_http_port}/metrics",
         "router_metrics": f"http://{host}:{settings.router_metrics_port}/metrics",
         "prometheus": f"http://{host}:{settings.prometheus_port}",
+        **{f"triton_grpc_{pool}": f"{host}:{ports['grpc']}"
+           for group, (pool, ports, _) in local_pools(settings).items() if group != "triton"},
     }
+
+
+def start_tritons(settings: Settings, groups: list[str] | None = None) -> None:
+    """Start each local pool's Triton that is not running (all at once: they load in
+    parallel), then wait until each is ready."""
+    pools = local_pools(settings)
+    for group in groups or list(pools):
+        _, ports, _ = pools[group]
+        if running_pid(settings, group) is None:
+            for port in ports.values():
+                if not _port_free(settings.bind_host, port):
+                    setting = "MOSMEDAI_TRITON_*_PORT" if group == "triton" else "MOSMEDAI_SECOND_POOL_HTTP_PORT"
+                    raise RuntimeError(f"port {port} is taken by another program; free it or set {setting}")
+            _start(settings, group, *triton_command(settings, group))
+    for group in groups or list(pools):
+        pool, ports, _ = pools[group]
+        _wait(f"Triton of pool {pool}", lambda: _http_ok(f"http://{settings.bind_host}:{ports['http']}/v2/health/ready"),
+              settings.startup_timeout_s, settings.log_dir / f"{group}.log", (settings, group))
 
 
 def up(settings: Settings) -> dict[str, str]:
@@ -368,13 +408,7 @@ def up(settings: Settings) -> dict[str, str]:
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     _start_s3(settings, urls["s3"])
-    if running_pid(settings, "triton") is None:
-        for port in (settings.triton_http_port, settings.triton_grpc_port, settings.triton_metrics_port):
-            if not _port_free(settings.bind_host, port):
-                raise RuntimeError(f"port {port} is taken by another program; free it or set MOSMEDAI_TRITON_*_PORT")
-        _start(settings, "triton", *triton_command(settings))
-    _wait("Triton", lambda: _http_ok(f"{urls['triton_http']}/v2/health/ready"), settings.startup_timeout_s,
-          settings.log_dir / "triton.log", (settings, "triton"))
+    start_tritons(settings)
     if running_pid(settings, "serve") is None:
         if not _port_usable(settings.bind_host, settings.gateway_http_port):
             raise RuntimeError(f"port {settings.gateway_http_port} is taken by another program; "
@@ -406,7 +440,11 @@ def down(settings: Settings) -> list[str]:
 
 
 def status(settings: Settings) -> dict[str, int | None]:
-    return {group: running_pid(settings, group) for group in GROUPS}
+    """Every process group and its pid (None: not running); a pool's Triton is
+    ``triton`` (RU-MOW) or ``triton-<pool>``. A second pool that is not configured is left out."""
+    configured = set(local_pools(settings))
+    return {group: running_pid(settings, group) for group in GROUPS
+            if not group.startswith("triton") or group in configured or running_pid(settings, group)}
 
 
 # --- the serve process ------------------------------------------------------------------

@@ -5,9 +5,10 @@ counters, one registry per process (not the global one, which Ray's own librarie
 
 Label values always come from a bounded set, never from free text in a request:
 
-- ``region``, ``institution``: the deployment's configuration (``MOSMEDAI_REGION``,
-  ``MOSMEDAI_INSTITUTION``); there is no authentication yet, so every request is counted
-  under the configured pair.
+- ``region``, ``institution``: the authenticated tenant's region (ISO 3166-2:RU) and id, so
+  their values are bounded by the tenants file; requests refused before a tenant is known
+  (bad token) count under ``unknown``.
+- ``pool``: the pool directory's names.
 - ``modality``: DICOM Modality (0008,0060) from the fixed list :data:`MODALITIES`; any other
   value is ``OT``, an empty one ``unknown``.
 - ``tool``: the enabled tools (configuration); ``reason``: the gateway's fixed refusal codes;
@@ -18,7 +19,10 @@ The hot path only increments children bound once (``labels()`` is a dict lookup)
 
 from __future__ import annotations
 
+import csv
 from collections import OrderedDict
+from functools import lru_cache
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -37,6 +41,21 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+REGION_OFFSETS_FILE = Path(__file__).resolve().parent / "data" / "region_utc_offsets.csv"
+
+
+@lru_cache(maxsize=1)
+def _region_offsets() -> dict[str, float]:
+    with open(REGION_OFFSETS_FILE, newline="") as handle:
+        rows = csv.DictReader(line for line in handle if not line.startswith("#"))
+        return {row["iso_code"]: float(row["utc_offset_hours"]) for row in rows}
+
+
+def utc_offset_hours(region: str) -> float:
+    """The region's UTC offset (hours); Moscow's (+3) for a code the table lacks."""
+    return _region_offsets().get(region, 3.0)
+
+
 def modality_label(modality: str) -> str:
     if not modality:
         return "unknown"
@@ -44,12 +63,10 @@ def modality_label(modality: str) -> str:
 
 
 class GatewayMetrics:
-    """What one gateway replica counts. ``region``/``institution`` are fixed at start."""
+    """What one gateway replica counts, labelled by the tenant that sent it."""
 
-    def __init__(self, region: str, institution: str, utc_offset_hours: float, tools: list[str],
-                 registry: CollectorRegistry | None = None):
+    def __init__(self, tenants, tools: list[str], registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry(auto_describe=True)
-        self.region, self.institution = region, institution
         r = self.registry
         self.requests = Counter(
             "mosmedai_gateway_http_requests", "HTTP requests answered, by route template, method and status code.",
@@ -81,44 +98,62 @@ class GatewayMetrics:
         self.rejected = Counter(
             "mosmedai_rejected_inputs", "Requests refused as bad input (4xx), by the refusal code.",
             ("region", "institution", "reason"), registry=r)
+        self.shed = Counter(
+            "mosmedai_shed",
+            "Synchronous studies refused under load: overloaded (503, no pool could finish within the "
+            "deadline), fair_share (429, the tenant held more than its share), retry_budget (503).",
+            ("region", "institution", "reason"), registry=r)
+        self.backlog = Gauge(
+            "mosmedai_jobs_backlog",
+            "Accepted asynchronous studies (job API, STOW-RS, DIMSE) not yet done, per tenant region.",
+            ("region",), registry=r)
         region_offset = Gauge(
             "mosmedai_region_utc_offset_seconds",
-            "The region's UTC offset, seconds (configuration): rules derive its working hours from it.",
+            "The region's UTC offset, seconds (data/region_utc_offsets.csv): rules derive its working hours.",
             ("region",), registry=r)
-        region_offset.labels(region).set(utc_offset_hours * 3600.0)
-
-        self._images: dict[str, object] = {}
-        self._ttr: dict[tuple[str, str], object] = {}
         self._recent_studies: OrderedDict[str, None] = OrderedDict()
-        # Series of the configured region exist from the start (at 0), so that rate()
-        # over them works from the first image and a silent region is visible as 0.
-        for modality in ("DX", "CR"):
-            self.images.labels(region, institution, modality)
-            self.images_failed.labels(region, institution, modality)
-            self.studies.labels(region, institution, modality)
-            for origin in ("receipt", "acquisition"):
-                self.time_to_result.labels(region, modality, origin)
-            for tool in tools:
-                for outcome in ("positive", "negative", "failed"):
-                    self.tool_images.labels(region, institution, modality, tool, outcome)
+        # Series of every tenant exist from the start (at 0), so that rate() over them works
+        # from the first image and a silent region is visible as 0.
+        for tenant in tenants:
+            region, institution = tenant.region, tenant.id
+            region_offset.labels(region).set(utc_offset_hours(region) * 3600.0)
+            self.backlog.labels(region).set(0)
+            for modality in ("DX", "CR"):
+                self.images.labels(region, institution, modality)
+                self.images_failed.labels(region, institution, modality)
+                self.studies.labels(region, institution, modality)
+                for origin in ("receipt", "acquisition"):
+                    self.time_to_result.labels(region, modality, origin)
+                for tool in tools:
+                    for outcome in ("positive", "negative", "failed"):
+                        self.tool_images.labels(region, institution, modality, tool, outcome)
 
     def observe_request(self, endpoint: str, method: str, code: int, seconds: float) -> None:
         self.requests.labels(endpoint, method, str(code)).inc()
         self.request_seconds.labels(endpoint).observe(seconds)
 
-    def rejected_input(self, reason: str) -> None:
-        self.rejected.labels(self.region, self.institution, reason).inc()
+    def rejected_input(self, tenant, reason: str) -> None:
+        region, institution = (tenant.region, tenant.id) if tenant is not None else ("unknown", "unknown")
+        self.rejected.labels(region, institution, reason).inc()
 
-    def image_done(self, modality: str, study_uid: str, tool_outcomes: dict[str, str],
+    def shed_study(self, tenant, reason: str) -> None:
+        self.shed.labels(tenant.region, tenant.id, reason).inc()
+
+    def set_backlog(self, per_region: dict[str, int]) -> None:
+        for region, count in per_region.items():
+            self.backlog.labels(region).set(count)
+
+    def image_done(self, tenant, modality: str, study_uid: str, tool_outcomes: dict[str, str],
                    receipt_seconds: float, acquisition_seconds: float | None) -> None:
         """One image's result is available: count it and its time to result."""
         modality = modality_label(modality)
-        self.images.labels(self.region, self.institution, modality).inc()
+        region, institution = tenant.region, tenant.id
+        self.images.labels(region, institution, modality).inc()
         for tool, outcome in tool_outcomes.items():
-            self.tool_images.labels(self.region, self.institution, modality, tool, outcome).inc()
-        self.time_to_result.labels(self.region, modality, "receipt").observe(receipt_seconds)
+            self.tool_images.labels(region, institution, modality, tool, outcome).inc()
+        self.time_to_result.labels(region, modality, "receipt").observe(receipt_seconds)
         if acquisition_seconds is not None and acquisition_seconds >= 0:
-            self.time_to_result.labels(self.region, modality, "acquisition").observe(acquisition_seconds)
+            self.time_to_result.labels(region, modality, "acquisition").observe(acquisition_seconds)
         recent = self._recent_studies
         if study_uid in recent:
             recent.move_to_end(study_uid)
@@ -126,13 +161,13 @@ class GatewayMetrics:
             recent[study_uid] = None
             if len(recent) > 65536:
                 recent.popitem(last=False)
-            self.studies.labels(self.region, self.institution, modality).inc()
+            self.studies.labels(region, institution, modality).inc()
 
-    def image_failed(self, modality: str, tool_outcomes: dict[str, str]) -> None:
+    def image_failed(self, tenant, modality: str, tool_outcomes: dict[str, str]) -> None:
         modality = modality_label(modality)
-        self.images_failed.labels(self.region, self.institution, modality).inc()
+        self.images_failed.labels(tenant.region, tenant.id, modality).inc()
         for tool, outcome in tool_outcomes.items():
-            self.tool_images.labels(self.region, self.institution, modality, tool, outcome).inc()
+            self.tool_images.labels(tenant.region, tenant.id, modality, tool, outcome).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -154,7 +189,7 @@ def gateway_metrics() -> GatewayMetrics | None:
 
 
 class RouterMetrics:
-    """What one router replica counts, per tool."""
+    """What one router replica counts: per tool, and per pool for what reaches Triton."""
 
     def __init__(self, tools: list[str], registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry(auto_describe=True)
@@ -170,22 +205,45 @@ class RouterMetrics:
             "mosmedai_router_queue_wait_seconds",
             "Seconds an image waited in the router before its batch left for Triton, per tool.",
             ("tool",), buckets=LATENCY_BUCKETS, registry=r)
-        triton_seconds = Histogram(
+        self.triton_seconds = Histogram(
             "mosmedai_router_triton_request_duration_seconds",
-            "Seconds of one Triton inference call (one batch of equal-shape images), retries included.",
-            ("tool",), buckets=LATENCY_BUCKETS, registry=r)
+            "Seconds of one Triton inference call (one batch of equal-shape images), per pool and tool.",
+            ("pool", "tool"), buckets=LATENCY_BUCKETS, registry=r)
         self.triton_requests = Counter(
             "mosmedai_router_triton_requests",
             "Triton inference calls by outcome: ok, unavailable (503), deadline (504), error (502).",
-            ("tool", "outcome"), registry=r)
+            ("pool", "tool", "outcome"), registry=r)
+        self.routed = Counter(
+            "mosmedai_router_routed",
+            "Images answered by a pool, by the pool, the image's home pool, tool and route "
+            "(home, spill: the home pool was busy, failover: it was down).",
+            ("pool", "home_pool", "tool", "route"), registry=r)
+        self.pool_up = Gauge(
+            "mosmedai_pool_up", "1 while the router sends to the pool (ready and not ejected), else 0.",
+            ("pool",), registry=r)
+        self.pool_wait = Gauge(
+            "mosmedai_pool_expected_wait_seconds",
+            "The router's expected wait of a new routine image at the pool (s).", ("pool",), registry=r)
         # Children bound once: the batch path does attribute lookups only.
         self.batch_size = {tool: batch_size.labels(tool) for tool in tools}
         self.queue_depth = {tool: queue_depth.labels(tool) for tool in tools}
         self.queue_seconds = {tool: queue_seconds.labels(tool) for tool in tools}
-        self.triton_seconds = {tool: triton_seconds.labels(tool) for tool in tools}
-        for tool in tools:
-            for outcome in ("ok", "unavailable", "deadline", "error"):
-                self.triton_requests.labels(tool, outcome)
+        self._pools: list[str] = []
+
+    def known_pools(self, names: list[str]) -> None:
+        """The directory changed: series of pools that left it are dropped."""
+        for gone in set(self._pools) - set(names):
+            for gauge in (self.pool_up, self.pool_wait):
+                try:
+                    gauge.remove(gone)
+                except KeyError:
+                    pass
+        self._pools = list(names)
+
+    def observe_pools(self, pools) -> None:
+        for pool in pools:
+            self.pool_up.labels(pool.name).set(1.0 if pool.up() else 0.0)
+            self.pool_wait.labels(pool.name).set(pool.expected_wait_s())
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -195,42 +253,45 @@ TRITON_OUTCOME = {503: "unavailable", 504: "deadline", 502: "error"}
 
 
 class ReadinessCollector:
-    """``mosmedai_triton_ready`` and ``mosmedai_tool_ready{tool}``, asked of Triton at scrape time.
+    """``mosmedai_triton_ready{pool}`` and ``mosmedai_tool_ready{pool,tool}``, asked of each
+    pool's Triton at scrape time.
 
-    Runs in the metrics server's thread (a blocking gRPC client with a short deadline),
-    never on the router's event loop; a scrape sees the state of that moment.
+    Runs in the metrics server's thread (blocking gRPC clients with a short deadline), never
+    on the router's event loop; a scrape sees the state of that moment. ``targets()`` gives
+    {pool: (gRPC endpoint, tools)}.
     """
 
-    def __init__(self, triton_target: str, tools: list[str], timeout_s: float = 2.0):
-        self.target, self.tools, self.timeout_s = triton_target, list(tools), timeout_s
-        self._client = None
+    def __init__(self, targets, timeout_s: float = 2.0):
+        self.targets, self.timeout_s = targets, timeout_s
+        self._clients: dict[str, object] = {}
 
-    def _states(self) -> tuple[bool, dict[str, bool]]:
+    def _states(self, endpoint: str, tools) -> tuple[bool, dict[str, bool]]:
         import tritonclient.grpc as grpcclient
 
         try:
-            if self._client is None:
-                self._client = grpcclient.InferenceServerClient(self.target)
-            if not self._client.is_server_ready(client_timeout=self.timeout_s):
-                return False, {tool: False for tool in self.tools}
-            return True, {tool: bool(self._client.is_model_ready(tool, client_timeout=self.timeout_s))
-                          for tool in self.tools}
+            client = self._clients.get(endpoint)
+            if client is None:
+                client = self._clients[endpoint] = grpcclient.InferenceServerClient(endpoint)
+            if not client.is_server_ready(client_timeout=self.timeout_s):
+                return False, {tool: False for tool in tools}
+            return True, {tool: bool(client.is_model_ready(tool, client_timeout=self.timeout_s)) for tool in tools}
         except Exception:
-            return False, {tool: False for tool in self.tools}
+            return False, {tool: False for tool in tools}
 
     def describe(self):
         return [GaugeMetricFamily("mosmedai_triton_ready", ""), GaugeMetricFamily("mosmedai_tool_ready", "")]
 
     def collect(self):
-        server, tools = self._states()
         ready = GaugeMetricFamily("mosmedai_triton_ready",
-                                  "1 when the router's Triton answers ready, checked at scrape time.")
-        ready.add_metric([], 1.0 if server else 0.0)
+                                  "1 when the pool's Triton answers ready, checked at scrape time.", labels=("pool",))
         tool = GaugeMetricFamily("mosmedai_tool_ready",
-                                 "1 when the tool's ensemble is loaded and ready in the router's Triton.",
-                                 labels=("tool",))
-        for name, state in tools.items():
-            tool.add_metric([name], 1.0 if state else 0.0)
+                                 "1 when the tool's ensemble is loaded and ready in the pool's Triton.",
+                                 labels=("pool", "tool"))
+        for pool, (endpoint, tools) in self.targets().items():
+            server, states = self._states(endpoint, tools)
+            ready.add_metric([pool], 1.0 if server else 0.0)
+            for name, state in states.items():
+                tool.add_metric([pool, name], 1.0 if state else 0.0)
         return [ready, tool]
 
 

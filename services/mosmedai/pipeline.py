@@ -234,6 +234,8 @@ def tool_result(tool: str, outputs: dict, item: WorkItem) -> ToolResult:
         findings=findings,
         scores={} if probability is None else {"probability": probability},
         measurements=measurements,
+        pool=str(outputs.get("pool") or ""),
+        route=str(outputs.get("route") or ""),
     )
 
 
@@ -249,19 +251,31 @@ def item_result(item: WorkItem, outputs: dict[str, dict]) -> ItemResult:
 
 # --- running work items -----------------------------------------------------------------------
 class ToolsFailed(Exception):
-    """Tools failed in Triton; ``status`` is the HTTP status to answer (502, 503 or 504)."""
+    """Tools failed, or the study was refused under load; ``status`` is the HTTP status to
+    answer: 502 or 504 (failed in Triton), 503 (unavailable, or ``reason`` overloaded /
+    retry_budget) or 429 (``reason`` fair_share). 503 and 429 carry ``retry_after_s``."""
 
     def __init__(self, failures: dict[str, dict]):
         self.failures = failures
-        self.status = max(out["status"] for out in failures.values())
-        self.detail = "; ".join(f"{tool}: {out['error']}" for tool, out in failures.items())
+        refused = [out for out in failures.values() if out.get("reason")]
+        # A refusal answers for the whole study (nothing else of it ran); else the worst failure.
+        worst = refused[0] if refused else max(failures.values(), key=lambda out: out["status"])
+        self.status = worst["status"]
+        self.reason = worst.get("reason")
+        self.retry_after_s = int(worst.get("retry_after_s", 1 if self.status in (429, 503) else 0))
+        self.detail = worst["error"] if refused else "; ".join(f"{tool}: {out['error']}" for tool, out in failures.items())
         super().__init__(self.detail)
 
     @property
     def transient(self) -> bool:
-        return self.status in (503, 504)
+        return self.status in (429, 503, 504)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)} if self.status in (429, 503) else {}
 
     def as_json(self) -> dict:
+        if self.reason:
+            return {"error": self.reason, "detail": self.detail, "retry_after_s": self.retry_after_s}
         return {"error": "tool_failed", "detail": self.detail, "tools": sorted(self.failures)}
 
 

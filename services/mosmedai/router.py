@@ -1,30 +1,47 @@
-"""The router: batches images per tool and calls the region's Triton pool over gRPC.
+"""The router: queues images per pool and tool, batches them, and calls Triton pools over gRPC.
 
-One ``@serve.batch`` queue per tool. A batch is sent as one Triton request per image
-shape (Triton stacks a batch along its first axis, so only equal shapes share a request).
+Every image arrives with its study's context (tenant, tenant region, deadline, synchronous or
+not). For each tool the router asks ``mosmedai.routing.route`` where it runs: the region's
+home pool, a neighbour when home is busy (spill) or down (failover), or nowhere (shed, at
+once, before any waiting). Pools come from the pool directory (``mosmedai.pools``), or from
+GpuPool resources in a cluster (``mosmedai.pool_discovery``).
 
-Batch wait: an image reaching a tool with no batch in flight goes at once; only while the
-tool already has a batch in Triton does a new batch wait up to ``router_batch_wait_ms``
-for company. Under load this forms batches; at idle it adds no latency.
+Queues: one per (pool, tool). A batch takes urgent images first, then routine, then
+screening; within a class it takes the tenants in turn (round robin), so one tenant's
+backlog does not hold another's images. At most ``router_max_concurrent_batches`` batches
+of a tool are in one pool's Triton at once: the rest wait here, where they are ordered,
+not in Triton's queue. An image reaching an idle tool goes at once; while a batch is in
+flight the next waits up to ``router_batch_wait_ms`` for company.
+
+Health (outlier detection): a pool is out of rotation while its readiness probe fails, and
+for ``pool_ejection_s`` (doubling per ejection in a row) after ``pool_eject_after``
+consecutive UNAVAILABLE answers; it comes back when the probe passes. Busy is not down: a
+busy pool is never ejected, its expected wait makes studies spill or be shed instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from dataclasses import dataclass
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 
 import numpy as np
 from ray import serve
 
 from mosmedai.config import Settings
-from mosmedai.model_repo import output_names
-from mosmedai.tools import CATALOG
 from mosmedai.metrics import TRITON_OUTCOME, ReadinessCollector, RouterMetrics, start_router_metrics_server
+from mosmedai.model_repo import output_names
+from mosmedai.pools import PoolDirectory, PoolSpec, directory_for
+from mosmedai.routing import FAILOVER, PRIORITY_NAMES, ROUTE_NAMES, SHED, SPILL, URGENT, priority_of, route
+from mosmedai.tools import CATALOG
 
 log = logging.getLogger("mosmedai.router")
 
+#: the window (s) over which completions give a pool's throughput and requests the retry budget
+WINDOW_S = 10.0
 
 
 @dataclass
@@ -50,6 +67,21 @@ class VolumeInput:
     @property
     def shape(self) -> tuple:
         return self.volume.shape
+
+
+@dataclass(frozen=True)
+class StudyContext:
+    """Who sent a study and how long it may take: what routing and admission need."""
+
+    tenant: str
+    region: str
+    deadline_s: float  # seconds from ``received`` within which the answer is due
+    synchronous: bool = True  # False: accepted durably (job API, STOW-RS, DIMSE); never shed
+    # wall-clock time of arrival: gateway and router may be on different nodes (NTP-synced)
+    received: float = field(default_factory=time.time)
+
+    def remaining_s(self) -> float:
+        return self.deadline_s - (time.time() - self.received)
 
 
 def triton_inputs(grpc, images: list) -> list:
@@ -89,63 +121,193 @@ def _status_of(error: Exception) -> int:
         return 503
     # A model that is (re)loading - Triton starting, or a repository update - has no version
     # ready yet: unavailable for now, not broken.
-    if "no available versions" in text or "is not ready" in text:
+    if "no available versions" in text or "is not ready" in text or "unknown model" in text.lower():
         return 503
     if "DEADLINE_EXCEEDED" in status or "Deadline" in text:
         return 504
     return 502
 
 
-class ToolBatcher:
-    """The @serve.batch queue of one tool and what it has in flight."""
+def _pool_unreachable(error: Exception) -> bool:
+    """The pool itself did not answer (connection refused or reset): counts toward ejection.
+    A tool that is not loaded there is the tool's failure, not the pool's."""
+    status = str(getattr(error, "status", lambda: "")() or "")
+    text = str(error)
+    return "UNAVAILABLE" in status or "UNAVAILABLE" in text or "failed to connect" in text.lower()
 
-    def __init__(self, router: "Router", tool: str, max_batch_size: int, wait_s: float):
-        self.router, self.tool, self.wait_s = router, tool, wait_s
-        self.in_flight = 0
-        metrics = router.metrics
-        self.queue_depth = metrics.queue_depth[tool]
-        self.queue_seconds = metrics.queue_seconds[tool]
-        self.batch_size_metric = metrics.batch_size[tool]
-        self.batch_sizes: list[int] = []
-        # Two batches at once: one in Triton's network, one in pre/postprocessing.
-        self.submit = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=wait_s,
-                                  max_concurrent_batches=2)(self._run)
 
-    async def infer(self, image: ImageInput) -> dict:
-        self.submit.set_batch_wait_timeout_s(self.wait_s if self.in_flight else 0.0)
-        self.queue_depth.inc()
-        return await self.submit((image, time.perf_counter()))
+def refusal(reason: str, status: int, detail: str, retry_after_s: float) -> dict:
+    """A tool answer that says the study was not run: 503 overloaded/retry_budget, 429 fair_share."""
+    return {"error": detail, "status": status, "reason": reason, "retry_after_s": max(1, math.ceil(retry_after_s))}
 
-    async def _run(self, queued: list[tuple[ImageInput, float]]) -> list[dict]:
-        self.in_flight += 1
+
+@dataclass
+class Entry:
+    """One image of one tool waiting in, or sent from, a pool's queue."""
+
+    tool: str
+    image: ImageInput | VolumeInput
+    context: StudyContext
+    priority: int
+    home: str
+    route: int
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+    tried: tuple[str, ...] = ()  # pools that failed this image (failover skips them)
+
+
+class Pool:
+    """One pool as this router replica sees it: its clients, health, load and queues."""
+
+    def __init__(self, spec: PoolSpec, grpc):
+        self.grpc = grpc
+        self.spec = spec
+        self.clients = [grpc.InferenceServerClient(endpoint) for endpoint in spec.endpoints]
+        self._next = 0
+        self.ready = True  # until the first probe says otherwise: a call that fails ejects it anyway
+        self.ejected_until = 0.0
+        self.failures = 0  # consecutive UNAVAILABLE answers
+        self.ejections = 0  # ejections in a row (the ejection time doubles)
+        self.in_flight = 0  # images in this pool's Triton
+        self.queued = [0, 0, 0]  # images waiting in the router, per priority class
+        self.per_image_s = 0.0  # EWMA of a batch's duration / its images
+        self.completions: deque[tuple[float, int]] = deque()  # (time, images) in the last WINDOW_S
+        self.tenant_load: dict[str, int] = {}  # images queued or in flight, per tenant
+        self.queues: dict[str, ToolQueue] = {}
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def client(self):
+        self._next = (self._next + 1) % len(self.clients)
+        return self.clients[self._next]
+
+    def up(self, now: float | None = None) -> bool:
+        return self.ready and (now or time.monotonic()) >= self.ejected_until
+
+    def state(self) -> str:
+        if not self.ready:
+            return "not_ready"
+        return "up" if self.up() else "ejected"
+
+    def throughput(self) -> float:
+        """Images per second the pool can take: its completions over the window when that is
+        more (saturated: the measured rate is the capacity), else one image at a time per
+        endpoint at the measured per-image time (idle: the rate says nothing)."""
+        now = time.monotonic()
+        while self.completions and self.completions[0][0] < now - WINDOW_S:
+            self.completions.popleft()
+        rate = sum(images for _, images in self.completions) / WINDOW_S
+        single = len(self.clients) / self.per_image_s if self.per_image_s > 0 else 50.0
+        return max(rate, single)
+
+    def expected_wait_s(self, priority: int = 2) -> float:
+        """Expected wait of a new image of this priority: the images ahead of it (queued in
+        classes at least as urgent, and those in Triton) at the pool's throughput."""
+        ahead = sum(self.queued[: priority + 1]) + self.in_flight
+        return ahead / self.throughput()
+
+    def note_success(self, images: int, seconds: float) -> None:
+        self.failures = 0
+        self.ejections = 0
+        per_image = seconds / images
+        self.per_image_s = per_image if self.per_image_s == 0 else 0.8 * self.per_image_s + 0.2 * per_image
+        self.completions.append((time.monotonic(), images))
+
+    def note_unavailable(self, settings: Settings) -> bool:
+        """Count a failure; True when it takes the pool out of rotation now."""
+        self.failures += 1
+        if self.failures >= settings.pool_eject_after and self.up():
+            self.ejections += 1
+            self.ejected_until = time.monotonic() + settings.pool_ejection_s * min(8, 2 ** (self.ejections - 1))
+            return True
+        return False
+
+    def hold(self, tenant: str, images: int) -> None:
+        load = self.tenant_load.get(tenant, 0) + images
+        if load > 0:
+            self.tenant_load[tenant] = load
+        else:
+            self.tenant_load.pop(tenant, None)
+
+
+class ToolQueue:
+    """The queue of one tool at one pool: priority classes, tenants in turn, bounded batches in Triton."""
+
+    def __init__(self, router: "Router", pool: Pool, tool: str):
+        self.router, self.pool, self.tool = router, pool, tool
+        self.classes: list[OrderedDict[str, deque[Entry]]] = [OrderedDict() for _ in PRIORITY_NAMES]
+        self.waiting = 0
+        self.running = 0
+        self.waited = False  # the current batch already waited for company
+        settings = router.settings
+        self.max_batch = settings.router_max_batch_size
+        self.max_running = settings.router_max_concurrent_batches
+        self.wait_s = settings.router_batch_wait_ms / 1000.0
+
+    def put(self, entry: Entry) -> None:
+        self.classes[entry.priority].setdefault(entry.context.tenant, deque()).append(entry)
+        self.waiting += 1
+        self.pool.queued[entry.priority] += 1
+        self.pool.hold(entry.context.tenant, 1)
+        self.router.metrics.queue_depth[self.tool].inc()
+        self.pump()
+
+    def _take(self) -> list[Entry]:
+        batch: list[Entry] = []
+        for tenants in self.classes:
+            while tenants and len(batch) < self.max_batch:
+                tenant, entries = next(iter(tenants.items()))
+                batch.append(entries.popleft())
+                if entries:
+                    tenants.move_to_end(tenant)  # the next image of this class comes from the next tenant
+                else:
+                    del tenants[tenant]
+        for entry in batch:
+            self.pool.queued[entry.priority] -= 1
+        self.waiting -= len(batch)
+        return batch
+
+    def pump(self) -> None:
+        while self.waiting and self.running < self.max_running:
+            if self.running and self.waiting < self.max_batch and self.wait_s > 0 and not self.waited:
+                # A batch is in Triton: wait a little for company (never at idle).
+                self.waited = True
+                asyncio.get_running_loop().call_later(self.wait_s, self._after_wait)
+                return
+            self.waited = False
+            batch = self._take()
+            self.running += 1
+            asyncio.get_running_loop().create_task(self._run(batch))
+
+    def _after_wait(self) -> None:
+        if self.waited:
+            self.waited = False
+            if self.waiting and self.running < self.max_running:
+                batch = self._take()
+                self.running += 1
+                asyncio.get_running_loop().create_task(self._run(batch))
+            self.pump()
+
+    async def _run(self, batch: list[Entry]) -> None:
+        metrics = self.router.metrics
         started = time.perf_counter()
-        self.queue_depth.dec(len(queued))
-        self.batch_size_metric.observe(len(queued))
-        for _, enqueued in queued:
-            self.queue_seconds.observe(started - enqueued)
-        images = [image for image, _ in queued]
-        self.batch_sizes.append(len(images))
-        del self.batch_sizes[:-10000]  # the recent batches are what /v1/router/batches reports
+        metrics.queue_depth[self.tool].dec(len(batch))
+        metrics.batch_size[self.tool].observe(len(batch))
+        self.router.batch_sizes[self.tool].append(len(batch))
+        for entry in batch:
+            metrics.queue_seconds[self.tool].observe(started - entry.enqueued)
         try:
-            groups: dict[tuple, list[int]] = {}
-            for index, image in enumerate(images):
-                groups.setdefault(image.shape, []).append(index)
-            results: list[dict] = [{} for _ in images]
-            answers = await asyncio.gather(
-                *(self.router.call_triton(self.tool, [images[i] for i in group]) for group in groups.values()),
-                return_exceptions=True,
-            )
-            for group, answer in zip(groups.values(), answers):
-                for position, index in enumerate(group):
-                    if isinstance(answer, Exception):
-                        failure = answer if isinstance(answer, ToolFailure) else ToolFailure(
-                            self.tool, _status_of(answer), str(answer))
-                        results[index] = {"error": failure.message, "status": failure.status}
-                    else:
-                        results[index] = answer[position]
-            return results
+            groups: dict[tuple, list[Entry]] = {}
+            for entry in batch:
+                groups.setdefault(entry.image.shape, []).append(entry)
+            await asyncio.gather(*(self.router.send(self.pool, self.tool, group) for group in groups.values()))
         finally:
-            self.in_flight -= 1
+            for entry in batch:
+                self.pool.hold(entry.context.tenant, -1)
+            self.running -= 1
+            self.pump()
 
 
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
@@ -154,100 +316,303 @@ class Router:
         import tritonclient.grpc.aio as grpcclient
 
         self.settings = Settings(**settings)
-        self.client = grpcclient.InferenceServerClient(self.settings.triton_grpc_target)
         self.grpc = grpcclient
         tools = self.settings.enabled_tools
         self.metrics = RouterMetrics(tools)
-        self.metrics.registry.register(ReadinessCollector(self.settings.triton_grpc_target, tools))
+        self.pools: dict[str, Pool] = {}
+        self.directory: PoolDirectory | None = None
+        self.batch_sizes: dict[str, deque[int]] = {tool: deque(maxlen=10000) for tool in tools}
+        self.requests: deque[float] = deque()  # routing decisions in the last WINDOW_S (retry budget)
+        self.retries: deque[float] = deque()
+        self.watcher = None
+        if self.settings.pool_discovery == "kubernetes":
+            self._start_discovery()
+        else:
+            self.apply_directory(directory_for(self.settings))
+        self.metrics.registry.register(ReadinessCollector(self._pool_targets))
         self.metrics_port = start_router_metrics_server(
             self.metrics, self.settings.bind_host, self.settings.router_metrics_port, self.settings.router_replicas)
         if self.metrics_port is None:
             log.warning("router metrics: ports %d..%d are all taken; this replica exports no metrics",
                         self.settings.router_metrics_port,
                         self.settings.router_metrics_port + self.settings.router_replicas - 1)
-        wait_s = self.settings.router_batch_wait_ms / 1000.0
-        self.batchers = {
-            tool: ToolBatcher(self, tool, self.settings.router_max_batch_size, wait_s)
-            for tool in self.settings.enabled_tools
-        }
+        self._prober: asyncio.Task | None = None
 
-    async def infer_image(self, tools: list[str], image: ImageInput | VolumeInput) -> dict[str, dict]:
-        """Run every named tool on one image; tool -> outputs, or {'error', 'status'}."""
-        unknown = [tool for tool in tools if tool not in self.batchers]
+    # --- the pool directory -------------------------------------------------------------------
+    def apply_directory(self, directory: PoolDirectory, ready: dict[str, int] | None = None) -> None:
+        """Take a new directory: keep the state of pools whose endpoints are unchanged."""
+        pools = {}
+        for name, spec in directory.pools.items():
+            pool = self.pools.get(name)
+            if pool is None or pool.spec.endpoints != spec.endpoints:
+                pool = Pool(spec, self.grpc)
+            pool.spec = spec
+            if ready is not None:
+                pool.ready = ready.get(name, 0) > 0
+            pools[name] = pool
+        self.pools, self.directory = pools, directory
+        self.metrics.known_pools(list(pools))
+        log.info("pool directory: %s", ", ".join(f"{p.name} ({len(directory.tools_of(p.name))} tools)"
+                                                 for p in pools.values()))
+
+    def _start_discovery(self) -> None:
+        from mosmedai.pool_discovery import PoolWatcher
+
+        loop = asyncio.get_event_loop()
+
+        def changed(directory, ready):
+            loop.call_soon_threadsafe(self.apply_directory, directory, ready)
+
+        self.watcher = PoolWatcher(self.settings.pool_namespace or None, self.settings.enabled_tools, changed)
+        self.watcher.start()
+        if self.watcher.directory() is not None:
+            self.apply_directory(self.watcher.directory(), self.watcher.ready())
+
+    def _pool_targets(self) -> dict[str, tuple[str, tuple[str, ...]]]:
+        directory = self.directory
+        if directory is None:
+            return {}
+        return {name: (pool.endpoints[0], directory.tools_of(name)) for name, pool in directory.pools.items()}
+
+    def _ensure_prober(self) -> None:
+        if self._prober is None or self._prober.done():
+            self._prober = asyncio.get_running_loop().create_task(self._probe_forever())
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.gather(*(self._probe(pool) for pool in list(self.pools.values())))
+            self.metrics.observe_pools(self.pools.values())
+            await asyncio.sleep(self.settings.pool_probe_interval_s)
+
+    async def _probe(self, pool: Pool) -> None:
+        timeout = max(0.5, self.settings.pool_probe_interval_s)
+        try:
+            ready = await asyncio.wait_for(pool.clients[0].is_server_ready(), timeout)
+        except Exception:
+            ready = False
+        if pool.ready != ready:
+            log.warning("pool %s is %s", pool.name, "ready" if ready else "NOT ready")
+        pool.ready = bool(ready)
+
+    async def check_health(self) -> None:
+        """Serve calls this every few seconds: it keeps the readiness prober going."""
+        self._ensure_prober()
+
+    # --- routing and admission ------------------------------------------------------------------
+    def _budget_ok(self) -> bool:
+        """The retry budget: failover retries at most a fraction of the requests of the window."""
+        now = time.monotonic()
+        for times in (self.requests, self.retries):
+            while times and times[0] < now - WINDOW_S:
+                times.popleft()
+        allowed = max(self.settings.retry_budget_min, self.settings.retry_budget_fraction * len(self.requests))
+        return len(self.retries) < allowed
+
+    def _decide(self, region: str, tool: str, context: StudyContext, priority: int,
+                exclude: tuple[str, ...] = (), may_spill: bool = True) -> tuple[Pool | None, int, float]:
+        """(pool, route, expected wait) for one tool of one study; (None, SHED, wait) to refuse."""
+        names = self.directory.candidates(region, tool) if self.directory else ()
+        pools = [self.pools[name] for name in names if name in self.pools]
+        if not pools:
+            return None, SHED, math.inf
+        now = time.monotonic()
+        up = [pool.up(now) and pool.name not in exclude for pool in pools]
+        waits = [pool.expected_wait_s(priority) for pool in pools]
+        transfer = [0.0] + [pool.spec.transfer_s for pool in pools[1:]]
+        if context.synchronous:
+            budget = context.remaining_s()
+        else:
+            budget = self.settings.time_to_result_slo_s
+        # urgent work and accepted (asynchronous) work are never shed
+        may_shed = context.synchronous and priority != URGENT
+        choice, kind = route(up, waits, transfer, budget, self.settings.spill_wait_fraction, may_spill, may_shed)
+        if choice < 0:
+            return None, SHED, min((w for w, u in zip(waits, up) if u), default=math.inf)
+        return pools[choice], kind, waits[choice]
+
+    async def infer_image(self, tools: list[str], image: ImageInput | VolumeInput,
+                          context: StudyContext) -> dict[str, dict]:
+        """Run every named tool on one image; tool -> outputs (with ``pool`` and ``route``), or
+        {'error', 'status', ...}. A study that cannot be admitted is refused whole, at once."""
+        self._ensure_prober()
+        unknown = [tool for tool in tools if tool not in self.batch_sizes]
         if unknown:
             raise ValueError(f"tools not enabled on this router: {unknown}")
-        results = await asyncio.gather(*(self.batchers[tool].infer(image) for tool in tools))
+        self.requests.append(time.monotonic())
+        plans = []
+        for tool in tools:
+            priority = priority_of(CATALOG[tool])
+            pool, kind, wait = self._decide(context.region, tool, context, priority)
+            if pool is None:
+                detail = (f"no pool of region {context.region} can run {tool} within the deadline "
+                          f"({context.deadline_s:g} s; expected wait {wait:.1f} s)" if math.isfinite(wait)
+                          else f"no pool that loads {tool} for region {context.region} is up")
+                answer = refusal("overloaded", 503, detail, wait if math.isfinite(wait) else
+                                 self.settings.pool_ejection_s)
+                return {name: answer for name in tools}
+            refused = self._fair_share(pool, context, priority, wait)
+            if refused:
+                return {name: refused for name in tools}
+            plans.append((tool, priority, pool, kind))
+        loop = asyncio.get_running_loop()
+        futures = []
+        for tool, priority, pool, kind in plans:
+            future = loop.create_future()
+            entry = Entry(tool, image, context, priority, home=self.directory.home(context.region, tool) or pool.name,
+                          route=kind, future=future)
+            self._enqueue(pool, entry)
+            futures.append(future)
+        results = await asyncio.gather(*futures)
         return dict(zip(tools, results))
 
-    async def call_triton(self, tool: str, images: list[ImageInput | VolumeInput]) -> list[dict]:
-        """One Triton request for images (or volumes) of equal shape; retried while Triton is unreachable."""
-        grpc = self.grpc
-        inputs = triton_inputs(grpc, images)
-        names = output_names(CATALOG[tool])
-        outputs = [grpc.InferRequestedOutput(name) for name in names]
+    def _fair_share(self, pool: Pool, context: StudyContext, priority: int, wait: float) -> dict | None:
+        """429 for a tenant above its fair share of a contended pool (synchronous, not urgent).
 
-        attempt = 0
-        first_started = time.perf_counter()
-        while True:
-            started = time.perf_counter()
-            try:
-                result = await self.client.infer(tool, inputs, outputs=outputs,
-                                                 client_timeout=self.settings.triton_timeout_s)
-                break
-            except Exception as error:
-                status = _status_of(error)
-                if status == 503 and attempt < self.settings.triton_retries:
-                    attempt += 1
-                    await asyncio.sleep(0.2 * 2**attempt)
-                    continue
-                log.warning("tool %s failed in Triton: %s", tool, error)
-                self.metrics.triton_seconds[tool].observe(time.perf_counter() - first_started)
-                self.metrics.triton_requests.labels(tool, TRITON_OUTCOME.get(status, "error")).inc()
-                raise ToolFailure(tool, status, str(error)) from None
-        finished = time.perf_counter()
-        triton_ms = (finished - started) * 1000.0
-        self.metrics.triton_seconds[tool].observe(finished - first_started)
-        self.metrics.triton_requests.labels(tool, "ok").inc()
+        Contended: the pool's expected wait is past the spill threshold. A tenant's fair share
+        is the images the pool can finish within the deadline, split evenly among the tenants
+        with work there."""
+        if not context.synchronous or priority == URGENT:
+            return None
+        budget = context.deadline_s
+        if wait <= self.settings.spill_wait_fraction * budget:
+            return None
+        tenants = set(pool.tenant_load) | {context.tenant}
+        if len(tenants) < 2:
+            return None
+        share = pool.throughput() * budget / len(tenants)
+        held = pool.tenant_load.get(context.tenant, 0)
+        if held < share:
+            return None
+        return refusal("fair_share", 429, f"tenant {context.tenant} holds {held} images at pool {pool.name}, "
+                       f"its fair share is {share:.0f} while {len(tenants)} tenants wait there", wait)
+
+    def _enqueue(self, pool: Pool, entry: Entry) -> None:
+        queue = pool.queues.get(entry.tool)
+        if queue is None:
+            queue = pool.queues[entry.tool] = ToolQueue(self, pool, entry.tool)
+        queue.put(entry)
+
+    async def send(self, pool: Pool, tool: str, entries: list[Entry]) -> None:
+        """One Triton request for images of equal shape; failures fail over or answer the entries."""
+        grpc = self.grpc
+        names = output_names(CATALOG[tool])
+        pool.in_flight += len(entries)
+        started = time.perf_counter()
+        try:
+            result = await pool.client().infer(
+                tool, triton_inputs(grpc, [entry.image for entry in entries]),
+                outputs=[grpc.InferRequestedOutput(name) for name in names],
+                client_timeout=self.settings.triton_timeout_s)
+        except Exception as error:
+            status = _status_of(error)
+            seconds = time.perf_counter() - started
+            self.metrics.triton_seconds.labels(pool.name, tool).observe(seconds)
+            self.metrics.triton_requests.labels(pool.name, tool, TRITON_OUTCOME.get(status, "error")).inc()
+            if _pool_unreachable(error) and pool.note_unavailable(self.settings):
+                log.warning("pool %s ejected after %d UNAVAILABLE answers", pool.name, pool.failures)
+            log.warning("tool %s failed in pool %s: %s", tool, pool.name, error)
+            for entry in entries:
+                self._retry_or_fail(pool, entry, status, str(error))
+            return
+        finally:
+            pool.in_flight -= len(entries)
+        seconds = time.perf_counter() - started
+        pool.note_success(len(entries), seconds)
+        self.metrics.triton_seconds.labels(pool.name, tool).observe(seconds)
+        self.metrics.triton_requests.labels(pool.name, tool, "ok").inc()
         version = result.get_response().model_version
         values = {name: result.as_numpy(name) for name in names}
-        return [
-            {
-                "probability": float(values["probability"][i][0]),
-                "positive": bool(values["positive"][i][0]),
-                "location": [float(v) for v in values["location"][i]],
-                "measurements": [float(v) for v in values["measurements"][i]] if "measurements" in values else [],
-                "model_version": version,
-                "triton_ms": triton_ms,
-                "batch_size": len(images),
-            }
-            for i in range(len(images))
-        ]
+        for i, entry in enumerate(entries):
+            self.metrics.routed.labels(pool.name, entry.home, tool, ROUTE_NAMES[entry.route]).inc()
+            if not entry.future.done():
+                entry.future.set_result({
+                    "probability": float(values["probability"][i][0]),
+                    "positive": bool(values["positive"][i][0]),
+                    "location": [float(v) for v in values["location"][i]],
+                    "measurements": [float(v) for v in values["measurements"][i]] if "measurements" in values else [],
+                    "model_version": version,
+                    "triton_ms": seconds * 1000.0,
+                    "batch_size": len(entries),
+                    "pool": pool.name,
+                    "route": ROUTE_NAMES[entry.route],
+                })
 
-    async def ready(self) -> dict[str, bool]:
-        """Whether Triton is ready and each enabled tool is loaded."""
-        try:
-            if not await self.client.is_server_ready():
-                return {"triton": False}
-            states = {"triton": True}
-            for tool in self.batchers:
-                states[tool] = await self.client.is_model_ready(tool)
-            return states
-        except Exception as error:
-            log.info("Triton not ready: %s", error)
-            return {"triton": False}
+    def _retry_or_fail(self, pool: Pool, entry: Entry, status: int, message: str) -> None:
+        """A failed image: fail over to the next up pool (within the retry budget), else answer."""
+        if entry.future.done():
+            return
+        tried = entry.tried + (pool.name,)
+        if status == 503:
+            attempts = len(tried)
+            others, kind, wait = self._decide(entry.context.region, entry.tool, entry.context, entry.priority,
+                                              exclude=tried, may_spill=False)
+            if others is None and attempts <= self.settings.triton_retries:
+                # No other pool: the same pool once more after a pause (Triton restarting).
+                others, kind, tried = pool, FAILOVER, entry.tried
+            if others is not None:
+                if not self._budget_ok():
+                    entry.future.set_result(refusal("retry_budget", 503, f"{entry.tool}: pool {pool.name} failed "
+                                                    f"and the retry budget is spent: {message}", 1.0))
+                    return
+                self.retries.append(time.monotonic())
+                retried = Entry(entry.tool, entry.image, entry.context, entry.priority, entry.home,
+                                FAILOVER if others.name != entry.home else entry.route, entry.future, tried=tried)
+                delay = 0.2 * len(tried) if others is pool else 0.0
+                asyncio.get_running_loop().call_later(delay, self._enqueue, others, retried)
+                return
+            entry.future.set_result({"error": f"no pool could run it for region {entry.context.region}: {message}",
+                                     "status": 503, "retry_after_s": math.ceil(self.settings.pool_ejection_s)})
+            return
+        entry.future.set_result({"error": message, "status": status})
+
+    # --- what SREs and the gateway ask ------------------------------------------------------------
+    async def pools_info(self) -> list[dict]:
+        """Every pool: directory facts, state and load (no tenant data)."""
+        self._ensure_prober()
+        directory = self.directory
+        return [{
+            "name": pool.name,
+            "regions": list(pool.spec.regions),
+            "districts": list(pool.spec.districts),
+            "endpoint": pool.spec.endpoints[0],
+            "state": pool.state(),
+            "tools": list(directory.tools_of(pool.name)),
+            "neighbours": list(pool.spec.neighbours),
+            "in_flight": pool.in_flight + sum(pool.queued),
+            "expected_wait_s": round(pool.expected_wait_s(), 3),
+        } for pool in self.pools.values()]
+
+    async def ready(self) -> dict:
+        """Whether each pool is ready, and each enabled tool ready on at least one pool."""
+        self._ensure_prober()
+        states: dict = {"pools": {}}
+        tools_ready = {tool: False for tool in self.batch_sizes}
+        for pool in self.pools.values():
+            try:
+                server = await asyncio.wait_for(pool.clients[0].is_server_ready(), 5.0)
+                models = {tool: await pool.clients[0].is_model_ready(tool)
+                          for tool in self.directory.tools_of(pool.name)} if server else {}
+            except Exception as error:
+                log.info("pool %s not ready: %s", pool.name, error)
+                server, models = False, {}
+            states["pools"][pool.name] = bool(server) and all(models.values())
+            for tool, ready in models.items():
+                tools_ready[tool] = tools_ready[tool] or bool(ready)
+        states["triton"] = any(states["pools"].values())
+        states.update(tools_ready)
+        return states
 
     async def batch_stats(self) -> dict[str, dict[str, float]]:
         """Mean realised batch size per tool over the recent batches (for the benchmark)."""
         return {
             tool: {
-                "batches": len(b.batch_sizes),
-                "images": int(sum(b.batch_sizes)),
-                "mean_batch_size": float(np.mean(b.batch_sizes)) if b.batch_sizes else 0.0,
+                "batches": len(sizes),
+                "images": int(sum(sizes)),
+                "mean_batch_size": float(np.mean(sizes)) if sizes else 0.0,
             }
-            for tool, b in self.batchers.items()
+            for tool, sizes in self.batch_sizes.items()
         }
 
     async def reset_stats(self) -> None:
-        for batcher in self.batchers.values():
-            batcher.batch_sizes.clear()
-
+        for sizes in self.batch_sizes.values():
+            sizes.clear()

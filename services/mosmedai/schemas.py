@@ -38,6 +38,9 @@ class ToolResult(BaseModel):
     findings: list[Finding] = Field(description="Positive findings at the tool's threshold; empty when none")
     scores: dict[str, float] = Field(description="Raw scores, e.g. the calibrated probability")
     measurements: list[MeasurementValue] = Field(default_factory=list, description="Physical quantities and categories the tool reports")
+    pool: str = Field("", description="The Triton pool that ran the tool (GET /v1/pools)")
+    route: str = Field("", description="How the study reached that pool: home, spill (home pool busy) or "
+                       "failover (home pool down)")
 
 
 class StudyResult(BaseModel):
@@ -82,3 +85,21 @@ class StudyStatus(BaseModel):
 class ErrorBody(BaseModel):
     error: str = Field(description="Machine-readable error code")
     detail: str = Field(description="What is wrong, in words")
+
+
+class PoolInfo(BaseModel):
+    """One Triton pool as the router sees it (GET /v1/pools)."""
+
+    name: str
+    regions: list[str] = Field(description="ISO 3166-2:RU regions whose own pool it is")
+    districts: list[str] = Field(default_factory=list, description="Federal districts it serves for regions without a pool")
+    endpoint: str = Field(description="gRPC host:port of the pool's (first) Triton")
+    state: str = Field(description="up, ejected (failed answers; probed back in) or not_ready")
+    tools: list[str]
+    neighbours: list[str] = Field(description="Spill-over and failover targets, nearest first")
+    in_flight: int = Field(description="Images queued in the router for the pool or in its Triton")
+    expected_wait_s: float = Field(description="Expected wait of a new routine image (s)")
+
+
+class PoolsAnswer(BaseModel):
+    pools: list[PoolInfo]

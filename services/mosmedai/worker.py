@@ -13,6 +13,7 @@ backoff for most of the job's lease; bad input fails the job at once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import time
@@ -118,8 +119,12 @@ async def accept(jobs: JobStore, runner: "JobRunner", tenant: str, bodies: list[
 
 
 class JobRunner:
-    def __init__(self, jobs: JobStore, settings: Settings, infer):
-        self.jobs, self.settings, self.infer = jobs, settings, infer
+    """Runs accepted jobs at the pools' pace: ``infer(tenant_id, tools, tensors)`` routes them
+    as asynchronous work (never shed); ``on_backlog({tenant_id: unfinished jobs})`` hears the
+    backlog at every poll."""
+
+    def __init__(self, jobs: JobStore, settings: Settings, infer, on_backlog=None):
+        self.jobs, self.settings, self.infer, self.on_backlog = jobs, settings, infer, on_backlog
         self.active: set[str] = set()
         self.slots = asyncio.Semaphore(settings.job_concurrency)
         self.polling: asyncio.Task | None = None
@@ -138,9 +143,15 @@ class JobRunner:
         while True:
             try:
                 now = time.time()
-                for job in await asyncio.to_thread(self.jobs.unfinished):
+                unfinished = await asyncio.to_thread(self.jobs.unfinished)
+                for job in unfinished:
                     if job.lease_until is None or job.lease_until <= now:
                         self.submit(job)
+                if self.on_backlog is not None:
+                    backlog: dict[str, int] = {}
+                    for job in unfinished:
+                        backlog[job.tenant] = backlog.get(job.tenant, 0) + 1
+                    self.on_backlog(backlog)
             except Exception as error:  # the store may be restarting: try again next round
                 log.warning("job poll failed: %s", error)
             await asyncio.sleep(self.settings.job_poll_s)
@@ -164,7 +175,8 @@ class JobRunner:
         delay = self.settings.job_retry_s
         while True:
             try:
-                results, items = await analyse(self.settings, self.infer, list(bodies))
+                results, items = await analyse(self.settings, functools.partial(self.infer, job.tenant),
+                                               list(bodies))
                 break
             except InputError as error:
                 await asyncio.to_thread(self.jobs.fail, job, f"{error.code}: {error.message}")

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mosmedai import local
 from mosmedai.config import Settings
 from mosmedai.metrics import GatewayMetrics, RouterMetrics, modality_label
+from mosmedai.tenants import Tenant
 
 
 def lint(exposition: bytes) -> str:
@@ -26,18 +27,26 @@ def samples(exposition: bytes) -> dict:
 
 
 def test_gateway_metrics_pass_the_lint_and_count_what_happened():
-    metrics = GatewayMetrics("RU-KGD", "kgd-oblast-hospital", 2.0, ["cxr_opacity", "cxr_nodule"])
+    kaliningrad = Tenant("kgd-oblast-hospital", "RU-KGD", "Областная больница", "0" * 64)
+    kazan = Tenant("kazan-rkb", "RU-TA", "РКБ", "1" * 64)
+    metrics = GatewayMetrics([kaliningrad, kazan], ["cxr_opacity", "cxr_nodule"])
     metrics.observe_request("/v1/studies", "POST", 200, 0.12)
-    metrics.rejected_input("not_dicom")
+    metrics.rejected_input(kaliningrad, "not_dicom")
+    metrics.rejected_input(None, "unauthenticated")  # no tenant known yet
     outcomes = {"cxr_opacity": "positive", "cxr_nodule": "negative"}
-    metrics.image_done("DX", "1.2.3", outcomes, receipt_seconds=0.4, acquisition_seconds=300.0)
-    metrics.image_done("DX", "1.2.3", outcomes, receipt_seconds=0.4, acquisition_seconds=-5.0)  # same study; clock skew
-    metrics.image_failed("CR", {"cxr_opacity": "failed", "cxr_nodule": "negative"})
+    metrics.image_done(kaliningrad, "DX", "1.2.3", outcomes, receipt_seconds=0.4, acquisition_seconds=300.0)
+    metrics.image_done(kaliningrad, "DX", "1.2.3", outcomes, receipt_seconds=0.4, acquisition_seconds=-5.0)  # clock skew
+    metrics.image_failed(kaliningrad, "CR", {"cxr_opacity": "failed", "cxr_nodule": "negative"})
+    metrics.image_done(kazan, "DX", "1.2.4", outcomes, receipt_seconds=0.2, acquisition_seconds=None)
+    metrics.shed_study(kazan, "overloaded")
+    metrics.set_backlog({"RU-TA": 3})
     exposition = metrics.exposition()
     assert lint(exposition) == ""
     got = samples(exposition)
+    # region and institution are the tenant's region and id, never free text
     base = (("institution", "kgd-oblast-hospital"), ("modality", "DX"), ("region", "RU-KGD"))
     assert got[("mosmedai_images_total", base)] == 2
+    assert got[("mosmedai_images_total", (("institution", "kazan-rkb"), ("modality", "DX"), ("region", "RU-TA")))] == 1
     assert got[("mosmedai_studies_total", base)] == 1
     assert got[("mosmedai_images_failed_total", (base[0], ("modality", "CR"), base[2]))] == 1
     assert got[("mosmedai_time_to_result_seconds_count", (("modality", "DX"), ("origin", "receipt"), ("region", "RU-KGD")))] == 2
@@ -45,7 +54,13 @@ def test_gateway_metrics_pass_the_lint_and_count_what_happened():
     assert got[("mosmedai_time_to_result_seconds_count", (("modality", "DX"), ("origin", "acquisition"), ("region", "RU-KGD")))] == 1
     assert got[("mosmedai_time_to_result_seconds_bucket", (("le", "900.0"), ("modality", "DX"), ("origin", "receipt"), ("region", "RU-KGD")))] == 2
     assert got[("mosmedai_rejected_inputs_total", (base[0], ("reason", "not_dicom"), base[2]))] == 1
+    assert got[("mosmedai_rejected_inputs_total", (("institution", "unknown"), ("reason", "unauthenticated"), ("region", "unknown")))] == 1
+    assert got[("mosmedai_shed_total", (("institution", "kazan-rkb"), ("reason", "overloaded"), ("region", "RU-TA")))] == 1
+    assert got[("mosmedai_jobs_backlog", (("region", "RU-TA"),))] == 3
+    assert got[("mosmedai_jobs_backlog", (("region", "RU-KGD"),))] == 0
+    # Each tenant region's UTC offset, from the platform's table (Kaliningrad +2, Kazan +3).
     assert got[("mosmedai_region_utc_offset_seconds", (("region", "RU-KGD"),))] == 7200
+    assert got[("mosmedai_region_utc_offset_seconds", (("region", "RU-TA"),))] == 10800
     assert got[("mosmedai_gateway_http_requests_total", (("code", "200"), ("endpoint", "/v1/studies"), ("method", "POST")))] == 1
 
 
@@ -59,7 +74,9 @@ def test_router_metrics_pass_the_lint():
     metrics = RouterMetrics(["cxr_opacity"])
     metrics.batch_size["cxr_opacity"].observe(3)
     metrics.queue_depth["cxr_opacity"].inc(2)
-    metrics.triton_requests.labels("cxr_opacity", "ok").inc()
+    metrics.triton_requests.labels("RU-MOW", "cxr_opacity", "ok").inc()
+    metrics.routed.labels("RU-MOW", "RU-TA", "cxr_opacity", "spill").inc()
+    metrics.pool_up.labels("RU-MOW").set(1)
     assert lint(metrics.exposition()) == ""
 
 
@@ -72,22 +89,14 @@ def test_operator_metrics_pass_the_lint():
     assert lint(exposition) == ""
 
 
-def test_region_and_institution_are_validated_configuration():
-    assert Settings().region == "RU-MOW" and Settings().institution == "local"
-    for field, value in (("region", "Moscow"), ("institution", "Free Text {}")):
-        with pytest.raises(ValueError, match=field):
-            Settings(**{field: value})
-    with pytest.raises(ValueError, match="distinct"):
-        Settings(prometheus_port=8000)
-
-
 def test_local_prometheus_scrapes_every_replica_and_loads_the_rules(tmp_path):
     settings = Settings(run_dir=tmp_path, gateway_replicas=2, router_replicas=2)
     config = local.prometheus_config(settings)
-    targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
+    targets = {job["job_name"]: [t for group in job["static_configs"] for t in group["targets"]]
+               for job in config["scrape_configs"]}
     assert targets == {"mosmedai-gateway": ["127.0.0.1:8000", "127.0.0.1:8001"],
                        "mosmedai-router": ["127.0.0.1:8201", "127.0.0.1:8202"],
-                       "triton": ["127.0.0.1:8102"]}
+                       "triton": ["127.0.0.1:8102", "127.0.0.1:8112"]}
     assert config["rule_files"] == [str(local.PROMETHEUS_FILES / "rules" / "*.yaml")]
 
 

@@ -53,7 +53,8 @@ def test_health_and_readiness(gateway, platform_settings):
     assert gateway.get("/healthz").json() == {"status": "alive"}
     ready = gateway.get("/readyz")
     assert ready.status_code == 200, ready.text
-    assert ready.json()["states"] == {"triton": True, **{tool: True for tool in platform_settings.enabled_tools}}
+    assert ready.json()["states"] == {"triton": True, "pools": {"RU-MOW": True, "RU-TA": True},
+                                      **{tool: True for tool in platform_settings.enabled_tools}}
 
 
 @pytest.mark.parametrize("tool", CHEST_TOOLS)
@@ -169,18 +170,31 @@ def test_stock_tritonclient_http_works_against_the_gateway(platform):
         client.get_model_metadata("cxr_nodule_net", headers=auth)  # only tools, not their steps
 
 
-def test_a_tool_failing_in_triton_gives_503_naming_it_and_recovers(platform, gateway):
-    triton = triton_grpc.InferenceServerClient(platform["triton_grpc"])
+def test_a_tool_failing_in_its_pool_fails_over_then_503_naming_it_and_recovers(platform, gateway):
+    moscow = triton_grpc.InferenceServerClient(platform["triton_grpc"])
+    tatarstan = triton_grpc.InferenceServerClient(platform["triton_grpc_RU-TA"])
     body = dicom_bytes(make_phantom((TEST_SEED, 8), shape=(600, 500)))
-    triton.unload_model("cxr_nodule_net")
+    moscow.unload_model("cxr_nodule_net")
     try:
+        # The home pool (RU-MOW, the demo-moscow tenant's) cannot run the tool: its neighbour does.
         answer = submit(gateway, body)
-        assert answer.status_code in (502, 503), answer.text
-        assert answer.json()["tools"] == ["cxr_nodule"] and "cxr_nodule" in answer.json()["detail"]
+        assert answer.status_code == 200, answer.text
+        routes = {tool["tool"]: (tool["pool"], tool["route"]) for tool in answer.json()["tools"]}
+        assert routes["cxr_nodule"] == ("RU-TA", "failover")
+        assert routes["cxr_opacity"] == ("RU-MOW", "home")
+        # A missing model is the tool's failure, not the pool's: RU-MOW stays in rotation.
+        states = {pool["name"]: pool["state"] for pool in gateway.get("/v1/pools").json()["pools"]}
+        assert states["RU-MOW"] == "up"
+        # No pool can run it: 503 naming the tool, with Retry-After.
+        tatarstan.unload_model("cxr_nodule_net")
+        answer = submit(gateway, body)
+        assert answer.status_code == 503, answer.text
+        assert "cxr_nodule" in answer.json()["detail"] and answer.headers["retry-after"].isdigit()
         assert "Traceback" not in answer.text
         assert gateway.get("/readyz").status_code == 503
     finally:
-        triton.load_model("cxr_nodule")
+        moscow.load_model("cxr_nodule")
+        tatarstan.load_model("cxr_nodule")
     assert submit(gateway, body).status_code == 200
 
 

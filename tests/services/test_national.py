@@ -1,0 +1,178 @@
+"""National serving on the real local platform: two pools (RU-MOW, RU-TA), each its own
+Triton process. Home routing by tenant region, the pools endpoint, failover when a pool's
+Triton is SIGKILLed under synchronous and asynchronous load, and its return home."""
+
+import concurrent.futures
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from mosmedai import local
+from mosmedai.config import Settings
+from mosmedai.pools import PoolConfigError, local_directory, parse_pools
+from mosmedai.storage import ObjectStore
+from mosmedai.tenants import DEMO_TOKENS, auth_headers
+from mosmedai.training.phantoms import dicom_bytes, make_phantom
+
+TEST_SEED = 4242
+DICOM = {"Content-Type": "application/dicom"}
+MOSCOW = auth_headers(DEMO_TOKENS["demo-moscow"])
+TATARSTAN = auth_headers(DEMO_TOKENS["demo-tatarstan"])
+CXR = ("cxr_opacity", "cxr_nodule", "cxr_pneumothorax")
+
+
+@pytest.fixture(scope="module")
+def gateway(platform):
+    with httpx.Client(base_url=platform["gateway"], timeout=120.0) as client:
+        yield client
+
+
+def chest(index: int) -> bytes:
+    return dicom_bytes(make_phantom((TEST_SEED, index), shape=(600, 500)))
+
+
+def routes(answer: httpx.Response) -> dict[str, tuple[str, str]]:
+    return {tool["tool"]: (tool["pool"], tool["route"]) for tool in answer.json()["tools"]}
+
+
+# --- the directory (no platform) -------------------------------------------------------------
+def test_home_pool_is_the_first_in_the_regions_order_that_loads_the_tool():
+    directory = local_directory(Settings())
+    assert directory.home("RU-TA", "cxr_nodule") == "RU-TA"
+    assert directory.candidates("RU-TA", "cxr_nodule") == ("RU-TA", "RU-MOW")
+    assert directory.home("RU-TA", "mg_mass") == "RU-MOW"  # RU-TA does not load it
+    assert directory.candidates("RU-TA", "mg_mass") == ("RU-MOW",)
+    # A region without a pool of its own: its federal district's pool (RU-MOW serves them all locally).
+    assert directory.home("RU-SPE", "cxr_nodule") == "RU-MOW"
+
+
+@pytest.mark.parametrize("pools, field", [
+    ([{"name": "A", "regions": ["RU-MOW"], "endpoints": ["h:1"], "neighbours": ["B"]}], "pools[0].neighbours"),
+    ([{"name": "A", "regions": ["RU-MOW"], "endpoints": ["h:1"], "tools": ["no_such_tool"]}], "pools[0].tools"),
+    ([{"name": "A", "regions": ["RU-MOX"], "endpoints": ["h:1"]}], "pools[0].regions"),
+    ([{"name": "A", "districts": ["XXX"], "endpoints": ["h:1"]}], "pools[0].districts"),
+    ([{"name": "A", "regions": ["RU-MOW"], "endpoints": ["not an endpoint"]}], "pools[0].endpoints"),
+    ([{"name": "A", "regions": ["RU-MOW"], "endpoints": ["h:1"], "tools": ["cxr_nodule"]}], "pools[].tools"),
+])
+def test_a_wrong_directory_is_refused_naming_the_field(pools, field):
+    import json
+
+    with pytest.raises(PoolConfigError) as error:
+        parse_pools(json.dumps(pools), Settings().enabled_tools)
+    assert str(error.value).startswith(field), error.value
+
+
+def test_a_tenant_region_without_any_pool_is_refused():
+    directory = parse_pools('[{"name": "A", "regions": ["RU-MOW"], "endpoints": ["h:1"]}]', Settings().enabled_tools)
+    with pytest.raises(PoolConfigError, match=r"RU-TA \(tenant kazan\)"):
+        directory.check_regions({"moscow": "RU-MOW", "kazan": "RU-TA"})
+
+
+# --- the platform ----------------------------------------------------------------------------
+def test_each_tenant_runs_on_its_regions_home_pool(gateway):
+    for headers, pool in ((MOSCOW, "RU-MOW"), (TATARSTAN, "RU-TA")):
+        answer = gateway.post("/v1/studies", content=chest(1), headers={**DICOM, **headers})
+        assert answer.status_code == 200, answer.text
+        assert routes(answer) == {tool: (pool, "home") for tool in CXR}
+
+
+def test_pools_endpoint_shows_every_pool_to_any_tenant_and_no_tenant_data(gateway, platform):
+    assert gateway.get("/v1/pools").status_code == 401
+    answer = gateway.get("/v1/pools", headers=TATARSTAN)
+    assert answer.status_code == 200, answer.text
+    pools = {pool["name"]: pool for pool in answer.json()["pools"]}
+    assert set(pools) == {"RU-MOW", "RU-TA"}
+    ta = pools["RU-TA"]
+    assert set(ta) == {"name", "regions", "districts", "endpoint", "state", "tools", "neighbours", "in_flight",
+                       "expected_wait_s"}
+    assert ta["regions"] == ["RU-TA"] and ta["neighbours"] == ["RU-MOW"] and ta["state"] == "up"
+    assert ta["endpoint"] == platform["triton_grpc_RU-TA"] and sorted(ta["tools"]) == sorted(CXR)
+    assert "demo" not in answer.text
+
+
+def test_status_lists_each_local_pools_triton(platform, platform_settings):
+    status = local.status(platform_settings)
+    assert status["triton"] and status["triton-RU-TA"] and status["triton"] != status["triton-RU-TA"]
+
+
+def _kill_group(settings, group: str) -> None:
+    pid = local.running_pid(settings, group)
+    assert pid is not None, f"{group} is not running"
+    local._signal_all(local._session_members(pid), signal.SIGKILL)
+
+
+def test_a_killed_pool_fails_over_loses_nothing_and_its_region_returns_home(platform, platform_settings, gateway):
+    """SIGKILL RU-TA's Triton while RU-TA's tenant sends synchronous and asynchronous studies."""
+    store = ObjectStore.local(platform_settings.s3_endpoint)
+    answers: list[tuple[float, int, dict, dict]] = []
+    stop = threading.Event()
+
+    def synchronous_load(worker: int) -> None:
+        with httpx.Client(base_url=platform["gateway"], timeout=60.0) as client:
+            index = 0
+            while not stop.is_set():
+                index += 1
+                answer = client.post("/v1/studies", content=chest(1000 * worker + index), headers={**DICOM, **TATARSTAN})
+                answers.append((time.monotonic(), answer.status_code, dict(answer.headers),
+                                routes(answer) if answer.status_code == 200 else {}))
+
+    accepted = []
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        loads = [pool.submit(synchronous_load, worker) for worker in (1, 2)]
+        for i in range(6):  # asynchronous studies accepted before and after the kill
+            if i == 3:
+                time.sleep(1.0)
+                killed_at = time.monotonic()
+                _kill_group(platform_settings, "triton-RU-TA")
+            answer = gateway.post("/v1/studies", content=chest(5000 + i),
+                                  headers={**DICOM, **TATARSTAN, "Prefer": "respond-async"})
+            assert answer.status_code == 202, answer.text
+            accepted.append(answer.headers["location"].rsplit("/", 1)[1])
+        time.sleep(6.0)
+        stop.set()
+        for load in loads:
+            load.result()
+    after = [a for a in answers if a[0] > killed_at]
+    assert after, "no synchronous study was sent after the kill"
+    # Every synchronous answer is a result (from the neighbour once RU-TA is gone) or a 503
+    # with Retry-After; no other 5xx.
+    for _, code, headers, _ in answers:
+        assert code == 200 or (code == 503 and headers.get("retry-after", "").isdigit()), (code, headers)
+    late = [r for t, code, _, r in after if code == 200 and t > killed_at + 3.0]
+    assert late and all(r == {tool: ("RU-MOW", "failover") for tool in CXR} for r in late), late[-3:]
+    pools = {p["name"]: p["state"] for p in gateway.get("/v1/pools", headers=TATARSTAN).json()["pools"]}
+    assert pools["RU-TA"] in ("ejected", "not_ready")
+
+    # Every accepted study completes, exactly once.
+    for uid in accepted:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            status = gateway.get(f"/v1/studies/{uid}", headers=TATARSTAN).json()
+            if status["status"] in ("done", "failed"):
+                break
+            time.sleep(0.5)
+        assert status["status"] == "done", status
+        commits = [key for key in store.list(platform_settings.results_bucket,
+                                             f"results/demo-tatarstan/{status['job_id']}/")
+                   if key.endswith("/result.json")]
+        assert len(commits) == 1, (uid, commits)
+
+    # RU-TA comes back: its region's traffic returns home within RETURN_HOME_S of Triton being ready.
+    local.start_tritons(platform_settings, ["triton-RU-TA"])
+    ready_at = time.monotonic()
+    while True:
+        answer = gateway.post("/v1/studies", content=chest(9000), headers={**DICOM, **TATARSTAN})
+        assert answer.status_code == 200, answer.text
+        if routes(answer) == {tool: ("RU-TA", "home") for tool in CXR}:
+            break
+        assert time.monotonic() - ready_at < RETURN_HOME_S, routes(answer)
+        time.sleep(0.5)
+    print(f"RU-TA's traffic returned home {time.monotonic() - ready_at:.1f} s after its Triton was ready")
+
+
+#: Probe interval (1 s) plus the first ejection (5 s), with room for a loaded machine.
+RETURN_HOME_S = 15.0
