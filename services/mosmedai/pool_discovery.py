@@ -49,6 +49,8 @@ GROUP, VERSION, PLURAL = "mosmedai.io", "v1alpha1", "gpupools"
 GRPC_PORT, METRICS_PORT = 8001, 8002
 
 OnChange = Callable[[PoolDirectory, dict[str, int]], None]
+# Where Kubernetes mounts the pod's namespace with its ServiceAccount token.
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
 class _Gone(Exception):
@@ -121,12 +123,30 @@ def build_directory(gpupools: Iterable[Mapping[str, Any]], namespace: str,
     return PoolDirectory(specs, enabled_tools), notes
 
 
+def own_namespace() -> str:
+    """The namespace this process runs in (``Settings.pool_namespace`` empty): the pod's
+    ServiceAccount namespace, else the kubeconfig's current context's, else ``default``."""
+    try:
+        with open(SERVICE_ACCOUNT_NAMESPACE) as handle:
+            return handle.read().strip()
+    except OSError:
+        pass
+    from kubernetes import config
+
+    try:
+        _, context = config.list_kube_config_contexts(config_file=os.environ.get("KUBECONFIG"))
+        return context["context"].get("namespace") or "default"
+    except (config.ConfigException, OSError, KeyError, TypeError):
+        return "default"
+
+
 class PoolWatcher:
     """Watches the GpuPools of one namespace and keeps the router's pool directory.
 
     Thread model: ``start()`` runs the list+watch loop in one daemon thread; ``on_change``
-    is called from that thread, after the first successful list and then whenever the
-    directory or a pool's ready replicas change (never twice with the same values). It
+    is called from that thread once the GpuPools first make a valid directory, and then
+    whenever the directory or a pool's ready replicas change (never twice with the same
+    values). It
     must not block for long (hand the values over to the router's loop, e.g. with
     ``loop.call_soon_threadsafe``); an exception it raises is logged and ignored.
     ``directory()`` and ``ready()`` may be called from any thread; ``directory()`` returns
@@ -135,7 +155,9 @@ class PoolWatcher:
 
     def __init__(self, namespace: str, enabled_tools: Iterable[str], on_change: OnChange | None = None,
                  api_client: Any = None, *, watch_timeout_s: float = 300.0, retry_max_s: float = 30.0):
-        """``api_client``: a ``kubernetes.client.ApiClient``; None loads the in-cluster
+        """``namespace``: whose GpuPools (empty: ``own_namespace()``).
+        ``enabled_tools``: the router's tools (``Settings.enabled_tools``).
+        ``api_client``: a ``kubernetes.client.ApiClient``; None loads the in-cluster
         config (the pod's ServiceAccount), else the kubeconfig (``KUBECONFIG``).
         ``watch_timeout_s``: how long one watch request lasts before the loop relists (s);
         ``retry_max_s``: the longest wait between retries after errors (s)."""
@@ -149,7 +171,7 @@ class PoolWatcher:
                 # KUBECONFIG read now: the client reads it once, when first imported.
                 config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
             api_client = client.ApiClient(configuration)
-        self.namespace = namespace
+        self.namespace = namespace or own_namespace()
         self.enabled_tools = list(enabled_tools)
         self.on_change = on_change
         self.watch_timeout_s = watch_timeout_s

@@ -207,7 +207,11 @@ async def test_the_watch_reconnects_after_it_ends(cluster: ClusterEmulator, kube
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     # kmock never ends a watch (it ignores timeoutSeconds): the client's read timeout
     # (watch_timeout_s plus 1 s) does, and the loop lists and watches again.
-    watcher = await started(PoolWatcher(NAMESPACE, TOOLS, watch_timeout_s=0.5, retry_max_s=0.5))
+    # No namespace either: the kubeconfig context's (as a pod's own, from its ServiceAccount).
+    path = Path(kubeconfig)
+    path.write_text(path.read_text().replace("namespace: default", f"namespace: {NAMESPACE}"))
+    watcher = await started(PoolWatcher("", TOOLS, watch_timeout_s=0.5, retry_max_s=0.5))
+    assert watcher.namespace == NAMESPACE
     try:
         await asyncio.sleep(3.0)
         assert _requests(cluster, "watch") >= 2 and _requests(cluster, "list") >= 2
