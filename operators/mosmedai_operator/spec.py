@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zoneinfo
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
@@ -34,6 +34,10 @@ MODEL_REPOSITORY_PATTERN = (
     r"(/[A-Za-z0-9._+=\-]+)*/?|(/[A-Za-z0-9._+=\-]+)+/?)$"
 )
 MAX_REPLICAS = 256
+POOL_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # a GpuPool's name (DNS-1123 label), as neighbours name it
+# Federal district codes (services/mosmedai/data/federal_districts.csv): CFD Central, NWF
+# North-Western, SFD Southern, NCF North Caucasian, VFD Volga, UFD Ural, SIB Siberian, FEF Far Eastern.
+District = Literal["CFD", "NWF", "SFD", "NCF", "VFD", "UFD", "SIB", "FEF"]
 
 
 class _Model(BaseModel):
@@ -101,6 +105,15 @@ class GpuPoolSpec(_Model):
     model_load_timeout_seconds: int = Field(default=900, ge=60, le=7200)
     # Triton's --model-repository for this pool; None = the operator's triton_model_repository.
     model_repository: str | None = Field(default=None, pattern=MODEL_REPOSITORY_PATTERN, max_length=1024)
+    # Read by the router's pool discovery (services/mosmedai/pool_discovery.py), not acted on
+    # here: the districts whose regions without a pool come here, the pools to spill or fail
+    # over to (nearest first), and the one-way transfer time to this pool (s). A routing
+    # mistake (a neighbour that is the pool itself or no GpuPool) is the router's to skip,
+    # not a reason to stop scaling the pool's Triton.
+    districts: list[District] = Field(default_factory=list, max_length=8)
+    neighbours: list[Annotated[str, Field(pattern=POOL_NAME_PATTERN, max_length=63)]] = Field(
+        default_factory=list, max_length=16)
+    transfer_seconds: float = Field(default=0, ge=0, le=600)
 
     @property
     def zone(self) -> zoneinfo.ZoneInfo:
@@ -153,6 +166,10 @@ def semantic_problems(spec: GpuPoolSpec, known_tools: Iterable[str] | None) -> l
             problems.append(f"spec.schedule[{i}] starts and ends at {window.start}: an empty window")
         if window.min_replicas > spec.replicas.max:
             problems.append(f"spec.schedule[{i}].minReplicas ({window.min_replicas}) is greater than spec.replicas.max ({spec.replicas.max})")
+    if len(set(spec.districts)) != len(spec.districts):
+        problems.append("spec.districts lists a district more than once")
+    if len(set(spec.neighbours)) != len(spec.neighbours):
+        problems.append("spec.neighbours lists a pool more than once")
     if spec.gpu.product is not None and spec.gpu.count == 0:
         problems.append("spec.gpu.product is set but spec.gpu.count is 0: a CPU pool cannot pick a GPU model")
     return problems

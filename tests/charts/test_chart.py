@@ -184,6 +184,42 @@ def test_one_gpupool_per_region(rendered) -> None:
             assert spec.get("gpu", {}).get("product") == (region.get("gpu", {}).get("product") or None)
             assert spec.get("replicas") == region.get("replicas")
             assert spec.get("schedule", []) == region.get("schedule", [])
+            assert spec.get("districts", []) == region.get("districts", [])
+            assert spec.get("transferSeconds", 0) == region.get("transferSeconds", 0)
+            # Neighbours are region codes in values, GpuPool names in the CRD.
+            assert spec.get("neighbours", []) == [pools[code]["metadata"]["name"] for code in region.get("neighbours", [])]
+
+
+def test_every_scenario_gives_the_router_a_pool_for_every_region_and_tool(rendered) -> None:
+    """The rendered GpuPools, read as the router's pool discovery reads them, make a valid
+    directory in which every region of the values has a home pool for every enabled tool."""
+    from mosmedai.pool_discovery import build_directory
+
+    for scenario in SCENARIOS:
+        docs = rendered[scenario]
+        (gateway,) = [d for d in docs if d["kind"] in ("Deployment", "RayService")
+                      and d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
+        (_, spec), *_ = pod_specs(gateway)  # the router's pod (plain mode) or the Ray head
+        tools = json.loads({e["name"]: e.get("value") for e in spec["containers"][0]["env"]}["MOSMEDAI_ENABLED_TOOLS"])
+        gpupools = [d for d in docs if d["kind"] == "GpuPool"]
+        directory, notes = build_directory(gpupools, NAMESPACE, tools)
+        assert notes == [], f"{scenario}: {notes}"
+        for pool in gpupools:
+            for tool in tools:
+                assert directory.home(pool["spec"]["region"], tool), f"{scenario}: {pool['spec']['region']} {tool}"
+        values = yaml.safe_load((CHART / ("values.yaml" if scenario == "defaults" else f"ci/{scenario}")).read_text())
+        tenants = {t["id"]: t["region"] for t in (values.get("tenants") or {}).get("items", [])}
+        directory.check_regions(tenants)  # every tenant's region has a pool
+    # The defaults' one pool serves every federal district: a tenant of any region has a pool.
+    defaults, _ = build_directory([d for d in rendered["defaults"] if d["kind"] == "GpuPool"], NAMESPACE, ["cxr_opacity"])
+    defaults.check_regions({"kamchatka": "RU-KAM", "kaliningrad": "RU-KGD", "tatarstan": "RU-TA"})
+    # Three regions, two of them district pools: a region without a pool goes to its district's.
+    directory, _ = build_directory([d for d in rendered["three-gpu-regions-values.yaml"] if d["kind"] == "GpuPool"],
+                                   NAMESPACE, ["cxr_opacity", "cxr_nodule", "cxr_pneumothorax"])
+    assert directory.home("RU-TUL", "cxr_opacity") == "ru-mow"  # Tula, Central district
+    assert directory.home("RU-NVS", "cxr_opacity") == "ru-kam"  # Novosibirsk, Siberian district
+    assert directory.home("RU-KGD", "cxr_pneumothorax") == "ru-mow"  # Kaliningrad's pool lacks it: its neighbour
+    assert directory.candidates("RU-KAM", "cxr_opacity") == ("ru-kam", "ru-mow")
 
 
 def test_values_yaml_passes_its_schema() -> None:
@@ -211,13 +247,30 @@ def test_every_container_is_locked_down(rendered) -> None:
             assert sc.get("privileged", False) is False, name
 
 
-def test_service_account_tokens_only_for_the_operator(rendered) -> None:
+def test_service_account_tokens_only_for_the_operator_and_the_router(rendered) -> None:
+    # The gateway pods (plain mode) and the Ray pods (KubeRay mode) run the router, which
+    # watches the GpuPools; every other workload has no token at all.
+    api_users = {"operator": "mosmedai-operator", "gateway": "mosmedai-router"}
     for where, doc, spec in all_pods(rendered):
-        operator = doc["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
-        assert spec["automountServiceAccountToken"] is operator, where
+        user = api_users.get(doc["metadata"]["labels"]["app.kubernetes.io/component"])
+        assert spec["automountServiceAccountToken"] is (user is not None), where
+        if user:
+            assert spec["serviceAccountName"] == user, where
     for scenario, doc in docs_of(rendered, "ServiceAccount"):
-        operator = doc["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
-        assert doc["automountServiceAccountToken"] is operator, f"{scenario}: {doc['metadata']['name']}"
+        user = doc["metadata"]["labels"]["app.kubernetes.io/component"] in ("operator", "router")
+        assert doc["automountServiceAccountToken"] is user, f"{scenario}: {doc['metadata']['name']}"
+
+
+def test_the_router_may_only_read_the_gpupools_of_its_namespace(rendered) -> None:
+    for scenario in SCENARIOS:
+        docs = rendered[scenario]
+        (role,) = component(docs, "Role", "router")
+        assert role["metadata"]["namespace"] == NAMESPACE
+        assert role["rules"] == [{"apiGroups": ["mosmedai.io"], "resources": ["gpupools"], "verbs": ["get", "list", "watch"]}]
+        (binding,) = component(docs, "RoleBinding", "router")
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mosmedai-router", "namespace": NAMESPACE}]
+        assert not component(docs, "ClusterRole", "router") and not component(docs, "ClusterRoleBinding", "router")
 
 
 def test_every_container_has_requests_and_limits(rendered) -> None:
@@ -377,8 +430,12 @@ def test_plain_mode_runs_the_serve_app_against_the_regions_triton(rendered, monk
     (container,) = gateway["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["python", "-m", "mosmedai.local", "serve"]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    # The operator names the Triton Service like the pool; gRPC on 8001.
+    # The router watches the release namespace's GpuPools for its pools.
+    assert (env["MOSMEDAI_POOL_DISCOVERY"], env["MOSMEDAI_POOL_NAMESPACE"]) == ("kubernetes", NAMESPACE)
+    # The Open Inference Protocol passthrough calls the first region's pool: the operator
+    # names the Triton Service like the pool; gRPC on 8001, HTTP on 8000.
     assert env["MOSMEDAI_TRITON_URL"] == f"ru-mow.{NAMESPACE}.svc:8001"
+    assert env["MOSMEDAI_TRITON_HTTP_URL"] == f"http://ru-mow.{NAMESPACE}.svc:8000"
     assert env["MOSMEDAI_BIND_HOST"] == "0.0.0.0"
     assert json.loads(env["MOSMEDAI_ENABLED_TOOLS"]) == ["cxr_opacity", "cxr_nodule", "cxr_pneumothorax"]
     # The platform's own settings class accepts every MOSMEDAI_* value the chart sets.
@@ -388,6 +445,7 @@ def test_plain_mode_runs_the_serve_app_against_the_regions_triton(rendered, monk
         if name.startswith("MOSMEDAI_") and value is not None:  # None: from a Secret (valueFrom)
             monkeypatch.setenv(name, value)
     settings = Settings()
+    assert (settings.pool_discovery, settings.pool_namespace) == ("kubernetes", NAMESPACE)
     assert settings.triton_grpc_target == f"ru-mow.{NAMESPACE}.svc:8001"
     assert kinds(docs)["GpuPool"] == 3 and "HorizontalPodAutoscaler" in kinds(docs) and "Ingress" in kinds(docs)
 
@@ -558,7 +616,16 @@ BAD_VALUES = [
     # Values merge onto the defaults: null is how a user removes a default (Helm docs).
     ("container-without-limits", {"gateway": {"resources": {"limits": None}}},
      "gateway/resources"),
-    ("gateway-region-not-deployed", {"gateway": {"tritonRegion": "RU-KAM"}}, "gateway.tritonRegion"),
+    # gateway.tritonRegion is gone: the router watches every pool (an old values file fails loudly).
+    ("gateway-triton-region-gone", {"gateway": {"tritonRegion": "RU-MOW"}}, "tritonRegion"),
+    ("neighbour-not-deployed", {"regions": [region(neighbours=["RU-KAM"])]}, "regions[0].neighbours"),
+    ("neighbour-itself", {"regions": [region(), region(code="RU-TA", timeZone="Europe/Moscow", neighbours=["RU-TA"])]},
+     "regions[1].neighbours"),
+    ("neighbour-lower-case", {"regions": [region(neighbours=["ru-kam"])]}, "regions/0/neighbours/0"),
+    ("neighbour-twice", {"regions": [region(), region(code="RU-TA", timeZone="Europe/Moscow",
+                                                      neighbours=["RU-MOW", "RU-MOW"])]}, "regions/1/neighbours"),
+    ("district-unknown", {"regions": [region(districts=["Moscow"])]}, "regions/0/districts/0"),
+    ("transfer-above-600", {"regions": [region(transferSeconds=900)]}, "regions/0/transferSeconds"),
     ("tenant-token-not-sha256", {"tenants": {"items": [tenant(token_sha256="abc123")]}},
      "tenants/items/0/token_sha256"),
     ("tenant-token-upper-case-hex", {"tenants": {"items": [tenant(token_sha256="A" * 64)]}},

@@ -146,7 +146,15 @@ BAD_SPECS = [
     ("model-repository-empty", {**MINIMAL, "modelRepository": ""}),
     ("model-repository-http-endpoint", {**MINIMAL, "modelRepository": "s3://http://minio:9000/models"}),
     ("model-repository-not-a-string", {**MINIMAL, "modelRepository": 42}),
+    ("district-unknown", {**MINIMAL, "districts": ["Moscow"]}),
+    ("districts-not-a-list", {**MINIMAL, "districts": "CFD"}),
+    ("neighbour-not-a-pool-name", {**MINIMAL, "neighbours": ["RU_MOW"]}),
+    ("neighbour-too-long", {**MINIMAL, "neighbours": ["a" * 64]}),
+    ("too-many-neighbours", {**MINIMAL, "neighbours": [f"pool-{i}" for i in range(17)]}),
+    ("transfer-negative", {**MINIMAL, "transferSeconds": -1}),
+    ("transfer-above-600", {**MINIMAL, "transferSeconds": 601}),
 ]
+ROUTING_FIELDS = ("districts", "neighbours", "transferSeconds")
 
 
 @pytest.mark.parametrize("spec", [s for _, s in BAD_SPECS], ids=[i for i, _ in BAD_SPECS])
@@ -154,6 +162,27 @@ def test_bad_specs_are_rejected_by_the_schema(schema: dict[str, Any], spec: dict
     pool = {"apiVersion": "mosmedai.io/v1alpha1", "kind": "GpuPool", "metadata": {"name": "bad"}, "spec": spec}
     with pytest.raises(jsonschema.ValidationError):
         validate(schema, pool)
+
+
+@pytest.mark.parametrize("spec", [s for _, s in BAD_SPECS if set(s) & set(ROUTING_FIELDS)],
+                         ids=[i for i, s in BAD_SPECS if set(s) & set(ROUTING_FIELDS)])
+def test_typed_spec_rejects_what_the_schema_rejects_in_routing_fields(spec: dict[str, Any]) -> None:
+    # Objects that never passed an API server (the emulator, the planner) meet the same bounds.
+    with pytest.raises(ValidationError):
+        GpuPoolSpec.model_validate(spec)
+
+
+def test_routing_fields_keep_their_order_and_refuse_repeats(schema: dict[str, Any]) -> None:
+    spec = GpuPoolSpec.model_validate({**MINIMAL, "districts": ["FEF", "SIB"], "neighbours": ["ru-tom", "ru-kam"],
+                                       "transferSeconds": 0.25})
+    assert (spec.districts, spec.neighbours, spec.transfer_seconds) == (["FEF", "SIB"], ["ru-tom", "ru-kam"], 0.25)
+    assert semantic_problems(spec, None) == []
+    twice = GpuPoolSpec.model_validate({**MINIMAL, "districts": ["FEF", "FEF"], "neighbours": ["ru-tom", "ru-tom"]})
+    assert semantic_problems(twice, None) == ["spec.districts lists a district more than once",
+                                              "spec.neighbours lists a pool more than once"]
+    fields = schema["properties"]["spec"]["properties"]
+    # The API server refuses repeats (list-type set) and keeps the order given.
+    assert fields["districts"]["x-kubernetes-list-type"] == fields["neighbours"]["x-kubernetes-list-type"] == "set"
 
 
 GOOD_MODEL_REPOSITORIES = [

@@ -111,21 +111,17 @@ securityContext:
 {{- default (lower .code) .name -}}
 {{- end -}}
 
-{{/* The region whose Triton pool the gateway calls, checked against regions. */}}
-{{- define "mosmedai.gatewayRegion" -}}
-{{- $code := .Values.gateway.tritonRegion | default (index .Values.regions 0).code -}}
-{{- $found := dict -}}
-{{- range .Values.regions -}}{{- if eq .code $code -}}{{- $_ := set $found "pool" (include "mosmedai.poolName" .) -}}{{- end -}}{{- end -}}
-{{- if not $found.pool -}}
-{{- fail (printf "gateway.tritonRegion: %q is not the code of any entry in regions" $code) -}}
-{{- end -}}
-{{- $found.pool -}}
+{{/* The one Triton pool of the Open Inference Protocol passthrough (the gRPC front door and
+     the gateway's /v2 REST calls, which name a model, not a region): the first region's.
+     The router itself finds every pool by watching the GpuPools (MOSMEDAI_POOL_DISCOVERY). */}}
+{{- define "mosmedai.passthroughPool" -}}
+{{- include "mosmedai.poolName" (index .Values.regions 0) -}}
 {{- end -}}
 
-{{/* host:port of the gRPC endpoint of the gateway's Triton pool: the Service the operator
+{{/* host:port of the gRPC endpoint of the passthrough pool: the Service the operator
      names like the GpuPool (operators/mosmedai_operator/children.py, gRPC port 8001). */}}
 {{- define "mosmedai.tritonUrl" -}}
-{{- printf "%s.%s.svc:8001" (include "mosmedai.gatewayRegion" .) .Release.Namespace -}}
+{{- printf "%s.%s.svc:8001" (include "mosmedai.passthroughPool" .) .Release.Namespace -}}
 {{- end -}}
 
 {{/* MOSMEDAI_* settings of the gateway and router (services/mosmedai/config.py). */}}
@@ -137,7 +133,13 @@ securityContext:
 - name: MOSMEDAI_TRITON_URL
   value: {{ include "mosmedai.tritonUrl" . | quote }}
 - name: MOSMEDAI_TRITON_HTTP_URL
-  value: {{ printf "http://%s.%s.svc:8000" (include "mosmedai.gatewayRegion" .) .Release.Namespace | quote }}
+  value: {{ printf "http://%s.%s.svc:8000" (include "mosmedai.passthroughPool" .) .Release.Namespace | quote }}
+# The router's pools: the GpuPools of the release's namespace, watched through the API
+# server (mosmedai.pool_discovery; the router ServiceAccount may get, list and watch them).
+- name: MOSMEDAI_POOL_DISCOVERY
+  value: kubernetes
+- name: MOSMEDAI_POOL_NAMESPACE
+  value: {{ .Release.Namespace | quote }}
 - name: MOSMEDAI_ENABLED_TOOLS
   value: {{ toJson .Values.gateway.enabledTools | quote }}
 - name: MOSMEDAI_ROUTER_MAX_BATCH_SIZE
@@ -148,9 +150,10 @@ securityContext:
   value: {{ .Values.gateway.tritonTimeoutSeconds | quote }}
 - name: MOSMEDAI_MAX_BODY_BYTES
   value: {{ .Values.gateway.maxBodyBytes | int64 | quote }}
-# Label of the gateway's and router's metrics: the region whose pool serves.
+# Label of the gateway's and router's metrics (and the region of requests without a
+# tenant): the first region.
 - name: MOSMEDAI_REGION
-  value: {{ .Values.gateway.tritonRegion | default (index .Values.regions 0).code | quote }}
+  value: {{ (index .Values.regions 0).code | quote }}
 # The router's own /metrics endpoint (the gateway's is /metrics on its HTTP port).
 - name: MOSMEDAI_ROUTER_METRICS_PORT
   value: "8201"
