@@ -150,10 +150,6 @@ securityContext:
   value: {{ .Values.gateway.tritonTimeoutSeconds | quote }}
 - name: MOSMEDAI_MAX_BODY_BYTES
   value: {{ .Values.gateway.maxBodyBytes | int64 | quote }}
-# Label of the gateway's and router's metrics (and the region of requests without a
-# tenant): the first region.
-- name: MOSMEDAI_REGION
-  value: {{ (index .Values.regions 0).code | quote }}
 # The router's own /metrics endpoint (the gateway's is /metrics on its HTTP port).
 - name: MOSMEDAI_ROUTER_METRICS_PORT
   value: "8201"
