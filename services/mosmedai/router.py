@@ -356,17 +356,23 @@ class Router:
                                                  for p in pools.values()))
 
     def _start_discovery(self) -> None:
+        """Watch GpuPools (a thread of the kubernetes client): each change is applied on the
+        router's event loop, at the next probe round."""
         from mosmedai.pool_discovery import PoolWatcher
 
-        loop = asyncio.get_event_loop()
-
         def changed(directory, ready):
-            loop.call_soon_threadsafe(self.apply_directory, directory, ready)
+            self._discovered = (directory, dict(ready))
 
-        self.watcher = PoolWatcher(self.settings.pool_namespace or None, self.settings.enabled_tools, changed)
-        self.watcher.start()
+        self._discovered = None
+        self.watcher = PoolWatcher(self.settings.pool_namespace, self.settings.enabled_tools, changed).start()
+        self.watcher.wait_synced(10.0)
         if self.watcher.directory() is not None:
             self.apply_directory(self.watcher.directory(), self.watcher.ready())
+
+    def _apply_discovered(self) -> None:
+        found, self._discovered = getattr(self, "_discovered", None), None
+        if found is not None and found[0] is not self.directory:
+            self.apply_directory(*found)
 
     def _pool_targets(self) -> dict[str, tuple[str, tuple[str, ...]]]:
         directory = self.directory
@@ -380,6 +386,7 @@ class Router:
 
     async def _probe_forever(self) -> None:
         while True:
+            self._apply_discovered()
             await asyncio.gather(*(self._probe(pool) for pool in list(self.pools.values())))
             self.metrics.observe_pools(self.pools.values())
             await asyncio.sleep(self.settings.pool_probe_interval_s)
