@@ -6,7 +6,9 @@
 (c) the full path: DICOM bytes over HTTP to the gateway, Ray Serve router, Triton.
 
 Then the CT row: one 128-slice 512 x 512 chest CT series through the full path, seconds
-per study and the shares of upload, decode and series assembly, transfer and inference.
+per study and the shares of upload, decode and series assembly, transfer and inference;
+then the national rows (``mosmedai.bench_national``): overload at twice the peak, and
+failover when RU-TA's Triton is killed mid-run.
 
 Ratios b/a and c/a compare throughput at each concurrency (the load generator shares the
 machine's cores with the platform, as a client on the same host would). The machine is
@@ -29,7 +31,7 @@ import numpy as np
 import psutil
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from mosmedai import local
+from mosmedai import bench_national, local
 from mosmedai.config import Settings
 from mosmedai.dicom_build import ct_series, to_bytes
 from mosmedai.dicom_input import decode
@@ -292,12 +294,16 @@ def main(argv: list[str] | None = None) -> None:
             figures[name] = measure(body, settings, args.seconds)
         figures["ct"] = ct_study(settings)
         pss, rss, processes = platform_memory(settings)
+        if "triton-RU-TA" in local.local_pools(settings):
+            figures["overload"] = bench_national.overload_row(settings)
+            figures["national"] = bench_national.national_row(settings)
+            bench_national.report(figures["national"], figures["overload"])
     finally:
         if not already_running:
             local.down(settings)
 
     print(f"platform memory: {pss:.0f} MiB PSS ({rss:.0f} MiB RSS summed) in {processes} processes, "
-          f"{len(settings.enabled_tools)} tools loaded (target: all 18 within 8 GiB)")
+          f"{len(settings.enabled_tools)} tools loaded (target: all 18 and the second pool within 5 GB)")
     if up_seconds is not None:
         print(f"make up (installed, cold processes): ready in {up_seconds:.1f} s (target <= 60)")
     if args.json:

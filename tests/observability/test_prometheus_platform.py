@@ -9,11 +9,14 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 
+from mosmedai.metrics import utc_offset_hours
 from mosmedai.tenants import auth_headers
 import pytest
 
 from mosmedai.training.phantoms import dicom_bytes, make_phantom
 from prom_helpers import promtool
+
+REGION = "RU-MOW"  # the region of the default client token's tenant (demo-moscow)
 
 TEST_SEED = 7_100_001
 DICOM = {"Content-Type": "application/dicom"}
@@ -55,13 +58,15 @@ def test_every_service_exposes_linted_metrics(platform, platform_settings):
 
 def test_prometheus_records_volume_and_time_to_result_from_traffic(platform, platform_settings, prometheus):
     loaded = {group["name"] for group in httpx.get(f"{prometheus}/api/v1/rules").json()["data"]["groups"]}
-    assert {"mosmedai-volume", "mosmedai-time-to-result", "mosmedai-platform", "mosmedai-targets"} <= loaded
+    assert {"mosmedai-volume", "mosmedai-time-to-result", "mosmedai-platform", "mosmedai-targets",
+            "mosmedai-routing"} <= loaded
     # Prometheus applies new targets in 5-second batches; each job's first scrape follows.
-    jobs = wait_for(prometheus, 'count by (job) (up == 1) and on () count(up == 1) == 3', 30)
+    # gateway, router and the two local pools' Tritons
+    jobs = wait_for(prometheus, 'count by (job) (up == 1) and on () count(up == 1) == 4', 30)
     assert {sample["metric"]["job"] for sample in jobs} == {"mosmedai-gateway", "mosmedai-router", "triton"}
 
     # Acquired two minutes ago, Moscow time (the header carries local time without a zone).
-    acquired = datetime.now(timezone(timedelta(hours=platform_settings.region_utc_offset_hours))) - timedelta(minutes=2)
+    acquired = datetime.now(timezone(timedelta(hours=utc_offset_hours(REGION)))) - timedelta(minutes=2)
     stamp = {"AcquisitionDate": acquired.strftime("%Y%m%d"), "AcquisitionTime": acquired.strftime("%H%M%S")}
     body = dicom_bytes(make_phantom((TEST_SEED, 1), shape=(600, 500)), **stamp)
     with httpx.Client(base_url=platform["gateway"], timeout=60, headers=auth_headers()) as gateway:
@@ -71,7 +76,7 @@ def test_prometheus_records_volume_and_time_to_result_from_traffic(platform, pla
             time.sleep(0.5)
         assert gateway.post("/v1/studies", content=b"not dicom", headers=DICOM).status_code == 422
 
-    region = platform_settings.region
+    region = REGION
     p95 = wait_for(prometheus, f'region:mosmedai_time_to_result_seconds:p95_5m{{region="{region}"}} > 0', 30)
     by_origin = {sample["metric"]["origin"]: float(sample["value"][1]) for sample in p95}
     assert 0 < by_origin["receipt"] < 10, by_origin
@@ -91,3 +96,6 @@ def test_prometheus_records_volume_and_time_to_result_from_traffic(platform, pla
     assert ratio and 0 < float(ratio[0]["value"][1]) < 1
     projected = query(prometheus, 'programme:mosmedai_images:quarter_projected{programme="moscow"}')
     assert projected and math.isfinite(float(projected[0]["value"][1]))
+    # The router's view of the pools, through the routing rules.
+    pools = wait_for(prometheus, 'pool:mosmedai_pool_up:max == 1', 15)
+    assert {sample["metric"]["pool"] for sample in pools} == {"RU-MOW", "RU-TA"}
