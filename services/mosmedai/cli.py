@@ -151,7 +151,7 @@ def cmd_example(args: argparse.Namespace) -> int:
 
 
 def cmd_tools(args: argparse.Namespace) -> int:
-    from mosmedai import byo
+    from mosmedai import byo, model_repo
 
     try:
         if args.action == "check":
@@ -160,7 +160,7 @@ def cmd_tools(args: argparse.Namespace) -> int:
             from mosmedai.config import REPO_ROOT
 
             repository = args.repository or REPO_ROOT / "model_repository"
-            written = byo.install(args.package, repository)
+            written = model_repo.install_package(args.package, repository)
             print(f"installed {args.package} into {repository} ({len(written)} files); serve it with "
                   f"MOSMEDAI_TOOL_PACKAGES={Path(args.package).resolve()} set for the platform")
     except byo.PackageError as error:
