@@ -701,7 +701,7 @@ def _patient_orientation(dataset: pydicom.Dataset) -> tuple[str, str]:
     else the radiographic convention for a frontal view (patient left on the image's
     right, feet down)."""
     value = dataset.get("PatientOrientation")
-    if value and len(value) == 2 and all(str(v) for v in value):
+    if value and len(value) == 2 and all(_ORIENTATION_LETTERS.match(str(v)) for v in value):
         return str(value[0]), str(value[1])
     orientation = dataset.get("ImageOrientationPatient")
     if orientation and len(orientation) == 6:
@@ -771,6 +771,7 @@ def build_secondary_captures(source: pydicom.Dataset | Sequence[pydicom.Dataset]
         if warnings:
             _draw_band(canvas, [("Image quality: " + "; ".join(warnings), WARNING_TEXT)], top=False)
         spacing = header.get("PixelSpacing")  # valid or absent (see _header)
+        orientation = _patient_orientation(header)
         capture = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=header,
             pixel_array=canvas,
@@ -784,11 +785,14 @@ def build_secondary_captures(source: pydicom.Dataset | Sequence[pydicom.Dataset]
             manufacturer=MANUFACTURER,
             pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing and len(spacing) == 2 else None,
             laterality=_laterality(header),
-            patient_orientation=_patient_orientation(header),
+            # highdicom takes one letter per direction; the full value is set below
+            patient_orientation=(orientation[0][0], orientation[1][0]),
             transfer_syntax_uid=ExplicitVRLittleEndian,
             series_description=_short(f"AI results ({DISCLAIMER})"),
             specific_character_set=RESULT_CHARACTER_SET,
         )
+        # PS3.3 C.7.6.1.1.1: a direction may take up to three letters (a mammogram's MLO "FL")
+        capture.PatientOrientation = list(orientation)
         body_part = _body_part(header, item)
         if body_part is not None:
             capture.BodyPartExamined = body_part
