@@ -69,36 +69,55 @@ def _tool_lines(tools: list[dict]) -> list[str]:
                 lines.append(f"  {tool['tool']:20s} {probability:11.3f}  {finding['finding']:30s} {where}")
         else:
             lines.append(f"  {tool['tool']:20s} {probability:11.3f}  {'no finding':30s} -")
+        measured = [f"{m['name']} {m['label']}" if m.get("label") is not None else
+                    f"{m['name']} {m['value']:g} {m['unit']}" if m.get("value") is not None else f"{m['name']} n/a"
+                    for m in tool.get("measurements", [])]
+        if measured:
+            lines.append(f"  {'':20s} {'':11s}  " + ", ".join(measured))
     return lines
 
 
-def format_result(path: str, result: dict) -> str:
+def format_result(path: str, result: dict, names: dict[str, str] | None = None) -> str:
     """One image's answer (StudyResult), or a multi-instance study's (StudyResults: one
-    block per image and per volume series)."""
+    block per image and per volume series; ``names`` labels an item by its first SOP
+    Instance UID, e.g. with its file name)."""
     if "results" not in result:
         return "\n".join([f"{path}  study {result['study_instance_uid']}  modality {result['modality']}  "
                           f"{result['timings_ms']['total']:.0f} ms", *_tool_lines(result["tools"])])
-    lines = [f"{path}  study {result['study_instance_uid']}  {len(result['results'])} items  "
+    lines = [f"{path}  study {result['study_instance_uid']}  {len(result['results'])} item(s)  "
              f"{result['timings_ms']['total']:.0f} ms"]
     for item in result["results"]:
-        lines.append(f" {item['kind']} {item['modality']}, series {item['series_instance_uid']}, "
-                     f"{len(item['sop_instance_uids'])} instance(s)")
+        label = (names or {}).get(item["sop_instance_uids"][0] if item["sop_instance_uids"] else "", "")
+        lines.append(f" {item['kind']} {item['modality']}" + (f" {label}" if label else "")
+                     + f", series {item['series_instance_uid']}, {len(item['sop_instance_uids'])} instance(s)")
         lines += _tool_lines(item["tools"])
     return "\n".join(lines)
 
 
-def _request(path: str) -> tuple[bytes, str]:
+def _request(path: str) -> tuple[bytes, str, dict[str, str]]:
     """One file as application/dicom; a folder's .dcm files (a study or series) as one
-    multipart/related request."""
-    from mosmedai.examples import sources_of
+    multipart/related request, with the file name of each SOP Instance UID."""
+    import io
+
+    import pydicom
+
     from mosmedai.pipeline import multipart_body
 
-    if Path(path).is_dir():
+    folder = Path(path)
+    if not folder.is_dir():
+        return folder.read_bytes(), "application/dicom", {}
+    files = sorted(folder.glob("*.dcm"))
+    if not files:
+        raise OSError(f"no .dcm files in the folder {path}")
+    payloads = [file.read_bytes() for file in files]
+    names = {}
+    for file, payload in zip(files, payloads):
         try:
-            return multipart_body(sources_of(path))
-        except ValueError as error:
-            raise OSError(str(error)) from None
-    return Path(path).read_bytes(), "application/dicom"
+            header = pydicom.dcmread(io.BytesIO(payload), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            names[str(header.SOPInstanceUID)] = file.name
+        except Exception:  # the gateway names what is wrong with the file
+            pass
+    return *multipart_body(payloads), names
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -108,7 +127,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     with httpx.Client(base_url=url, timeout=args.timeout, headers=auth_headers()) as client:
         for path in args.files:
             try:
-                body, content_type = _request(path)
+                body, content_type, names = _request(path)
             except OSError as error:
                 print(f"{path}: cannot read: {error}", file=sys.stderr)
                 failed += 1
@@ -123,7 +142,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 failed += 1
                 print(f"{path}: HTTP {answer.status_code}: {answer.text}", file=sys.stderr)
                 continue
-            print(json.dumps(answer.json(), indent=2) if args.json else format_result(path, answer.json()))
+            print(json.dumps(answer.json(), indent=2) if args.json else format_result(path, answer.json(), names))
     return 1 if failed else 0
 
 

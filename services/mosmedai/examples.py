@@ -3,18 +3,22 @@
 Every family of the catalog has an example a new user can send to the platform, drawn by
 the family's reference phantom (``mosmedai.training.*``) with a finding of its tools:
 
-=============  ===========================================  ===========================
+=============  ============================================  ============================
 family         what is written                               tools that read it
-=============  ===========================================  ===========================
-chest_xray     one DX PA chest radiograph, 2500 x 2048      cxr_opacity, cxr_nodule,
-                                                            cxr_pneumothorax
-fluorography   one DX screening fluorogram ("ФЛГ")          flg_*
-mammography    a screening study: L/R x CC/MLO, four MG     mg_mass, mg_calcification,
-               images (a folder)                            mg_density
-spine_xray     one DX whole-spine AP film with a scoliosis  spine_scoliosis
-ct_brain       one axial head CT series (a folder)          ctb_*
-ct_chest       one axial chest CT series (a folder)         ct_*
-=============  ===========================================  ===========================
+=============  ============================================  ============================
+chest_xray     one DX PA chest radiograph, 2500 x 2048       cxr_opacity, cxr_nodule,
+                                                             cxr_pneumothorax
+fluorography   one DX screening fluorogram ("ФЛГ")           flg_triage, flg_nodule,
+                                                             flg_fibrosis
+mammography    a screening study: R/L x CC/MLO, four MG      mg_mass, mg_calcification,
+               images (a folder)                             mg_density
+spine_xray     one DX whole-spine AP film with a scoliosis   spine_scoliosis
+ct_brain       one axial head CT series (a folder)           ctb_hemorrhage, ctb_ischemia,
+                                                             ctb_midline_shift
+ct_chest       one axial chest CT series (a folder)          ctc_covid, ctc_nodule,
+                                                             ctc_emphysema, ctc_cac,
+                                                             ctc_bone_density
+=============  ============================================  ============================
 
 An image family writes one file; a study or series writes a folder of Part-10 files that
 ``mosmedai submit FOLDER`` sends as one multipart study. Everything is deterministic from
@@ -114,6 +118,8 @@ def _ct_brain(seed: int, finding: str | None) -> Example:
         anatomy = ct_brain.make_anatomy((seed, index))
         if (anatomy.haemorrhage is not None and anatomy.shift != 0.0) == bool(finding) and anatomy.ischaemia is None:
             break
+    else:
+        raise RuntimeError(f"no head phantom of seed {seed} in 200 draws has the asked-for finding; try another seed")
     hu, _ = ct_brain.render(anatomy, ct_brain.CASE_SIZE, seed=(seed, index))
     pixel = anatomy.fov / ct_brain.CASE_SIZE
     datasets = ct_series(hu, (anatomy.dz, pixel, pixel), body_part="HEAD", series_description="КТ ГОЛОВНОГО МОЗГА",
@@ -179,20 +185,3 @@ def example_name(family: str) -> str:
     """The name of a family's example in a folder of all of them: chest_xray.dcm, ...,
     mammography/, ct_brain/, ct_chest/."""
     return family if family in FOLDER_FAMILIES else f"{family}.dcm"
-
-
-def write_all(folder: str | Path, seed: int = 7) -> dict[str, list[Path]]:
-    """Every family's example under ``folder`` (see example_name)."""
-    return {family: write_example(make_example(family, seed), Path(folder) / example_name(family))
-            for family in FAMILIES}
-
-
-def sources_of(path: str | Path) -> list[bytes]:
-    """The Part-10 files of an example path (a file, or the .dcm files of a folder, sorted)."""
-    path = Path(path)
-    files = sorted(path.glob("*.dcm")) if path.is_dir() else [path]
-    if not files:
-        raise ValueError(f"{path}: no .dcm files")
-    return [file.read_bytes() for file in files]
-
-
