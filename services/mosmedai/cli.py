@@ -57,6 +57,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+#: UCUM units as people read them next to a number (unitless and slice indices: none).
+_UNITS = {"1": "", "{slice}": "", "[hnsf'U]": " HU", "deg": " deg"}
+
+
 def _tool_lines(tools: list[dict]) -> list[str]:
     lines = [f"  {'tool':20s} {'probability':>11s}  {'finding':30s} location (row0,col0)-(row1,col1) px"]
     for tool in tools:
@@ -70,8 +74,8 @@ def _tool_lines(tools: list[dict]) -> list[str]:
         else:
             lines.append(f"  {tool['tool']:20s} {probability:11.3f}  {'no finding':30s} -")
         measured = [f"{m['name']} {m['label']}" if m.get("label") is not None else
-                    f"{m['name']} {m['value']:g} {m['unit']}" if m.get("value") is not None else f"{m['name']} n/a"
-                    for m in tool.get("measurements", [])]
+                    f"{m['name']} {m['value']:g}{_UNITS.get(m['unit'], ' ' + m['unit'])}" if m.get("value") is not None
+                    else f"{m['name']} n/a" for m in tool.get("measurements", [])]
         if measured:
             lines.append(f"  {'':20s} {'':11s}  " + ", ".join(measured))
     return lines
@@ -87,7 +91,8 @@ def format_result(path: str, result: dict, names: dict[str, str] | None = None) 
     lines = [f"{path}  study {result['study_instance_uid']}  {len(result['results'])} item(s)  "
              f"{result['timings_ms']['total']:.0f} ms"]
     for item in result["results"]:
-        label = (names or {}).get(item["sop_instance_uids"][0] if item["sop_instance_uids"] else "", "")
+        single = len(item["sop_instance_uids"]) == 1  # an image: its file's name
+        label = (names or {}).get(item["sop_instance_uids"][0], "") if single else ""
         lines.append(f" {item['kind']} {item['modality']}" + (f" {label}" if label else "")
                      + f", series {item['series_instance_uid']}, {len(item['sop_instance_uids'])} instance(s)")
         lines += _tool_lines(item["tools"])
