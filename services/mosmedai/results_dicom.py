@@ -229,16 +229,14 @@ def _declared_sets(dataset: pydicom.Dataset) -> list[str]:
 
 
 def _decode_text(raw: bytes, declared: list[str]) -> str:
-    """The text of a source value whatever its sender declared: real senders declare
-    ISO_IR 100 or nothing and write UTF-8 or Windows-1251 Cyrillic, or name a set that does
-    not exist. In turn: ASCII; ISO 2022 code extensions (several sets declared) as
-    pydicom decodes them; valid UTF-8 (non-ASCII text that is valid UTF-8 is almost never
-    an accident of another set); the declared single-byte set when the bytes hold no
-    control characters in it; Windows-1251."""
-    if raw.isascii() and b"\x1b" not in raw:
+    """The text of a source value in one declared character set (or none) whatever its
+    sender declared: real senders declare ISO_IR 100 or nothing and write UTF-8 or
+    Windows-1251 Cyrillic, or name a set that does not exist. In turn: ASCII; valid UTF-8
+    (non-ASCII text that is valid UTF-8 is almost never an accident of another set); the
+    declared set when the bytes hold no control characters in it; Windows-1251.
+    (ISO 2022 code extensions, several sets declared, are decoded by pydicom: see _clean.)"""
+    if raw.isascii():
         return raw.decode("ascii")
-    if len(declared) > 1 and all(term in pydicom.charset.python_encoding for term in declared if term):
-        return pydicom.charset.decode_bytes(raw, pydicom.charset.convert_encodings(declared), set())
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -310,7 +308,7 @@ def _clean(dataset: pydicom.Dataset, declared: list[str]) -> pydicom.Dataset:
             clean[tag] = dataset[tag]
             continue
         try:
-            if vr in _TEXT_VRS and isinstance(raw.value, bytes):
+            if vr in _TEXT_VRS and isinstance(raw.value, bytes) and len(declared) <= 1:
                 text = _decode_text(raw.value.rstrip(b" \x00"), declared)
                 values = [text] if vr in ("ST", "LT", "UT") else text.split("\\")
                 values = [PersonName(v) if vr == "PN" else v.strip() for v in values]
@@ -813,9 +811,10 @@ def build_secondary_captures(source: pydicom.Dataset | Sequence[pydicom.Dataset]
 #: Body Part Examined defined terms (PS3.16 Annex L) a capture may carry, and whether the
 #: part is paired (then the capture's Laterality is required, else it must be absent).
 BODY_PARTS = {"CHEST": False, "BREAST": True, "SPINE": False, "CSPINE": False, "TSPINE": False, "LSPINE": False,
-              "HEAD": False, "BRAIN": False, "SKULL": False, "ABDOMEN": False, "LUNG": True}
-#: Source values that name a defined term in other words (seen from real senders).
-BODY_PART_SYNONYMS = {"THORAX": "CHEST", "WHOLESPINE": "SPINE", "TORAX": "CHEST"}
+              "HEAD": False, "BRAIN": False, "SKULL": False, "ABDOMEN": False}
+#: Source values that name what a capture shows in other words (seen from real senders; a
+#: chest CT labelled LUNG shows both lungs, which a Laterality of L or R cannot say).
+BODY_PART_SYNONYMS = {"THORAX": "CHEST", "TORAX": "CHEST", "LUNG": "CHEST", "WHOLESPINE": "SPINE"}
 #: What a family's tools read, for a source without a usable Body Part Examined.
 FAMILY_BODY_PARTS = {"chest_xray": "CHEST", "fluorography": "CHEST", "mammography": "BREAST",
                      "spine_xray": "SPINE", "ct_brain": "HEAD", "ct_chest": "CHEST"}

@@ -5,8 +5,8 @@ secondary capture against its IOD, 0 errors allowed; its warnings are listed.
   asynchronous study API, and the SR and captures the platform stores for all 18 tools are
   fetched from /v1/studies/{uid}/sr and /sc and verified.
 - Sources with what real modalities get wrong (a zero Pixel Spacing, a mammogram without
-  its laterality, Cyrillic text under ISO_IR 144, UTF-8 declared as ISO_IR 100 or not
-  declared, Windows-1251 under a character set that does not exist, invalid dates and
+  its laterality, Cyrillic text under ISO_IR 144, Japanese under ISO 2022 code extensions,
+  UTF-8 declared as ISO_IR 100 or not declared, Windows-1251 under a character set that does not exist, invalid dates and
   enumerations, a CT series without Body Part Examined): the derived
   objects pass, carry none of the invalid values, and fill what their own IOD requires -
   on the platform, and directly from results_dicom for the unit suite.
@@ -37,6 +37,8 @@ from mosmedai.tools import BUILTIN_TOOLS
 SEED = 7_300_000
 ASYNC = {"Prefer": "respond-async"}
 CYRILLIC_NAME = "Иванов^Иван"
+#: Alphabetic, ideographic and phonetic groups (PS3.5 H.3.1).
+JAPANESE_NAME = "Yamada^Tarou=山田^太郎=やまだ^たろう"
 #: A placeholder of as many characters as CYRILLIC_NAME, swapped for its bytes in another
 #: character set once the file is written (pydicom would not write bytes a set cannot hold).
 PLACEHOLDER = "PLACEHOLDER"
@@ -171,6 +173,11 @@ def faulty_sources() -> list[Faulty]:
     cases.append(Faulty("Windows-1251 under an unknown character set", "chest_xray",
                         [misdeclared(other_chest, "WINDOWS-1251", "cp1251")], CYRILLIC_NAME))
 
+    japanese = examples.make_example("spine_xray", SEED + 1, "scoliosis").datasets[0]
+    japanese.SpecificCharacterSet = ["", "ISO 2022 IR 87"]  # code extensions (PS3.5 H.3.1)
+    japanese.PatientName = JAPANESE_NAME
+    cases.append(Faulty("Japanese under ISO 2022 code extensions", "spine_xray", [part10(japanese)], JAPANESE_NAME))
+
     head = examples.make_example("ct_brain", SEED, "haemorrhage").datasets
     for dataset in head:
         dataset.PatientBirthDate = "1960-01-31"  # not DA (YYYYMMDD)
@@ -250,6 +257,12 @@ def test_text_is_decoded_whatever_the_sender_declared():
     assert rd._decode_text(name("utf-8"), []) == CYRILLIC_NAME
     assert rd._decode_text(name("cp1251"), ["WINDOWS-1251"]) == CYRILLIC_NAME
     assert rd._decode_text("Müller^Jürgen".encode("latin_1"), ["ISO_IR 100"]) == "Müller^Jürgen"
+    # ISO 2022 code extensions are pydicom's to decode
+    source = examples.make_example("spine_xray", SEED).datasets[0]
+    source.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    source.PatientName = JAPANESE_NAME
+    header = rd._header(pydicom.dcmread(io.BytesIO(part10(source))))
+    assert str(header.PatientName) == JAPANESE_NAME
 
 
 # --- on the platform: every family's example, and the faulty sources --------------------------
