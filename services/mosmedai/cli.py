@@ -38,6 +38,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"  curl -s -X POST -H 'Authorization: Bearer {DEMO_TOKENS['demo-moscow']}' "
           f"-H 'Content-Type: application/dicom' --data-binary @chest.dcm {urls['gateway']}/v1/studies")
     print("  mosmedai submit chest.dcm        # `mosmedai example chest.dcm` writes a synthetic one")
+    print("  mosmedai example examples --family all && mosmedai submit examples/ct_brain   # every family")
     return 0
 
 

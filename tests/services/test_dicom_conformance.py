@@ -6,10 +6,10 @@ secondary capture against its IOD, 0 errors allowed; its warnings are listed.
   fetched from /v1/studies/{uid}/sr and /sc and verified.
 - Sources with what real modalities get wrong (a zero Pixel Spacing, a mammogram without
   its laterality, Cyrillic text under ISO_IR 144, Japanese under ISO 2022 code extensions,
-  UTF-8 declared as ISO_IR 100 or not declared, Windows-1251 under a character set that does not exist, invalid dates and
-  enumerations, a CT series without Body Part Examined): the derived
-  objects pass, carry none of the invalid values, and fill what their own IOD requires -
-  on the platform, and directly from results_dicom for the unit suite.
+  UTF-8 declared as ISO_IR 100 or not declared, Windows-1251 under a character set that
+  does not exist, invalid dates and enumerations, a CT series without Body Part Examined):
+  the derived objects pass, carry none of the invalid values, and fill what their own IOD
+  requires - on the platform, and directly from results_dicom for the unit suite.
 """
 
 from __future__ import annotations
