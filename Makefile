@@ -21,12 +21,14 @@ help:
 
 # Debian packages: Triton's Python-backend stub links the system libpython of the running
 # minor version; Prometheus and promtool serve the operator's (and the rules') tests;
-# DCMTK's storescu/echoscu are the stock DICOM peers the DIMSE tests talk to.
+# DCMTK's storescu/echoscu are the stock DICOM peers the DIMSE tests talk to; dicom3tools'
+# dciodvfy checks every SR and secondary capture the tools write against its IOD.
 system-deps:
 	@missing=""; \
 	ldconfig -p | grep -q 'libpython3.11.so.1.0' || missing="$$missing libpython3.11"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \

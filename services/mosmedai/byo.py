@@ -11,9 +11,15 @@ A package is a directory::
 ``load_package(dir)`` validates the manifest against the ONNX graph and returns a
 :class:`~mosmedai.families.ToolSpec` whose family is the package's own (so this module is
 its "family module": :func:`postprocess` turns network outputs into results).
-``install(dir, repository)`` adds the tool to a Triton model repository; setting
-``MOSMEDAI_TOOL_PACKAGES`` (a path list) makes ``mosmedai.tools`` load packages into the
-catalog at import, so the gateway, router and Triton's pre/post steps know the tool.
+Setting ``MOSMEDAI_TOOL_PACKAGES`` (a path list) makes ``mosmedai.tools`` load packages into
+the catalog at import, so the gateway, router and Triton's pre/post steps know the tool;
+``mosmedai.model_repo.install_package(dir, repository)`` adds the tool to a Triton model
+repository.
+
+Import order of the catalog, one way: ``families`` and ``byo`` (tool definitions, from code
+or from a package) <- ``tools`` (the catalog) <- ``model_repo`` (the Triton repository
+rendered from the catalog, packages installed into it). This module imports neither
+``tools`` nor ``model_repo``.
 
 Only 2-D (image) packages are supported; volume packages are refused (see the docs).
 Every refusal is a :class:`PackageError` whose lines name the field, e.g.
@@ -23,7 +29,6 @@ Every refusal is a :class:`PackageError` whose lines name the field, e.g.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 import shutil
@@ -617,16 +622,10 @@ def postprocess(spec: ToolSpec, outputs: dict[str, np.ndarray], geometry: np.nda
     raise ValueError(f"{spec.name}: unknown head {head!r}")
 
 
-# --- install ---------------------------------------------------------------------------------
-def builtin_tools() -> frozenset[str]:
-    from mosmedai.tools import BUILTIN_TOOLS
-
-    return BUILTIN_TOOLS
-
-
-def _copy_model(source: Path, target: Path, keep: set[str]) -> None:
-    """Copy model.onnx; outputs the head does not read are dropped from the graph's outputs
-    (Triton's config lists exactly the served outputs)."""
+# --- package files ---------------------------------------------------------------------------
+def copy_model(source: Path, target: Path, keep: set[str]) -> None:
+    """Copy a package's model.onnx; outputs the head does not read are dropped from the
+    graph's outputs (Triton's config lists exactly the served outputs)."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(source), providers=["CPUExecutionProvider"])
@@ -644,36 +643,6 @@ def _copy_model(source: Path, target: Path, keep: set[str]) -> None:
     del model.graph.output[:]
     model.graph.output.extend(kept)
     onnx.save(model, str(target))
-
-
-def install(package_dir: str | Path, repository: str | Path) -> list[Path]:
-    """Add a package's tool to a Triton model repository; returns the files written.
-
-    ``<name>_net/1/model.onnx`` (the package's ONNX), ``<name>_post/1/calibration.json``
-    (the head's parameters), ``<name>_post/1/manifest.yaml`` (for the record), and every
-    config and shim rendered by ``mosmedai.model_repo`` (cpu variant).
-    """
-    from mosmedai import model_repo
-
-    package = Path(package_dir)
-    spec = load_package(package)
-    manifest = LOADED[spec.name][1]
-    if spec.name in builtin_tools():
-        raise PackageError([f"{MANIFEST}: name: {spec.name!r} is a built-in tool; choose another name"])
-    repository = Path(repository)
-    written = []
-    net = repository / spec.network_model / "1"
-    post = repository / spec.postprocess_model / "1"
-    net.mkdir(parents=True, exist_ok=True)
-    post.mkdir(parents=True, exist_ok=True)
-    _copy_model(package / MODEL, net / MODEL, {t.name for t in spec.network_outputs})
-    written.append(net / MODEL)
-    (post / "calibration.json").write_text(json.dumps(head_parameters(manifest), indent=2) + "\n")
-    written.append(post / "calibration.json")
-    shutil.copyfile(package / MANIFEST, post / MANIFEST)
-    written.append(post / MANIFEST)
-    written += model_repo.write(repository, "cpu", specs=[spec])
-    return written
 
 
 def check(package_dir: str | Path) -> str:

@@ -38,6 +38,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"  curl -s -X POST -H 'Authorization: Bearer {DEMO_TOKENS['demo-moscow']}' "
           f"-H 'Content-Type: application/dicom' --data-binary @chest.dcm {urls['gateway']}/v1/studies")
     print("  mosmedai submit chest.dcm        # `mosmedai example chest.dcm` writes a synthetic one")
+    print("  mosmedai example examples --family all && mosmedai submit examples/ct_brain   # every family")
     return 0
 
 
@@ -57,11 +58,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_result(path: str, result: dict) -> str:
-    lines = [f"{path}  study {result['study_instance_uid']}  modality {result['modality']}  "
-             f"{result['timings_ms']['total']:.0f} ms"]
-    lines.append(f"  {'tool':20s} {'probability':>11s}  {'finding':30s} location (row0,col0)-(row1,col1) px")
-    for tool in result["tools"]:
+#: UCUM units as people read them next to a number (unitless and slice indices: none).
+_UNITS = {"1": "", "{slice}": "", "[hnsf'U]": " HU", "deg": " deg"}
+
+
+def _tool_lines(tools: list[dict]) -> list[str]:
+    lines = [f"  {'tool':20s} {'probability':>11s}  {'finding':30s} location (row0,col0)-(row1,col1) px"]
+    for tool in tools:
         probability = tool["scores"].get("probability", float("nan"))
         if tool["findings"]:
             for finding in tool["findings"]:
@@ -71,7 +74,56 @@ def format_result(path: str, result: dict) -> str:
                 lines.append(f"  {tool['tool']:20s} {probability:11.3f}  {finding['finding']:30s} {where}")
         else:
             lines.append(f"  {tool['tool']:20s} {probability:11.3f}  {'no finding':30s} -")
+        measured = [f"{m['name']} {m['label']}" if m.get("label") is not None else
+                    f"{m['name']} {m['value']:g}{_UNITS.get(m['unit'], ' ' + m['unit'])}" if m.get("value") is not None
+                    else f"{m['name']} n/a" for m in tool.get("measurements", [])]
+        if measured:
+            lines.append(f"  {'':20s} {'':11s}  " + ", ".join(measured))
+    return lines
+
+
+def format_result(path: str, result: dict, names: dict[str, str] | None = None) -> str:
+    """One image's answer (StudyResult), or a multi-instance study's (StudyResults: one
+    block per image and per volume series; ``names`` labels an item by its first SOP
+    Instance UID, e.g. with its file name)."""
+    if "results" not in result:
+        return "\n".join([f"{path}  study {result['study_instance_uid']}  modality {result['modality']}  "
+                          f"{result['timings_ms']['total']:.0f} ms", *_tool_lines(result["tools"])])
+    lines = [f"{path}  study {result['study_instance_uid']}  {len(result['results'])} item(s)  "
+             f"{result['timings_ms']['total']:.0f} ms"]
+    for item in result["results"]:
+        single = len(item["sop_instance_uids"]) == 1  # an image: its file's name
+        label = (names or {}).get(item["sop_instance_uids"][0], "") if single else ""
+        lines.append(f" {item['kind']} {item['modality']}" + (f" {label}" if label else "")
+                     + f", series {item['series_instance_uid']}, {len(item['sop_instance_uids'])} instance(s)")
+        lines += _tool_lines(item["tools"])
     return "\n".join(lines)
+
+
+def _request(path: str) -> tuple[bytes, str, dict[str, str]]:
+    """One file as application/dicom; a folder's .dcm files (a study or series) as one
+    multipart/related request, with the file name of each SOP Instance UID."""
+    import io
+
+    import pydicom
+
+    from mosmedai.pipeline import multipart_body
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return folder.read_bytes(), "application/dicom", {}
+    files = sorted(folder.glob("*.dcm"))
+    if not files:
+        raise OSError(f"no .dcm files in the folder {path}")
+    payloads = [file.read_bytes() for file in files]
+    names = {}
+    for file, payload in zip(files, payloads):
+        try:
+            header = pydicom.dcmread(io.BytesIO(payload), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            names[str(header.SOPInstanceUID)] = file.name
+        except Exception:  # the gateway names what is wrong with the file
+            pass
+    return *multipart_body(payloads), names
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -81,13 +133,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     with httpx.Client(base_url=url, timeout=args.timeout, headers=auth_headers()) as client:
         for path in args.files:
             try:
-                body = Path(path).read_bytes()
+                body, content_type, names = _request(path)
             except OSError as error:
                 print(f"{path}: cannot read: {error}", file=sys.stderr)
                 failed += 1
                 continue
             try:
-                answer = client.post("/v1/studies", content=body, headers={"Content-Type": "application/dicom"})
+                answer = client.post("/v1/studies", content=body, headers={"Content-Type": content_type})
             except httpx.HTTPError as error:
                 print(f"{path}: gateway at {url} unreachable ({error}); is the platform up (`make up`)?",
                       file=sys.stderr)
@@ -96,24 +148,35 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 failed += 1
                 print(f"{path}: HTTP {answer.status_code}: {answer.text}", file=sys.stderr)
                 continue
-            print(json.dumps(answer.json(), indent=2) if args.json else format_result(path, answer.json()))
+            print(json.dumps(answer.json(), indent=2) if args.json else format_result(path, answer.json(), names))
     return 1 if failed else 0
 
 
 def cmd_example(args: argparse.Namespace) -> int:
-    from mosmedai.training.phantoms import make_phantom, write_dicom
+    from mosmedai import examples
 
-    findings = [] if args.finding == "none" else [args.finding]
-    phantom = make_phantom((args.seed, 0), shape=(2500, 2048), findings=findings)
-    write_dicom(phantom, args.output)
-    box = phantom.boxes.get(args.finding) if findings else None
-    print(f"wrote {args.output}: synthetic 2500x2048 DX chest radiograph"
-          + (f", {args.finding} drawn at (row0,col0,row1,col1) {box}" if box else ", no finding"))
+    if args.family == "all":
+        for family in examples.FAMILIES:
+            example = examples.make_example(family, args.seed)
+            paths = examples.write_example(example, Path(args.output) / examples.example_name(family))
+            where = paths[0] if len(paths) == 1 else f"{paths[0].parent}/ ({len(paths)} files)"
+            print(f"wrote {where}: {example.description}")
+        print(f"send one with `mosmedai submit {Path(args.output) / 'ct_chest'}` (a folder is one study)")
+        return 0
+    finding = None if args.finding == "none" else (args.finding or "default")
+    try:
+        example = examples.make_example(args.family, args.seed, finding)
+    except ValueError as error:
+        print(f"mosmedai example: {error}", file=sys.stderr)
+        return 2
+    paths = examples.write_example(example, args.output)
+    where = args.output if len(paths) == 1 else f"{args.output}/ ({len(paths)} files)"
+    print(f"wrote {where}: {example.description}")
     return 0
 
 
 def cmd_tools(args: argparse.Namespace) -> int:
-    from mosmedai import byo
+    from mosmedai import byo, model_repo
 
     try:
         if args.action == "check":
@@ -122,7 +185,7 @@ def cmd_tools(args: argparse.Namespace) -> int:
             from mosmedai.config import REPO_ROOT
 
             repository = args.repository or REPO_ROOT / "model_repository"
-            written = byo.install(args.package, repository)
+            written = model_repo.install_package(args.package, repository)
             print(f"installed {args.package} into {repository} ({len(written)} files); serve it with "
                   f"MOSMEDAI_TOOL_PACKAGES={Path(args.package).resolve()} set for the platform")
     except byo.PackageError as error:
@@ -145,21 +208,30 @@ def main(argv: list[str] | None = None) -> None:
 
         module = importlib.import_module(DELEGATED[args[0]][0])
         sys.exit(module.main(args[1:]))
+    from mosmedai.examples import FAMILIES, FINDINGS
+
     parser = argparse.ArgumentParser(prog="mosmedai", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("up", help="start the local platform (Triton + Ray Serve)").set_defaults(run=cmd_up)
     commands.add_parser("down", help="stop everything `up` started").set_defaults(run=cmd_down)
     commands.add_parser("status", help="which local processes run").set_defaults(run=cmd_status)
-    submit = commands.add_parser("submit", help="send DICOM files, print the findings")
-    submit.add_argument("files", nargs="+", metavar="FILE")
+    submit = commands.add_parser("submit", help="send DICOM files (a folder: one study), print the findings")
+    submit.add_argument("files", nargs="+", metavar="FILE_OR_FOLDER")
     submit.add_argument("--url", help="gateway URL (default: the local one)")
     submit.add_argument("--json", action="store_true", help="print the JSON answers")
     submit.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     submit.set_defaults(run=cmd_submit)
-    example = commands.add_parser("example", help="write a synthetic chest X-ray DICOM file")
-    example.add_argument("output", metavar="FILE")
-    example.add_argument("--finding", choices=["none", "cxr_opacity", "cxr_nodule", "cxr_pneumothorax"],
-                         default="cxr_nodule")
+    example = commands.add_parser(
+        "example", help="write a synthetic example study of a family (chest X-ray by default, or all of them)",
+        description="Write a synthetic DICOM example: one file for chest_xray, fluorography and spine_xray; "
+                    "a folder for mammography (4 views) and the CT series; with --family all, every family "
+                    "into the folder OUTPUT. `mosmedai submit` sends a folder as one study.")
+    example.add_argument("output", metavar="OUTPUT", help="file (image families) or folder")
+    example.add_argument("--family", choices=["all", *FAMILIES], default="chest_xray")
+    example.add_argument("--finding", metavar="NAME",
+                         help="what to draw, per family: " + "; ".join(
+                             f"{family}: {', '.join(found)}" for family, found in FINDINGS.items())
+                         + " (default: the first; `none` for a clean example)")
     example.add_argument("--seed", type=int, default=7)
     example.set_defaults(run=cmd_example)
     tools = commands.add_parser("tools", help="tool packages (model.onnx + manifest.yaml): check or install one")

@@ -14,16 +14,23 @@ Tensor contracts: see ``mosmedai.families``. Two variants:
   ``platform: "tensorrt_plan"`` with ``model.plan`` built from the same ONNX by
   ``python -m mosmedai.tensorrt_build build`` for that GPU and TensorRT version (engines
   are cached by both); the pre and post steps stay on CPU.
+
+Import order of the catalog, one way: ``families`` and ``byo`` (tool definitions) <-
+``tools`` (the catalog) <- this module (the repository rendered from the catalog, and
+tool packages installed into it: :func:`install_package`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 from pathlib import Path
 
+from mosmedai import byo
 from mosmedai.families import IMAGE, ToolSpec
 from mosmedai.imaging import N_PARAMS, NETWORK_SIZE
-from mosmedai.tools import CATALOG
+from mosmedai.tools import BUILTIN_TOOLS, CATALOG
 from mosmedai.volumes import N_GEOMETRY
 
 MAX_BATCH_SIZE = 16
@@ -210,6 +217,30 @@ def write(repository: Path, variant: str = "cpu", tools: list[str] | None = None
     return written
 
 
+def install_package(package_dir: str | Path, repository: str | Path) -> list[Path]:
+    """Add a tool package's tool (mosmedai.byo) to a Triton model repository; returns the
+    files written: ``<name>_net/1/model.onnx`` (the package's ONNX),
+    ``<name>_post/1/calibration.json`` (the head's parameters), ``<name>_post/1/manifest.yaml``
+    (for the record), and every config and shim rendered here (cpu variant).
+    Raises byo.PackageError for an invalid package or one that reuses a built-in tool's name.
+    """
+    package = Path(package_dir)
+    spec = byo.load_package(package)
+    manifest = byo.LOADED[spec.name][1]
+    if spec.name in BUILTIN_TOOLS:
+        raise byo.PackageError([f"{byo.MANIFEST}: name: {spec.name!r} is a built-in tool; choose another name"])
+    repository = Path(repository)
+    net = repository / spec.network_model / "1"
+    post = repository / spec.postprocess_model / "1"
+    net.mkdir(parents=True, exist_ok=True)
+    post.mkdir(parents=True, exist_ok=True)
+    byo.copy_model(package / byo.MODEL, net / byo.MODEL, {t.name for t in spec.network_outputs})
+    (post / "calibration.json").write_text(json.dumps(byo.head_parameters(manifest), indent=2) + "\n")
+    shutil.copyfile(package / byo.MANIFEST, post / byo.MANIFEST)
+    written = [net / byo.MODEL, post / "calibration.json", post / byo.MANIFEST]
+    return written + write(repository, "cpu", specs=[spec])
+
+
 def main(argv: list[str] | None = None) -> None:
     from mosmedai.config import REPO_ROOT
 
@@ -221,12 +252,10 @@ def main(argv: list[str] | None = None) -> None:
                              "into the repository instead of rendering the catalog")
     args = parser.parse_args(argv)
     if args.install_package:
-        from mosmedai.byo import PackageError, install
-
         for package in args.install_package:
             try:
-                paths = install(package, args.repository)
-            except PackageError as error:
+                paths = install_package(package, args.repository)
+            except byo.PackageError as error:
                 raise SystemExit(f"{package}: refused:\n{error}") from None
             print(f"installed {package} into {args.repository} ({len(paths)} files written)")
         return

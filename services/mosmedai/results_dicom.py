@@ -194,12 +194,148 @@ PATIENT_STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "Patie
                           "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID")
 _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
           "AccessionNumber", "ReferringPhysicianName", "StudyID")
+#: Character set of every result object: UTF-8 (PS3.3 C.12.1.1.2) holds any text a source's
+#: set can, so a result never inherits a source's unknown or wrong Specific Character Set.
+RESULT_CHARACTER_SET = "ISO_IR 192"
+#: Value representations whose bytes are decoded with the Specific Character Set (PS3.5 6.1.2.3).
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
+#: Identifiers a result must keep even when a sender wrote them badly: without them it
+#: would not belong to the study or reference its sources (the pipeline accepted them).
+_KEPT_AS_IS = frozenset({"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Rows",
+                         "Columns", "FrameOfReferenceUID"})
+#: Control characters no text value holds (TAB, LF, FF and CR are allowed in ST, LT and UT
+#: only, and pydicom's VR checks reject them elsewhere; ESC is consumed by ISO 2022 decoding).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")
+#: Enumerated values checked beyond the VR (PS3.3 C.7.1.1, C.7.3.1, C.8.11.7, C.7.6.1.1.1).
+_ENUMERATED = {"PatientSex": {"M", "F", "O"}, "Laterality": {"L", "R"}, "ImageLaterality": {"L", "R", "U", "B"}}
+#: Spacings that are a ratio of mm per pixel: two positive numbers or nothing (a sender's
+#: 0\\0 would make every length in a derived object zero or infinite).
+_SPACINGS = frozenset({"PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"})
+_ORIENTATION_LETTERS = re.compile(r"^[APRLHF]{1,3}$")
+#: Character set of legacy Cyrillic text written without a declaration or under a wrong one
+#: (the platform's senders are Russian hospitals): the last resort of _decode_text.
+LEGACY_CYRILLIC = "cp1251"
+
+
+def _declared_sets(dataset: pydicom.Dataset) -> list[str]:
+    raw = dataset.get_item(0x00080005)
+    if raw is None or raw.value is None:
+        return []
+    value = raw.value
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    values = value.split("\\") if isinstance(value, str) else list(value)
+    return [str(term).strip() for term in values]
+
+
+def _decode_text(raw: bytes, declared: list[str]) -> str:
+    """The text of a source value in one declared character set (or none) whatever its
+    sender declared: real senders declare ISO_IR 100 or nothing and write UTF-8 or
+    Windows-1251 Cyrillic, or name a set that does not exist. In turn: ASCII; valid UTF-8
+    (non-ASCII text that is valid UTF-8 is almost never an accident of another set); the
+    declared set when the bytes hold no control characters in it; Windows-1251.
+    (ISO 2022 code extensions, several sets declared, are decoded by pydicom: see _clean.)"""
+    if raw.isascii():
+        return raw.decode("ascii")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    codec = pydicom.charset.python_encoding.get(declared[0] if declared else "")
+    if codec is not None and codec != "iso8859":  # iso8859 is pydicom's name for the ASCII default
+        try:
+            text = raw.decode(codec)
+            if not _CONTROL.search(text):
+                return text
+        except UnicodeDecodeError:
+            pass
+    return raw.decode(LEGACY_CYRILLIC, "replace")
+
+
+def _valid(keyword: str, vr: str, values: list) -> bool:
+    """Whether every value is valid for its VR (pydicom's checks, real calendar dates) and
+    for the attribute (enumerated values, positive spacings, orientation letters)."""
+    from datetime import datetime
+
+    from pydicom import config
+    from pydicom.valuerep import validate_value
+
+    for value in values:
+        if value is None or value == "":
+            continue
+        text = str(getattr(value, "original_string", value))
+        if isinstance(value, str) and _CONTROL.search(value):
+            return False
+        try:
+            validate_value(vr, value if vr in _TEXT_VRS else text, config.RAISE)
+            if vr == "DA":
+                datetime.strptime(text.strip(), "%Y%m%d")
+        except (ValueError, TypeError):
+            return False
+        if keyword in _ENUMERATED and text.strip().upper() not in _ENUMERATED[keyword]:
+            return False
+        if keyword == "PatientOrientation" and not _ORIENTATION_LETTERS.match(text.strip()):
+            return False
+    if keyword in _SPACINGS:
+        try:
+            numbers = [float(value) for value in values]
+        except (TypeError, ValueError):
+            return False
+        return len(numbers) == 2 and all(math.isfinite(n) and n > 0 for n in numbers)
+    if keyword == "PatientOrientation":
+        return len(values) == 2
+    return True
+
+
+def _clean(dataset: pydicom.Dataset, declared: list[str]) -> pydicom.Dataset:
+    """The standard (not private) attributes of a header whose values are valid, text
+    decoded to Unicode with _decode_text; sequences cleaned item by item."""
+    from pydicom.datadict import dictionary_VR, keyword_for_tag
+    from pydicom.dataelem import DataElement
+    from pydicom.multival import MultiValue
+    from pydicom.valuerep import PersonName
+
+    clean = pydicom.Dataset()
+    for tag in list(dataset.keys()):
+        if tag >= 0x7FE00000 or tag.is_private or tag.group in (0x0002, 0xFFFE):
+            continue
+        keyword = keyword_for_tag(tag)
+        if not keyword or keyword == "SpecificCharacterSet":
+            continue
+        raw = dataset.get_item(tag)
+        vr = str(getattr(raw, "VR", None) or dictionary_VR(tag))
+        if keyword in _KEPT_AS_IS:
+            clean[tag] = dataset[tag]
+            continue
+        try:
+            if vr in _TEXT_VRS and isinstance(raw.value, bytes) and len(declared) <= 1:
+                text = _decode_text(raw.value.rstrip(b" \x00"), declared)
+                values = [text] if vr in ("ST", "LT", "UT") else text.split("\\")
+                values = [PersonName(v) if vr == "PN" else v.strip() for v in values]
+                element = DataElement(tag, vr, values if len(values) > 1 else values[0])
+            else:
+                element = dataset[tag]  # pydicom converts the raw value (may raise on garbage)
+            if vr == "SQ":
+                element = DataElement(tag, vr, [_clean(item, declared) for item in element.value])
+            else:
+                value = element.value
+                values = list(value) if isinstance(value, (list, MultiValue)) else [value]
+                if vr not in ("OB", "OW", "OF", "OD", "OL", "OV", "UN") and not _valid(keyword, vr, values):
+                    continue
+        except Exception:  # a value pydicom cannot even convert is invalid: leave it out
+            continue
+        clean[tag] = element
+    return clean
 
 
 def _header(dataset: pydicom.Dataset) -> pydicom.Dataset:
-    """A shallow copy without pixel data, type-2 patient/study attributes present (empty
-    when the source lacks them: highdicom reads them as attributes)."""
-    header = pydicom.Dataset({element.tag: element for element in dataset if element.tag < 0x7FE00000})
+    """What a result object may take from a source: its header without pixel data, private
+    elements, or any value that is invalid for its VR or attribute (a zero Pixel Spacing, a
+    Laterality of "left", a date of February 30th, text with control characters), text
+    decoded to Unicode whatever character set the sender declared (the result is written in
+    RESULT_CHARACTER_SET), and the type 2 patient/study attributes present (empty when the
+    source lacks them or they were invalid: highdicom reads them as attributes)."""
+    header = _clean(dataset, _declared_sets(dataset))
     for keyword in _TYPE2:
         if keyword not in header:
             setattr(header, keyword, "")
@@ -380,6 +516,7 @@ def build_sr(sources: list[pydicom.Dataset], item: ItemResult, *, tool_versions:
         is_final=False,  # unverified machine output: PRELIMINARY, not FINAL
         is_verified=False,
         series_description=_short(f"AI results ({DISCLAIMER})"),
+        specific_character_set=RESULT_CHARACTER_SET,
     )
     scheme = pydicom.Dataset()  # PS3.3 C.12.1.1.2.1: identify the private coding scheme
     scheme.CodingSchemeDesignator = PRIVATE_SCHEME
@@ -562,7 +699,7 @@ def _patient_orientation(dataset: pydicom.Dataset) -> tuple[str, str]:
     else the radiographic convention for a frontal view (patient left on the image's
     right, feet down)."""
     value = dataset.get("PatientOrientation")
-    if value and len(value) == 2 and all(str(v) for v in value):
+    if value and len(value) == 2 and all(_ORIENTATION_LETTERS.match(str(v)) for v in value):
         return str(value[0]), str(value[1])
     orientation = dataset.get("ImageOrientationPatient")
     if orientation and len(orientation) == 6:
@@ -611,6 +748,7 @@ def build_secondary_captures(source: pydicom.Dataset | Sequence[pydicom.Dataset]
     sources = [source] if isinstance(source, pydicom.Dataset) else list(source)
     captures = []
     for number, image in enumerate(_key_sources(sources, item, warnings)):
+        header = _header(image)
         stored, params = _stored_and_params(image)
         shown = to_display(stored, _display_params(params, item))
         canvas = np.repeat(np.rint(shown * 255.0).astype(np.uint8)[:, :, None], 3, axis=2)
@@ -630,9 +768,10 @@ def build_secondary_captures(source: pydicom.Dataset | Sequence[pydicom.Dataset]
         _draw_band(canvas, banner, top=True)
         if warnings:
             _draw_band(canvas, [("Image quality: " + "; ".join(warnings), WARNING_TEXT)], top=False)
-        spacing = image.get("PixelSpacing")
+        spacing = header.get("PixelSpacing")  # valid or absent (see _header)
+        orientation = _patient_orientation(header)
         capture = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=_header(image),
+            ref_dataset=header,
             pixel_array=canvas,
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
             bits_allocated=8,
@@ -643,16 +782,56 @@ def build_secondary_captures(source: pydicom.Dataset | Sequence[pydicom.Dataset]
             instance_number=instance_number_start + number,
             manufacturer=MANUFACTURER,
             pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing and len(spacing) == 2 else None,
-            laterality=_laterality(image),
-            patient_orientation=_patient_orientation(image),
+            laterality=_laterality(header),
+            # highdicom takes one letter per direction; the full value is set below
+            patient_orientation=(orientation[0][0], orientation[1][0]),
             transfer_syntax_uid=ExplicitVRLittleEndian,
             series_description=_short(f"AI results ({DISCLAIMER})"),
+            specific_character_set=RESULT_CHARACTER_SET,
         )
+        # PS3.3 C.7.6.1.1.1: a direction may take up to three letters (a mammogram's MLO "FL")
+        capture.PatientOrientation = list(orientation)
+        body_part = _body_part(header, item)
+        if body_part is not None:
+            capture.BodyPartExamined = body_part
+        if body_part is not None and not BODY_PARTS[body_part]:
+            # General Series Laterality is type 2C (PS3.3 C.7.3.1): required for a paired body
+            # part (the SC IOD has no Image Laterality), absent for an unpaired one.
+            if "Laterality" in capture:
+                del capture.Laterality
+        elif "Laterality" not in capture:
+            capture.Laterality = None  # paired or unknown body part, no L or R known: empty
         capture.BurnedInAnnotation = "YES"
         capture.DerivationDescription = _short(f"{DISCLAIMER}; source {uid}", 1024)
         capture.SourceImageSequence = [_reference(image)]
         captures.append(capture)
     return captures
+
+
+#: Body Part Examined defined terms (PS3.16 Annex L) a capture may carry, and whether the
+#: part is paired (then the capture's Laterality is required, else it must be absent).
+BODY_PARTS = {"CHEST": False, "BREAST": True, "SPINE": False, "CSPINE": False, "TSPINE": False, "LSPINE": False,
+              "HEAD": False, "BRAIN": False, "SKULL": False, "ABDOMEN": False}
+#: Source values that name what a capture shows in other words (seen from real senders; a
+#: chest CT labelled LUNG shows both lungs, which a Laterality of L or R cannot say).
+BODY_PART_SYNONYMS = {"THORAX": "CHEST", "TORAX": "CHEST", "LUNG": "CHEST", "WHOLESPINE": "SPINE"}
+#: What a family's tools read, for a source without a usable Body Part Examined.
+FAMILY_BODY_PARTS = {"chest_xray": "CHEST", "fluorography": "CHEST", "mammography": "BREAST",
+                     "spine_xray": "SPINE", "ct_brain": "HEAD", "ct_chest": "CHEST"}
+
+
+def _body_part(header: pydicom.Dataset, item: ItemResult) -> str | None:
+    """The capture's Body Part Examined: the source's when it is (or names) a defined term of
+    BODY_PARTS, else what the item's tools read, else None."""
+    value = str(header.get("BodyPartExamined") or "").strip().upper()
+    value = BODY_PART_SYNONYMS.get(value, value)
+    if value in BODY_PARTS:
+        return value
+    for result in item.tools:
+        spec = CATALOG.get(result.tool)
+        if spec is not None and spec.family.name in FAMILY_BODY_PARTS:
+            return FAMILY_BODY_PARTS[spec.family.name]
+    return None
 
 
 def _laterality(dataset: pydicom.Dataset) -> str | None:

@@ -3,7 +3,9 @@
 A tool is a Triton ensemble ``<name>`` made of ``<preprocess> -> <name>_net -> <name>_post``;
 families share a preprocess model where the work is the same (every projection radiograph
 goes through ``xr_preprocess``, each CT family through its own grid). Tools are described
-in their family module (``mosmedai.families.*``); this module gathers them.
+in their family module (``mosmedai.families.*``) or in a tool package (``mosmedai.byo``);
+this module gathers them. Import order, one way: ``families``, ``byo`` <- ``tools`` <-
+``model_repo`` (which renders the Triton repository from this catalog).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
 
+from mosmedai import byo
 from mosmedai.families import ToolSpec
 
 #: Family modules, in catalog order.
@@ -49,8 +52,6 @@ def _load_packages() -> None:
     path_list = os.environ.get("MOSMEDAI_TOOL_PACKAGES", "")
     if not path_list.strip():
         return
-    from mosmedai import byo
-
     for package in byo.package_dirs(path_list):
         spec = byo.load_package(package)
         if spec.name in CATALOG:

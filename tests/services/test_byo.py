@@ -20,7 +20,7 @@ from mosmedai import byo
 from mosmedai.config import REPO_ROOT
 from mosmedai.families import IMAGE
 from mosmedai.imaging import GrayscaleParams, VoiFunction, preprocess
-from mosmedai.model_repo import rendered_files
+from mosmedai.model_repo import install_package, rendered_files
 from mosmedai.tools import BUILTIN_TOOLS, CATALOG
 
 EXAMPLE = REPO_ROOT / "examples" / "byo-tool"
@@ -104,7 +104,7 @@ def test_example_model_is_what_make_model_writes(tmp_path):
 
 def test_install_renders_configs_that_parse_and_line_up(tmp_path):
     repository = tmp_path / "repo"
-    written = byo.install(EXAMPLE, repository)
+    written = install_package(EXAMPLE, repository)
     assert repository / "demo_bright_spot_net" / "1" / "model.onnx" in written
     calibration = json.loads((repository / "demo_bright_spot_post" / "1" / "calibration.json").read_text())
     assert calibration["head"] == "detection" and calibration["outputs"] == {"logit": "score", "heatmap": "cam"}
@@ -149,7 +149,7 @@ def test_default_input_shares_xr_preprocess(tmp_path):
 def test_extra_onnx_outputs_are_dropped_on_install(tmp_path):
     directory = package(tmp_path, outputs={"score": (1,), "debug": (3,)})
     repository = tmp_path / "repo"
-    byo.install(directory, repository)
+    install_package(directory, repository)
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(repository / "wrist_test_net/1/model.onnx"),
@@ -160,7 +160,7 @@ def test_extra_onnx_outputs_are_dropped_on_install(tmp_path):
 def test_builtin_name_is_refused(tmp_path):
     directory = package(tmp_path, with_(BASE, "name", "cxr_opacity"))
     with pytest.raises(byo.PackageError, match="name: 'cxr_opacity' is a built-in tool"):
-        byo.install(directory, tmp_path / "repo")
+        install_package(directory, tmp_path / "repo")
 
 
 def test_packages_load_into_the_catalog_from_the_environment(tmp_path):
