@@ -11,6 +11,7 @@
 import asyncio
 import functools
 import logging
+import math
 import time
 
 import httpx
@@ -20,8 +21,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from mosmedai import __version__, dicomweb
+from mosmedai.admission import AdmissionGate
 from mosmedai.config import Settings
 from mosmedai.dicom_input import InputError
+from mosmedai.families import IMAGE
 from mosmedai.metrics import GatewayMetrics, gateway_metrics, install_gateway_metrics, utc_offset_hours
 from mosmedai.jobs import DONE, FAILED, UID as UID_PATTERN
 from mosmedai.pipeline import (DICOM_MEDIA_TYPE, MULTIPART_RELATED, ToolsFailed, failures_of, infer_items,
@@ -29,6 +32,8 @@ from mosmedai.pipeline import (DICOM_MEDIA_TYPE, MULTIPART_RELATED, ToolsFailed,
                                read_body)
 from mosmedai.pools import directory_for
 from mosmedai.router import Router, StudyContext
+from mosmedai.routing import URGENT, priority_of
+from mosmedai.tools import CATALOG
 from mosmedai.schemas import ErrorBody, PoolsAnswer, StudyResult, StudyResults, StudyStatus
 from mosmedai.tenants import install_registry, installed_registry, load_tenants
 from mosmedai.worker import JobRunner, accept, job_store
@@ -155,6 +160,10 @@ class Gateway:
         install_gateway_metrics(self.metrics)
         install_registry(self.tenants)
         self.jobs = job_store(self.settings)
+        self.gate = AdmissionGate()
+        # Whether a single image can be urgent work (an urgent tool that reads images).
+        self._urgent_images = any(priority_of(CATALOG[tool]) == URGENT and CATALOG[tool].kind == IMAGE
+                                  for tool in self.settings.enabled_tools)
         self.runner = JobRunner(self.jobs, self.settings, self._infer_job, on_backlog=self._backlog)
         dicomweb.install(self.jobs, self.runner, self.settings)
         try:
@@ -248,6 +257,12 @@ class Gateway:
         if asynchronous and wanted is not None:
             raise InputError(422, "tools_with_async", "the `tools` query is not offered with Prefer: respond-async: "
                              "an accepted study runs every enabled tool that reads it")
+        if media_type == DICOM_MEDIA_TYPE and not asynchronous and not self._urgent_images:
+            # One image cannot be urgent work (urgent tools read series): judge it before
+            # reading the body, the cheapest refusal there is.
+            refused = self._admit(tenant, context, urgent=False)
+            if refused is not None:
+                return refused
         body = await read_body(request, self.settings.max_body_bytes)
         read = time.perf_counter()
         if media_type == DICOM_MEDIA_TYPE:
@@ -261,7 +276,18 @@ class Gateway:
             return await self._accept(tenant_of(request), bodies, images, request.headers.get("idempotency-key"))
         decoded = time.perf_counter()
 
-        answers = await infer_items(functools.partial(self._infer, context), items)
+        if media_type != DICOM_MEDIA_TYPE or self._urgent_images:
+            # The first hop refuses what the platform cannot serve, before any routing.
+            urgent = any(priority_of(CATALOG[tool]) == URGENT for item in items for tool in item.tools)
+            refused = self._admit(tenant, context, urgent)
+            if refused is not None:
+                return refused
+        entered = self.gate.enter(tenant.id)
+        answers = []
+        try:
+            answers = await infer_items(functools.partial(self._infer, context), items)
+        finally:
+            self.gate.leave(tenant.id, entered, answered=bool(answers) and not failures_of(answers))
         finished = time.perf_counter()
         failures = failures_of(answers)
         for item, outputs in zip(items, answers):
@@ -300,6 +326,17 @@ class Gateway:
             result = StudyResults(study_instance_uid=images[0].study_instance_uid, results=results,
                                   timings_ms=timings)
         return JSONResponse(result.model_dump(mode="json"))
+
+    def _admit(self, tenant, context: StudyContext, urgent: bool) -> JSONResponse | None:
+        """None to go on, or the refusal (503 overloaded, 429 fair_share) with Retry-After."""
+        refused = self.gate.refuse(tenant.id, context.remaining_s(), urgent)
+        if refused is None:
+            return None
+        reason, status, detail, retry_after_s = refused
+        self.metrics.shed_study(tenant, reason)
+        seconds = math.ceil(retry_after_s)
+        return JSONResponse({"error": reason, "detail": detail, "retry_after_s": seconds}, status,
+                            headers={"Retry-After": str(seconds)})
 
     def _instances(self, parts: list[tuple[str, bytes]]) -> list[bytes]:
         if len(parts) > self.settings.max_instances_per_request:

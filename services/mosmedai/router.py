@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from ray import serve
 
+from mosmedai.admission import WINDOW_S, Throughput
 from mosmedai.config import Settings
 from mosmedai.metrics import TRITON_OUTCOME, ReadinessCollector, RouterMetrics, start_router_metrics_server
 from mosmedai.model_repo import output_names
@@ -39,9 +40,6 @@ from mosmedai.routing import FAILOVER, PRIORITY_NAMES, ROUTE_NAMES, SHED, SPILL,
 from mosmedai.tools import CATALOG
 
 log = logging.getLogger("mosmedai.router")
-
-#: the window (s) over which completions give a pool's throughput and requests the retry budget
-WINDOW_S = 10.0
 
 
 @dataclass
@@ -171,7 +169,7 @@ class Pool:
         self.in_flight = 0  # images in this pool's Triton
         self.queued = [0, 0, 0]  # images waiting in the router, per priority class
         self.per_image_s = 0.0  # EWMA of a batch's duration / its images
-        self.completions: deque[tuple[float, int]] = deque()  # (time, images) in the last WINDOW_S
+        self.finished = Throughput()  # images answered
         self.tenant_load: dict[str, int] = {}  # images queued or in flight, per tenant
         self.queues: dict[str, ToolQueue] = {}
 
@@ -195,10 +193,7 @@ class Pool:
         """Images per second the pool can take: its completions over the window when that is
         more (saturated: the measured rate is the capacity), else one image at a time per
         endpoint at the measured per-image time (idle: the rate says nothing)."""
-        now = time.monotonic()
-        while self.completions and self.completions[0][0] < now - WINDOW_S:
-            self.completions.popleft()
-        rate = sum(images for _, images in self.completions) / WINDOW_S
+        rate = self.finished.rate()
         single = len(self.clients) / self.per_image_s if self.per_image_s > 0 else 50.0
         return max(rate, single)
 
@@ -213,7 +208,7 @@ class Pool:
         self.ejections = 0
         per_image = seconds / images
         self.per_image_s = per_image if self.per_image_s == 0 else 0.8 * self.per_image_s + 0.2 * per_image
-        self.completions.append((time.monotonic(), images))
+        self.finished.done(images)
 
     def note_unavailable(self, settings: Settings) -> bool:
         """Count a failure; True when it takes the pool out of rotation now."""
