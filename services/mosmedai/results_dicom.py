@@ -411,8 +411,10 @@ def _tool_groups(result: ToolResult, sources: Sequence[pydicom.Dataset], item: I
     """One measurement group per finding (the first carries the tool's measurements), or
     one group saying the finding is absent."""
     spec = CATALOG.get(result.tool)
+    # TID 4019 Algorithm Parameters: where it ran (the pool) and how the study got there.
+    parameters = [f"pool={result.pool}", f"route={result.route}"] if result.pool else None
     algorithm = hd.sr.AlgorithmIdentification(name=result.tool, version=result.model_version or "unknown",
-                                              manufacturer=MANUFACTURER)
+                                              manufacturer=MANUFACTURER, parameters=parameters)
     findings: list[Finding | None] = list(result.findings) or [None]
     groups = []
     for number, finding in enumerate(findings, start=1):
@@ -480,6 +482,9 @@ def build_sr(sources: list[pydicom.Dataset], item: ItemResult, *, tool_versions:
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=DEVICE_UID, name="mosmedai AI platform", manufacturer_name=MANUFACTURER,
             model_name=_short(", ".join(f"{r.tool} {r.model_version or 'unknown'}" for r in results) or "mosmedai"),
+            # TID 1004 Device Observer Physical Location: the pools that ran the tools, and the route
+            physical_location=_short("; ".join(dict.fromkeys(f"pool {r.pool} ({r.route})" for r in results
+                                                             if r.pool))) or None,
         ),
     )
     groups = [group for result in results for group in _tool_groups(result, headers, item)]

@@ -80,6 +80,41 @@ def test_each_tenant_runs_on_its_regions_home_pool(gateway):
         assert routes(answer) == {tool: (pool, "home") for tool in CXR}
 
 
+def _texts(dataset) -> list[str]:
+    """Every Text Value and Device Observer Physical Location in an SR content tree."""
+    texts = [str(dataset.TextValue)] if "TextValue" in dataset else []
+    for item in dataset.get("ContentSequence", []):
+        texts += _texts(item)
+    return texts
+
+
+def test_pool_and_route_reach_grpc_and_the_sr(gateway, platform):
+    import io
+
+    import grpc
+    import pydicom
+
+    from mosmedai.grpc_api import studies_pb2, studies_pb2_grpc
+
+    with grpc.insecure_channel(platform["grpc"]) as channel:
+        answer = studies_pb2_grpc.StudiesStub(channel).Submit(
+            studies_pb2.SubmitRequest(instances=[chest(2)]),
+            metadata=[("authorization", TATARSTAN["Authorization"])])
+    assert {(t.tool, t.pool, t.route) for t in answer.results[0].tools} == {(tool, "RU-TA", "home") for tool in CXR}
+
+    accepted = gateway.post("/v1/studies", content=chest(3), headers={**DICOM, **TATARSTAN, "Prefer": "respond-async"})
+    uid = accepted.headers["location"].rsplit("/", 1)[1]
+    deadline = time.monotonic() + 120
+    while gateway.get(f"/v1/studies/{uid}", headers=TATARSTAN).json()["status"] != "done":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    sr = pydicom.dcmread(io.BytesIO(gateway.get(f"/v1/studies/{uid}/sr", headers=TATARSTAN).content))
+    texts = _texts(sr)
+    # TID 4019 algorithm parameters per tool, and the device observer's physical location (TID 1004)
+    assert texts.count("pool=RU-TA") >= len(CXR) and "route=home" in texts, texts
+    assert "pool RU-TA (home)" in texts, texts
+
+
 def test_pools_endpoint_shows_every_pool_to_any_tenant_and_no_tenant_data(gateway, platform):
     assert gateway.get("/v1/pools").status_code == 401
     answer = gateway.get("/v1/pools", headers=TATARSTAN)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmosmedai/grpc_api/studies.proto\x12\x0bmosmedai.v1\"J\n\rSubmitRequest\x12\x11\n\tinstances\x18\x01 \x03(\x0c\x12\r\n\x05tools\x18\x02 \x03(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"-\n\x0fGetStudyRequest\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\"\xae\x01\n\x08Location\x12\x0c\n\x04row0\x18\x01 \x01(\x01\x12\x0c\n\x04\x63ol0\x18\x02 \x01(\x01\x12\x0c\n\x04row1\x18\x03 \x01(\x01\x12\x0c\n\x04\x63ol1\x18\x04 \x01(\x01\x12\x0c\n\x04unit\x18\x05 \x01(\t\x12\x18\n\x0bslice_index\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x1d\n\x10sop_instance_uid\x18\x07 \x01(\tH\x01\x88\x01\x01\x42\x0e\n\x0c_slice_indexB\x13\n\x11_sop_instance_uid\"\x7f\n\x07\x46inding\x12\x0f\n\x07\x66inding\x18\x01 \x01(\t\x12\x18\n\x0bprobability\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12,\n\x08location\x18\x03 \x01(\x0b\x32\x15.mosmedai.v1.LocationH\x01\x88\x01\x01\x42\x0e\n\x0c_probabilityB\x0b\n\t_location\"j\n\x10MeasurementValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\x05value\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0c\n\x04unit\x18\x03 \x01(\t\x12\x12\n\x05label\x18\x04 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_valueB\x08\n\x06_label\"\x81\x02\n\nToolResult\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12&\n\x08\x66indings\x18\x04 \x03(\x0b\x32\x14.mosmedai.v1.Finding\x12\x33\n\x06scores\x18\x05 \x03(\x0b\x32#.mosmedai.v1.ToolResult.ScoresEntry\x12\x33\n\x0cmeasurements\x18\x06 \x03(\x0b\x32\x1d.mosmedai.v1.MeasurementValue\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8c\x01\n\nItemResult\x12\x1b\n\x13series_instance_uid\x18\x01 \x01(\t\x12\x10\n\x08modality\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x19\n\x11sop_instance_uids\x18\x04 \x03(\t\x12&\n\x05tools\x18\x05 \x03(\x0b\x32\x17.mosmedai.v1.ToolResult\"\xd8\x01\n\x0cStudyResults\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.mosmedai.v1.ItemResult\x12<\n\ntimings_ms\x18\x03 \x03(\x0b\x32(.mosmedai.v1.StudyResults.TimingsMsEntry\x12\x12\n\ndisclaimer\x18\x04 \x01(\t\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x95\x01\n\x0bStudyStatus\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12/\n\x07results\x18\x05 \x01(\x0b\x32\x19.mosmedai.v1.StudyResultsH\x00\x88\x01\x01\x42\n\n\x08_results2\xd3\x01\n\x07Studies\x12?\n\x06Submit\x12\x1a.mosmedai.v1.SubmitRequest\x1a\x19.mosmedai.v1.StudyResults\x12\x43\n\x0bSubmitAsync\x12\x1a.mosmedai.v1.SubmitRequest\x1a\x18.mosmedai.v1.StudyStatus\x12\x42\n\x08GetStudy\x12\x1c.mosmedai.v1.GetStudyRequest\x1a\x18.mosmedai.v1.StudyStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmosmedai/grpc_api/studies.proto\x12\x0bmosmedai.v1\"J\n\rSubmitRequest\x12\x11\n\tinstances\x18\x01 \x03(\x0c\x12\r\n\x05tools\x18\x02 \x03(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"-\n\x0fGetStudyRequest\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\"\xae\x01\n\x08Location\x12\x0c\n\x04row0\x18\x01 \x01(\x01\x12\x0c\n\x04\x63ol0\x18\x02 \x01(\x01\x12\x0c\n\x04row1\x18\x03 \x01(\x01\x12\x0c\n\x04\x63ol1\x18\x04 \x01(\x01\x12\x0c\n\x04unit\x18\x05 \x01(\t\x12\x18\n\x0bslice_index\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x1d\n\x10sop_instance_uid\x18\x07 \x01(\tH\x01\x88\x01\x01\x42\x0e\n\x0c_slice_indexB\x13\n\x11_sop_instance_uid\"\x7f\n\x07\x46inding\x12\x0f\n\x07\x66inding\x18\x01 \x01(\t\x12\x18\n\x0bprobability\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12,\n\x08location\x18\x03 \x01(\x0b\x32\x15.mosmedai.v1.LocationH\x01\x88\x01\x01\x42\x0e\n\x0c_probabilityB\x0b\n\t_location\"j\n\x10MeasurementValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\x05value\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0c\n\x04unit\x18\x03 \x01(\t\x12\x12\n\x05label\x18\x04 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_valueB\x08\n\x06_label\"\x9e\x02\n\nToolResult\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12&\n\x08\x66indings\x18\x04 \x03(\x0b\x32\x14.mosmedai.v1.Finding\x12\x33\n\x06scores\x18\x05 \x03(\x0b\x32#.mosmedai.v1.ToolResult.ScoresEntry\x12\x33\n\x0cmeasurements\x18\x06 \x03(\x0b\x32\x1d.mosmedai.v1.MeasurementValue\x12\x0c\n\x04pool\x18\x07 \x01(\t\x12\r\n\x05route\x18\x08 \x01(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8c\x01\n\nItemResult\x12\x1b\n\x13series_instance_uid\x18\x01 \x01(\t\x12\x10\n\x08modality\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x19\n\x11sop_instance_uids\x18\x04 \x03(\t\x12&\n\x05tools\x18\x05 \x03(\x0b\x32\x17.mosmedai.v1.ToolResult\"\xd8\x01\n\x0cStudyResults\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.mosmedai.v1.ItemResult\x12<\n\ntimings_ms\x18\x03 \x03(\x0b\x32(.mosmedai.v1.StudyResults.TimingsMsEntry\x12\x12\n\ndisclaimer\x18\x04 \x01(\t\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x95\x01\n\x0bStudyStatus\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12/\n\x07results\x18\x05 \x01(\x0b\x32\x19.mosmedai.v1.StudyResultsH\x00\x88\x01\x01\x42\n\n\x08_results2\xd3\x01\n\x07Studies\x12?\n\x06Submit\x12\x1a.mosmedai.v1.SubmitRequest\x1a\x19.mosmedai.v1.StudyResults\x12\x43\n\x0bSubmitAsync\x12\x1a.mosmedai.v1.SubmitRequest\x1a\x18.mosmedai.v1.StudyStatus\x12\x42\n\x08GetStudy\x12\x1c.mosmedai.v1.GetStudyRequest\x1a\x18.mosmedai.v1.StudyStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,17 +46,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEASUREMENTVALUE']._serialized_start=477
   _globals['_MEASUREMENTVALUE']._serialized_end=583
   _globals['_TOOLRESULT']._serialized_start=586
-  _globals['_TOOLRESULT']._serialized_end=843
-  _globals['_TOOLRESULT_SCORESENTRY']._serialized_start=798
-  _globals['_TOOLRESULT_SCORESENTRY']._serialized_end=843
-  _globals['_ITEMRESULT']._serialized_start=846
-  _globals['_ITEMRESULT']._serialized_end=986
-  _globals['_STUDYRESULTS']._serialized_start=989
-  _globals['_STUDYRESULTS']._serialized_end=1205
-  _globals['_STUDYRESULTS_TIMINGSMSENTRY']._serialized_start=1157
-  _globals['_STUDYRESULTS_TIMINGSMSENTRY']._serialized_end=1205
-  _globals['_STUDYSTATUS']._serialized_start=1208
-  _globals['_STUDYSTATUS']._serialized_end=1357
-  _globals['_STUDIES']._serialized_start=1360
-  _globals['_STUDIES']._serialized_end=1571
+  _globals['_TOOLRESULT']._serialized_end=872
+  _globals['_TOOLRESULT_SCORESENTRY']._serialized_start=827
+  _globals['_TOOLRESULT_SCORESENTRY']._serialized_end=872
+  _globals['_ITEMRESULT']._serialized_start=875
+  _globals['_ITEMRESULT']._serialized_end=1015
+  _globals['_STUDYRESULTS']._serialized_start=1018
+  _globals['_STUDYRESULTS']._serialized_end=1234
+  _globals['_STUDYRESULTS_TIMINGSMSENTRY']._serialized_start=1186
+  _globals['_STUDYRESULTS_TIMINGSMSENTRY']._serialized_end=1234
+  _globals['_STUDYSTATUS']._serialized_start=1237
+  _globals['_STUDYSTATUS']._serialized_end=1386
+  _globals['_STUDIES']._serialized_start=1389
+  _globals['_STUDIES']._serialized_end=1600
 # @@protoc_insertion_point(module_scope)

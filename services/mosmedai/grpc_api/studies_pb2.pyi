@@ -63,7 +63,7 @@ class MeasurementValue(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ..., unit: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
 
 class ToolResult(_message.Message):
-    __slots__ = ("tool", "title", "model_version", "findings", "scores", "measurements")
+    __slots__ = ("tool", "title", "model_version", "findings", "scores", "measurements", "pool", "route")
     class ScoresEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -77,13 +77,17 @@ class ToolResult(_message.Message):
     FINDINGS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     MEASUREMENTS_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     tool: str
     title: str
     model_version: str
     findings: _containers.RepeatedCompositeFieldContainer[Finding]
     scores: _containers.ScalarMap[str, float]
     measurements: _containers.RepeatedCompositeFieldContainer[MeasurementValue]
-    def __init__(self, tool: _Optional[str] = ..., title: _Optional[str] = ..., model_version: _Optional[str] = ..., findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ..., scores: _Optional[_Mapping[str, float]] = ..., measurements: _Optional[_Iterable[_Union[MeasurementValue, _Mapping]]] = ...) -> None: ...
+    pool: str
+    route: str
+    def __init__(self, tool: _Optional[str] = ..., title: _Optional[str] = ..., model_version: _Optional[str] = ..., findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ..., scores: _Optional[_Mapping[str, float]] = ..., measurements: _Optional[_Iterable[_Union[MeasurementValue, _Mapping]]] = ..., pool: _Optional[str] = ..., route: _Optional[str] = ...) -> None: ...
 
 class ItemResult(_message.Message):
     __slots__ = ("series_instance_uid", "modality", "kind", "sop_instance_uids", "tools")
