@@ -160,7 +160,7 @@ class Pool:
     def __init__(self, spec: PoolSpec, grpc):
         self.grpc = grpc
         self.spec = spec
-        self.clients = [grpc.InferenceServerClient(endpoint) for endpoint in spec.endpoints]
+        self._clients: list | None = None
         self._next = 0
         self.ready = True  # until the first probe says otherwise: a call that fails ejects it anyway
         self.ejected_until = 0.0
@@ -176,6 +176,13 @@ class Pool:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def clients(self) -> list:
+        """One asyncio gRPC client per endpoint, made on first use (on the router's event loop)."""
+        if self._clients is None:
+            self._clients = [self.grpc.InferenceServerClient(endpoint) for endpoint in self.spec.endpoints]
+        return self._clients
 
     def client(self):
         self._next = (self._next + 1) % len(self.clients)

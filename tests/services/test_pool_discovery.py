@@ -276,3 +276,40 @@ def test_what_a_router_cannot_use_is_left_out_and_said() -> None:
         pool_spec(gpupool("ru-kam", "RU-KAM", ["cxr_opacity"], transferSeconds=601), NAMESPACE, TOOLS)
     with pytest.raises(PoolConfigError, match=r"gpupools/ru-kam: spec.region: .*"):
         pool_spec(gpupool("ru-kam", "Kamchatka", ["cxr_opacity"]), NAMESPACE, TOOLS)
+
+
+@pytest.mark.asyncio
+async def test_the_router_follows_the_gpupools(cluster: ClusterEmulator, kubeconfig: Path,
+                                               api: client.CustomObjectsApi, monkeypatch, unused_tcp_port: int) -> None:
+    """The router itself in discovery mode: its pools (GET /v1/pools) are the GpuPools."""
+    from mosmedai.config import Settings
+    from mosmedai.router import Router
+
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    settings = Settings(pool_discovery="kubernetes", pool_namespace=NAMESPACE, enabled_tools=TOOLS,
+                        second_pool_tools=[], router_metrics_port=unused_tcp_port, pool_probe_interval_s=0.2)
+    await call(api.create_namespaced_custom_object, GROUP, VERSION, NAMESPACE, PLURAL,
+               gpupool("ru-mow", "RU-MOW", TOOLS, districts=["CFD", "VFD"]))
+    # The constructor waits for the first list: off this loop, where the emulator runs.
+    router = await call(Router.func_or_class, settings.model_dump(mode="json"))
+    try:
+        pools = {pool["name"]: pool for pool in await router.pools_info()}
+        assert set(pools) == {"ru-mow"} and pools["ru-mow"]["endpoint"] == f"ru-mow.{NAMESPACE}.svc:8001"
+        await call(api.create_namespaced_custom_object, GROUP, VERSION, NAMESPACE, PLURAL,
+                   gpupool("ru-ta", "RU-TA", ["cxr_opacity"], neighbours=["ru-mow"]))
+
+        async def names() -> set[str]:
+            return {pool["name"] for pool in await router.pools_info()}
+
+        deadline = time.monotonic() + 10
+        while await names() != {"ru-mow", "ru-ta"}:
+            assert time.monotonic() < deadline, await names()
+            await asyncio.sleep(0.1)
+        assert router.directory.home("RU-TA", "cxr_opacity") == "ru-ta"
+        assert router.directory.home("RU-TA", "cxr_nodule") == "ru-mow"  # via the Volga district
+        await call(api.delete_namespaced_custom_object, GROUP, VERSION, NAMESPACE, PLURAL, "ru-ta")
+        while await names() != {"ru-mow"}:
+            assert time.monotonic() < deadline + 10, await names()
+            await asyncio.sleep(0.1)
+    finally:
+        await call(router.watcher.stop)
