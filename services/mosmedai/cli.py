@@ -31,13 +31,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"mosmedai up: {error}", file=sys.stderr)
         return 1
     print("mosmedai is up.")
+    width = max(len(name) for name in [*urls, "logs"])
     for name, url in urls.items():
-        print(f"  {name:15s} {url}")
-    print(f"  {'logs':15s} {settings.log_dir}")
+        print(f"  {name:{width}s} {url}")
+    print(f"  {'logs':{width}s} {settings.log_dir}")
     print("Try:")
     print(f"  curl -s -X POST -H 'Authorization: Bearer {DEMO_TOKENS['demo-moscow']}' "
           f"-H 'Content-Type: application/dicom' --data-binary @chest.dcm {urls['gateway']}/v1/studies")
     print("  mosmedai submit chest.dcm        # `mosmedai example chest.dcm` writes a synthetic one")
+    print(f"  curl -s -H 'Authorization: Bearer {DEMO_TOKENS['demo-tatarstan']}' {urls['gateway']}/v1/pools"
+          "   # the pools, their state and load")
     print("  mosmedai example examples --family all && mosmedai submit examples/ct_brain   # every family")
     return 0
 
@@ -53,8 +56,10 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from mosmedai import local
 
-    for group, pid in local.status(_settings()).items():
-        print(f"{group:8s} {'running, pid ' + str(pid) if pid else 'stopped'}")
+    settings = _settings()
+    pools = {group: f"{group} (pool {pool})" for group, (pool, _, _) in local.local_pools(settings).items()}
+    for group, pid in local.status(settings).items():
+        print(f"{pools.get(group, group):26s} {'running, pid ' + str(pid) if pid else 'stopped'}")
     return 0
 
 
