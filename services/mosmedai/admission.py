@@ -3,26 +3,26 @@
 ``Throughput`` measures how many items something finishes per second; the router's pools
 and the gateway's gate both use it.
 
-``AdmissionGate`` keeps the gateway's synchronous studies in flight near what keeps the
-platform busy, an adaptive concurrency limit by Little's law: limit = throughput x twice
-the base latency (the 10th percentile of recent latencies). More in flight adds only waiting,
-so past the limit a study is refused at once, before any pixel work or routing:
-
-- 429 ``fair_share`` to a tenant that holds at least its share of the limit (the limit split
-  evenly among the tenants with studies in flight) while others wait;
-- 503 ``overloaded`` otherwise, or when the expected wait exceeds the study's deadline.
-
-A tenant below its share is admitted even past the limit, so a quiet tenant is served
-while a busy one is held back. Urgent studies are never refused (routing.URGENT), and the
-asynchronous paths never meet the gate. The router then judges the pools
-(``mosmedai.router``): a study no pool can finish in time is refused there.
+``AdmissionGate`` keeps the gateway's synchronous studies in flight at its concurrency limit
+- throughput x 3 x the base latency (the 10th percentile of recent latencies), Little's law:
+what keeps the platform busy; more in flight adds only waiting, and starves the gateway's own
+event loop that must answer refusals at once. A study past the limit waits in the gate
+(costing nothing: a single image's body is not even read yet), and the gate lets waiting
+studies in one per tenant in turn, so a quiet tenant's study passes a busy tenant's backlog.
+At most a limit's worth of studies waits (an even share per tenant). A study is refused at
+once, before any pixel work or routing, when the waiting room has no place for it or its
+expected wait there - (its place in its tenant's queue) x (tenants waiting) / throughput -
+exceeds its deadline: 429 ``fair_share`` when other tenants are being served meanwhile, else
+503 ``overloaded``. Urgent studies never wait and are never refused (routing.URGENT); the
+asynchronous paths never meet the gate.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 import numpy as np
 
@@ -43,19 +43,23 @@ class Throughput:
         self.total += count
 
     def rate(self) -> float:
-        cutoff = time.monotonic() - self.window_s
-        while self.events and self.events[0][0] < cutoff:
+        """Over the window, or since the first completion in it when that is more recent (at
+        least 1 s): after an idle spell the rate is that of the new traffic within a second."""
+        now = time.monotonic()
+        while self.events and self.events[0][0] < now - self.window_s:
             self.total -= self.events.popleft()[1]
-        return self.total / self.window_s
+        if not self.events:
+            return 0.0
+        return self.total / max(1.0, min(self.window_s, now - self.events[0][0]))
 
 
 class AdmissionGate:
-    """The gateway's synchronous studies in flight, per tenant, and the decision on a new one."""
+    """The gateway's synchronous studies in flight and waiting, per tenant (one event loop)."""
 
     def __init__(self, min_limit: int = 4, latencies: int = 200):
         self.min_limit = min_limit
         self.in_flight = 0
-        self.tenants: dict[str, int] = {}
+        self.waiting: OrderedDict[str, deque[asyncio.Future]] = OrderedDict()  # per tenant, in turn
         self.finished = Throughput()
         self.latencies: deque[float] = deque(maxlen=latencies)
 
@@ -66,46 +70,70 @@ class AdmissionGate:
         base = self.base_latency_s()
         if base <= 0:
             return 1 << 30  # nothing measured yet: no limit
-        return max(self.min_limit, math.ceil(self.finished.rate() * 2.0 * base))
+        return max(self.min_limit, math.ceil(self.finished.rate() * 3.0 * base))
 
-    def expected_wait_s(self) -> float:
-        rate = self.finished.rate()
-        return self.in_flight / rate if rate > 0 else 0.0
+    def queued(self) -> int:
+        return sum(len(futures) for futures in self.waiting.values())
 
-    def refuse(self, tenant: str, deadline_s: float, urgent: bool) -> tuple[str, int, str, float] | None:
-        """(reason, status, detail, retry after s) to refuse a new study, or None to admit it."""
-        if urgent:
+    async def admit(self, tenant: str, deadline_s: float, urgent: bool) -> tuple[str, int, str, float] | None:
+        """None once the study may go on (then ``leave`` when it is answered), or the refusal:
+        (reason, HTTP status, detail, retry after s)."""
+        if urgent or (self.in_flight < self.limit() and not self.waiting):
+            self.in_flight += 1
             return None
+        rate = self.finished.rate() or 1.0
         limit = self.limit()
-        wait = self.expected_wait_s()
-        retry_after = max(1.0, wait)
+        mine = len(self.waiting.get(tenant, ())) + 1
+        turns = max(1, len(self.waiting.keys() | {tenant}))
+        wait = mine * turns / rate
+        # At most a limit's worth waits (its even share per tenant): past that, waiting would
+        # only move the queue in front of the gate, where nothing can order or refuse it.
+        full = self.queued() >= limit and mine > limit / turns
+        if full and self.waiting.keys() - {tenant}:
+            return ("fair_share", 429, f"tenant {tenant} has {mine - 1} studies waiting, its share while "
+                    f"{len(self.waiting.keys() - {tenant})} other tenants are served in turn", max(1.0, mine / rate))
+        if full:
+            return ("overloaded", 503, f"the platform is at its limit ({limit} studies in flight and "
+                    f"{self.queued()} waiting)", max(1.0, wait))
         if wait > deadline_s:
             return ("overloaded", 503, f"the platform cannot answer within the deadline ({deadline_s:g} s; "
-                    f"expected wait {wait:.1f} s)", retry_after)
-        if self.in_flight < limit:
-            return None
-        others = {name for name, held in self.tenants.items() if held > 0 and name != tenant}
-        share = limit / (len(others) + 1)
-        held = self.tenants.get(tenant, 0)
-        if held < share:
-            return None
-        if others:
-            return ("fair_share", 429, f"tenant {tenant} has {held} studies in flight, its fair share is "
-                    f"{share:.0f} while {len(others)} other tenants wait", retry_after)
-        return ("overloaded", 503, f"the platform is at its limit ({limit} studies in flight)", retry_after)
+                    f"expected wait {wait:.1f} s)", max(1.0, wait - deadline_s))
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(tenant, deque()).append(future)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), deadline_s)
+            return None  # the slot was handed over by leave()
+        except asyncio.TimeoutError:
+            if future.done():  # handed over just as the wait ended: keep it
+                return None
+            self._forget(tenant, future)
+            return ("overloaded", 503, f"no capacity within the deadline ({deadline_s:g} s)", 1.0)
+        except asyncio.CancelledError:  # the client went away while waiting
+            if future.done():
+                self.leave(tenant, time.monotonic(), answered=False)
+            else:
+                self._forget(tenant, future)
+            raise
 
-    def enter(self, tenant: str) -> float:
-        self.in_flight += 1
-        self.tenants[tenant] = self.tenants.get(tenant, 0) + 1
-        return time.monotonic()
+    def _forget(self, tenant: str, future: asyncio.Future) -> None:
+        futures = self.waiting.get(tenant)
+        if futures is not None:
+            futures.remove(future)
+            if not futures:
+                del self.waiting[tenant]
 
     def leave(self, tenant: str, entered: float, answered: bool) -> None:
+        """A study that was let in is answered: its slot goes to the next tenant in turn."""
         self.in_flight -= 1
-        held = self.tenants.get(tenant, 1) - 1
-        if held > 0:
-            self.tenants[tenant] = held
-        else:
-            self.tenants.pop(tenant, None)
         if answered:
             self.finished.done()
             self.latencies.append(time.monotonic() - entered)
+        while self.waiting and self.in_flight < self.limit():
+            name, futures = next(iter(self.waiting.items()))
+            future = futures.popleft()
+            if futures:
+                self.waiting.move_to_end(name)
+            else:
+                del self.waiting[name]
+            self.in_flight += 1
+            future.set_result(None)

@@ -54,6 +54,7 @@ class Run:
     images: int
     seconds: float
     latencies_ms: list[float]
+    refused: int = 0  # requests refused under load (503/429 + Retry-After), not counted as images
 
     @property
     def rate(self) -> float:
@@ -102,15 +103,21 @@ async def _closed_loop(send, concurrency: int, seconds: float, label: str) -> Ru
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
 
+    refused = 0
+
     async def client():
+        nonlocal refused
         while time.perf_counter() < deadline:
             begin = time.perf_counter()
-            await send()
+            if await send() is False:  # refused under load (503/429 with Retry-After): not an image
+                refused += 1
+                await asyncio.sleep(0.05)
+                continue
             latencies.append((time.perf_counter() - begin) * 1000)
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return Run(label, concurrency, len(latencies), time.perf_counter() - started, latencies)
+    return Run(label, concurrency, len(latencies), time.perf_counter() - started, latencies, refused)
 
 
 async def through_triton(body: bytes, settings: Settings, seconds: float) -> list[Run]:
@@ -144,8 +151,11 @@ async def through_gateway(body: bytes, url: str, seconds: float) -> tuple[list[R
         async def send():
             answer = await client.post("/v1/studies", params={"tools": TOOL}, content=body,
                                        headers={"Content-Type": "application/dicom"})
+            if answer.status_code in (429, 503) and "retry-after" in answer.headers:
+                return False
             if answer.status_code != 200:
                 raise RuntimeError(f"gateway answered {answer.status_code}: {answer.text}")
+            return True
 
         runs = []
         for concurrency in CONCURRENCIES:
@@ -198,7 +208,8 @@ def measure(body: bytes, settings: Settings, seconds: float) -> dict:
               f"{run.percentile(99):8.1f} {run.rate / a.rate:6.2f}")
     for run, batch in zip(c, batch_sizes):
         print(f"{run.label:18s} {run.concurrency:4d} {run.rate:8.1f} {run.percentile(50):8.1f} "
-              f"{run.percentile(99):8.1f} {run.rate / a.rate:6.2f} {batch:6.2f}")
+              f"{run.percentile(99):8.1f} {run.rate / a.rate:6.2f} {batch:6.2f}"
+              + (f"  ({run.refused} refused under load)" if run.refused else ""))
     b_best, c_best = max(r.rate for r in b), max(r.rate for r in c)
     added_p50 = c[0].percentile(50) - a.percentile(50)
     added_p99 = c[0].percentile(99) - a.percentile(99)
@@ -210,7 +221,7 @@ def measure(body: bytes, settings: Settings, seconds: float) -> dict:
     return {
         "a": summary(a),
         "b": [summary(run) for run in b],
-        "c": [summary(run) | {"mean_batch_size": size} for run, size in zip(c, batch_sizes)],
+        "c": [summary(run) | {"mean_batch_size": size, "refused": run.refused} for run, size in zip(c, batch_sizes)],
         "b_over_a": b_best / a.rate, "c_over_a": c_best / a.rate,
         "added_p50_ms": added_p50, "added_p99_ms": added_p99,
     }

@@ -257,37 +257,39 @@ class Gateway:
         if asynchronous and wanted is not None:
             raise InputError(422, "tools_with_async", "the `tools` query is not offered with Prefer: respond-async: "
                              "an accepted study runs every enabled tool that reads it")
-        if media_type == DICOM_MEDIA_TYPE and not asynchronous and not self._urgent_images:
-            # One image cannot be urgent work (urgent tools read series): judge it before
-            # reading the body, the cheapest refusal there is.
-            refused = self._admit(tenant, context, urgent=False)
-            if refused is not None:
-                return refused
-        body = await read_body(request, self.settings.max_body_bytes)
-        read = time.perf_counter()
-        if media_type == DICOM_MEDIA_TYPE:
-            bodies = [body]
-        else:
-            bodies = self._instances(multipart_parts(body, content_type))
-        images, items, unmatched = await prepare_off_loop(bodies, self.settings, wanted)
-        if not items:
-            raise no_tool_error(len(bodies), unmatched, self.settings.enabled_tools)
-        if asynchronous:
-            return await self._accept(tenant_of(request), bodies, images, request.headers.get("idempotency-key"))
-        decoded = time.perf_counter()
-
-        if media_type != DICOM_MEDIA_TYPE or self._urgent_images:
-            # The first hop refuses what the platform cannot serve, before any routing.
-            urgent = any(priority_of(CATALOG[tool]) == URGENT for item in items for tool in item.tools)
-            refused = self._admit(tenant, context, urgent)
-            if refused is not None:
-                return refused
-        entered = self.gate.enter(tenant.id)
-        answers = []
+        admitted = None  # when the gate let the study in; its slot is given back when answered
+        answers: list = []
         try:
+            if media_type == DICOM_MEDIA_TYPE and not asynchronous and not self._urgent_images:
+                # One image cannot be urgent work (urgent tools read series): judge it before
+                # reading the body, the cheapest refusal there is.
+                refused = await self._admit(tenant, context, urgent=False)
+                if refused is not None:
+                    return refused
+                admitted = time.monotonic()
+            body = await read_body(request, self.settings.max_body_bytes)
+            read = time.perf_counter()
+            if media_type == DICOM_MEDIA_TYPE:
+                bodies = [body]
+            else:
+                bodies = self._instances(multipart_parts(body, content_type))
+            images, items, unmatched = await prepare_off_loop(bodies, self.settings, wanted)
+            if not items:
+                raise no_tool_error(len(bodies), unmatched, self.settings.enabled_tools)
+            if asynchronous:
+                return await self._accept(tenant_of(request), bodies, images, request.headers.get("idempotency-key"))
+            decoded = time.perf_counter()
+            if admitted is None:
+                # The first hop refuses what the platform cannot serve, before any routing.
+                urgent = any(priority_of(CATALOG[tool]) == URGENT for item in items for tool in item.tools)
+                refused = await self._admit(tenant, context, urgent)
+                if refused is not None:
+                    return refused
+                admitted = time.monotonic()
             answers = await infer_items(functools.partial(self._infer, context), items)
         finally:
-            self.gate.leave(tenant.id, entered, answered=bool(answers) and not failures_of(answers))
+            if admitted is not None:
+                self.gate.leave(tenant.id, admitted, answered=bool(answers) and not failures_of(answers))
         finished = time.perf_counter()
         failures = failures_of(answers)
         for item, outputs in zip(items, answers):
@@ -327,9 +329,10 @@ class Gateway:
                                   timings_ms=timings)
         return JSONResponse(result.model_dump(mode="json"))
 
-    def _admit(self, tenant, context: StudyContext, urgent: bool) -> JSONResponse | None:
-        """None to go on, or the refusal (503 overloaded, 429 fair_share) with Retry-After."""
-        refused = self.gate.refuse(tenant.id, context.remaining_s(), urgent)
+    async def _admit(self, tenant, context: StudyContext, urgent: bool) -> JSONResponse | None:
+        """None once the study may go on (the gate's ``leave`` is then due), or the refusal
+        (503 overloaded, 429 fair_share) with Retry-After."""
+        refused = await self.gate.admit(tenant.id, context.remaining_s(), urgent)
         if refused is None:
             return None
         reason, status, detail, retry_after_s = refused

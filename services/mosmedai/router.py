@@ -167,6 +167,8 @@ class Pool:
         self.failures = 0  # consecutive UNAVAILABLE answers
         self.ejections = 0  # ejections in a row (the ejection time doubles)
         self.in_flight = 0  # images in this pool's Triton
+        self.requests_in_flight = 0  # this router's Triton requests there (batches)
+        self.triton_pending = 0.0  # Triton's pending requests of the pool's tools (its metrics)
         self.queued = [0, 0, 0]  # images waiting in the router, per priority class
         self.per_image_s = 0.0  # EWMA of a batch's duration / its images
         self.finished = Throughput()  # images answered
@@ -207,7 +209,9 @@ class Pool:
     def expected_wait_s(self, priority: int = 2) -> float:
         """Expected wait of a new image of this priority: the images ahead of it (queued in
         classes at least as urgent, and those in Triton) at the pool's throughput."""
-        ahead = sum(self.queued[: priority + 1]) + self.in_flight
+        # Triton's own queue holds our requests and other routers': count only the others'.
+        others = max(0.0, self.triton_pending - self.requests_in_flight)
+        ahead = sum(self.queued[: priority + 1]) + self.in_flight + others
         return ahead / self.throughput()
 
     def note_success(self, images: int, seconds: float) -> None:
@@ -339,6 +343,7 @@ class Router:
                         self.settings.router_metrics_port,
                         self.settings.router_metrics_port + self.settings.router_replicas - 1)
         self._prober: asyncio.Task | None = None
+        self._http = None  # httpx.AsyncClient for Triton's metrics, made on the loop
 
     # --- the pool directory -------------------------------------------------------------------
     def apply_directory(self, directory: PoolDirectory, ready: dict[str, int] | None = None) -> None:
@@ -399,9 +404,32 @@ class Router:
             ready = await asyncio.wait_for(pool.clients[0].is_server_ready(), timeout)
         except Exception:
             ready = False
+        if ready and pool.spec.metrics_url:
+            pool.triton_pending = await self._pending(pool, timeout)
         if pool.ready != ready:
             log.warning("pool %s is %s", pool.name, "ready" if ready else "NOT ready")
         pool.ready = bool(ready)
+
+    async def _pending(self, pool: Pool, timeout: float) -> float:
+        """Requests waiting in the pool's Triton for its tools (``nv_inference_pending_request_count``
+        of the ensembles), from its Prometheus endpoint; 0 when that does not answer."""
+        import httpx
+
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=timeout)
+        try:
+            text = (await self._http.get(pool.spec.metrics_url)).text
+        except httpx.HTTPError:
+            return 0.0
+        tools = set(self.directory.tools_of(pool.name)) if self.directory else set()
+        pending = 0.0
+        for line in text.splitlines():
+            if line.startswith("nv_inference_pending_request_count{"):
+                labels, _, value = line.rpartition(" ")
+                model = labels.split('model="', 1)[-1].split('"', 1)[0]
+                if model in tools:
+                    pending += float(value)
+        return pending
 
     async def check_health(self) -> None:
         """Serve calls this every few seconds: it keeps the readiness prober going."""
@@ -506,6 +534,7 @@ class Router:
         grpc = self.grpc
         names = output_names(CATALOG[tool])
         pool.in_flight += len(entries)
+        pool.requests_in_flight += 1
         started = time.perf_counter()
         try:
             result = await pool.client().infer(
@@ -525,6 +554,7 @@ class Router:
             return
         finally:
             pool.in_flight -= len(entries)
+            pool.requests_in_flight -= 1
         seconds = time.perf_counter() - started
         pool.note_success(len(entries), seconds)
         self.metrics.triton_seconds.labels(pool.name, tool).observe(seconds)

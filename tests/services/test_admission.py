@@ -1,0 +1,75 @@
+"""The gateway's admission gate (mosmedai.admission): waiting in turn, refusals by deadline and share."""
+
+import asyncio
+
+import pytest
+
+from mosmedai.admission import AdmissionGate, Throughput
+
+
+def measured_gate(completed: int = 20, latency_s: float = 0.01) -> AdmissionGate:
+    """A gate that has answered ``completed`` studies of ``latency_s`` within about a second:
+    throughput 20/s, limit max(4, 20 x 3 x 0.01) = 4."""
+    gate = AdmissionGate(min_limit=4)
+    for _ in range(completed):
+        gate.finished.done()
+        gate.latencies.append(latency_s)
+    return gate
+
+
+def test_throughput_follows_new_traffic_within_a_second_of_idle():
+    meter = Throughput(window_s=10.0)
+    assert meter.rate() == 0.0
+    meter.done(30)
+    assert meter.rate() == 30.0  # not 3/s averaged over an idle window
+
+
+@pytest.mark.asyncio
+async def test_past_the_limit_studies_wait_and_go_in_turn_per_tenant():
+    gate = measured_gate()
+    assert gate.limit() == 4
+    for _ in range(4):
+        assert await gate.admit("kazan", 10.0, urgent=False) is None
+    kazan = [asyncio.ensure_future(gate.admit("kazan", 10.0, urgent=False)) for _ in range(3)]
+    await asyncio.sleep(0)
+    moscow = asyncio.ensure_future(gate.admit("moscow", 10.0, urgent=False))
+    await asyncio.sleep(0)
+    assert gate.in_flight == 4 and gate.queued() == 4
+    gate.leave("kazan", 0.0, answered=True)  # one slot: kazan's first waiting study
+    gate.leave("kazan", 0.0, answered=True)  # the next slot: moscow's, before kazan's backlog
+    await asyncio.sleep(0.05)
+    assert kazan[0].done() and moscow.done() and not kazan[1].done()
+    assert moscow.result() is None
+
+
+@pytest.mark.asyncio
+async def test_refused_at_once_when_the_waiting_room_is_full_or_the_deadline_too_near():
+    gate = measured_gate()
+    for _ in range(4):
+        await gate.admit("kazan", 10.0, urgent=False)
+    waiting = [asyncio.ensure_future(gate.admit("kazan", 10.0, urgent=False)) for _ in range(4)]
+    await asyncio.sleep(0)
+    assert gate.queued() == 4  # a limit's worth waits
+    # a tenant alone: 503 overloaded, with Retry-After
+    reason, status, detail, retry_after = await gate.admit("kazan", 10.0, urgent=False)
+    assert (reason, status) == ("overloaded", 503) and "limit" in detail and retry_after >= 1
+    # another tenant below its share of the waiting room waits; the busy one gets 429
+    moscow = asyncio.ensure_future(gate.admit("moscow", 10.0, urgent=False))
+    await asyncio.sleep(0)
+    assert not moscow.done() and gate.queued() == 5
+    reason, status, detail, _ = await gate.admit("kazan", 10.0, urgent=False)
+    assert (reason, status) == ("fair_share", 429) and "kazan" in detail
+    # a deadline nearer than the wait in turn: refused at once
+    reason, status, detail, _ = await gate.admit("volga", 0.05, urgent=False)
+    assert status == 503 and "deadline" in detail
+    for future in [*waiting, moscow]:
+        future.cancel()
+
+
+@pytest.mark.asyncio
+async def test_urgent_studies_never_wait_nor_are_refused():
+    gate = measured_gate()
+    for _ in range(40):
+        await gate.admit("kazan", 100.0, urgent=True)
+    assert gate.in_flight == 40
+    assert await gate.admit("kazan", 0.001, urgent=True) is None
