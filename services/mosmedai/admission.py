@@ -9,12 +9,11 @@ what keeps the platform busy; more in flight adds only waiting, and starves the 
 event loop that must answer refusals at once. A study past the limit waits in the gate
 (costing nothing: a single image's body is not even read yet), and the gate lets waiting
 studies in one per tenant in turn, so a quiet tenant's study passes a busy tenant's backlog.
-At most a limit's worth of studies waits (an even share per tenant). A study is refused at
-once, before any pixel work or routing, when the waiting room has no place for it or its
-expected wait there - (its place in its tenant's queue) x (tenants waiting) / throughput -
-exceeds its deadline: 429 ``fair_share`` when other tenants are being served meanwhile, else
-503 ``overloaded``. Urgent studies never wait and are never refused (routing.URGENT); the
-asynchronous paths never meet the gate.
+A study whose wait in turn - (its place in its tenant's queue) x (tenants waiting) /
+throughput - would leave too little of its deadline to run is refused at once, before any
+pixel work or routing: 429 ``fair_share`` when other tenants are waiting too (its own
+backlog is what holds it back), else 503 ``overloaded``. Urgent studies never wait and are
+never refused (routing.URGENT); the asynchronous paths never meet the gate.
 """
 
 from __future__ import annotations
@@ -82,26 +81,22 @@ class AdmissionGate:
             self.in_flight += 1
             return None
         rate = self.finished.rate() or 1.0
-        limit = self.limit()
         mine = len(self.waiting.get(tenant, ())) + 1
-        turns = max(1, len(self.waiting.keys() | {tenant}))
-        wait = mine * turns / rate
-        # At most a limit's worth waits (its even share per tenant): past that, waiting would
-        # only move the queue in front of the gate, where nothing can order or refuse it.
-        full = self.queued() >= limit and mine > limit / turns
-        if full and self.waiting.keys() - {tenant}:
-            return ("fair_share", 429, f"tenant {tenant} has {mine - 1} studies waiting, its share while "
-                    f"{len(self.waiting.keys() - {tenant})} other tenants are served in turn", max(1.0, mine / rate))
-        if full:
-            return ("overloaded", 503, f"the platform is at its limit ({limit} studies in flight and "
-                    f"{self.queued()} waiting)", max(1.0, wait))
-        if wait > deadline_s:
+        others = len(self.waiting.keys() - {tenant})
+        # Let in one per tenant in turn: this study starts after ``mine`` turns of every waiting tenant.
+        wait = mine * (others + 1) / rate
+        budget = deadline_s - 2.0 * self.base_latency_s()  # what is left for waiting once it runs
+        if wait > budget:
+            if others:
+                return ("fair_share", 429, f"tenant {tenant} has {mine - 1} studies waiting; served in turn with "
+                        f"{others} other tenants, the next would start in {wait:.1f} s, past its deadline "
+                        f"({deadline_s:g} s)", max(1.0, mine / rate))
             return ("overloaded", 503, f"the platform cannot answer within the deadline ({deadline_s:g} s; "
-                    f"expected wait {wait:.1f} s)", max(1.0, wait - deadline_s))
+                    f"expected wait {wait:.1f} s)", max(1.0, wait - budget))
         future = asyncio.get_running_loop().create_future()
         self.waiting.setdefault(tenant, deque()).append(future)
         try:
-            await asyncio.wait_for(asyncio.shield(future), deadline_s)
+            await asyncio.wait_for(asyncio.shield(future), max(0.0, budget))
             return None  # the slot was handed over by leave()
         except asyncio.TimeoutError:
             if future.done():  # handed over just as the wait ended: keep it

@@ -36,7 +36,8 @@ class Answer:
 
 
 def chest_bodies(count: int = 8, seed: int = 77) -> list[bytes]:
-    return [dicom_bytes(make_phantom((seed, i), shape=(600, 500))) for i in range(count)]
+    # small (300 x 250, 150 KB): the load generator, on the same cores, must offer twice the capacity
+    return [dicom_bytes(make_phantom((seed, i), shape=(300, 250))) for i in range(count)]
 
 
 async def send(client: httpx.AsyncClient, body: bytes, token: str, deadline_s: float | None, into: list) -> None:

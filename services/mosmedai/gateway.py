@@ -143,7 +143,9 @@ def study_deadline_s(prefer: str, default_s: float) -> float:
     return default_s
 
 
-@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+# Ongoing requests are not the gateway's load limit (the admission gate is, and studies waiting
+# in it cost nothing): a Ray Serve queue in front of the gate would hide waiting from it.
+@serve.deployment(max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Gateway:
     def __init__(self, router: DeploymentHandle, settings: dict):

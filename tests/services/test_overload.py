@@ -7,7 +7,8 @@ the goodput near the peak, refuse only with 503/429 + Retry-After, and keep the 
 tenant's latency near its unloaded latency."""
 
 import asyncio
-import threading
+import concurrent.futures
+import multiprocessing
 
 import pytest
 
@@ -17,6 +18,10 @@ from mosmedai.tenants import DEMO_TOKENS
 DEADLINE_S = 3.0
 OVERLOAD_S = 60.0
 LOW_RATE = 2.0  # the second tenant's studies per second
+
+
+def _open_loop(*args) -> list:
+    return asyncio.run(open_loop(*args))
 
 
 @pytest.mark.timeout(900)
@@ -30,15 +35,18 @@ def test_twice_the_capacity_is_shed_at_once_and_the_admitted_stay_within_the_dea
     peak = len(ok(asyncio.run(closed_loop(url, bodies, heavy, 16, 10.0)))) / 10.0
     assert peak > 0
 
-    light_answers: list = []
-    light_load = threading.Thread(target=lambda: light_answers.extend(
-        asyncio.run(open_loop(url, bodies, light, LOW_RATE, OVERLOAD_S, DEADLINE_S))))
-    light_load.start()
-    answers = asyncio.run(open_loop(url, bodies, heavy, 2 * peak, OVERLOAD_S, DEADLINE_S))
-    light_load.join()
+    # Each tenant's load from a process of its own: a generator sharing a GIL with the other
+    # would add its own waiting to the latencies it measures.
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as generators:
+        light_load = generators.submit(_open_loop, url, bodies, light, LOW_RATE, OVERLOAD_S, DEADLINE_S)
+        heavy_load = generators.submit(_open_loop, url, bodies, heavy, 2 * peak, OVERLOAD_S, DEADLINE_S)
+        answers, light_answers = heavy_load.result(), light_load.result()
+    # Goodput: results that came back while the load lasted (and within a deadline of its end).
+    end = min(answer.sent for answer in answers) + OVERLOAD_S + DEADLINE_S
+    in_time = [answer for answer in ok(answers) if answer.sent + answer.seconds <= end]
 
     admitted, refused = ok(answers), [a for a in answers if a.status != 200]
-    goodput = len(admitted) / OVERLOAD_S
+    goodput = len(in_time) / OVERLOAD_S
     summary = (f"peak {peak:.1f}/s; offered {2 * peak:.1f}/s for {OVERLOAD_S:g} s: goodput {goodput:.1f}/s "
                f"({goodput / peak:.2f} of peak), admitted p99 {p99(admitted):.2f} s, {len(refused)} refused "
                f"(p99 answer {p99(refused) * 1000:.0f} ms); second tenant p99 {p99(light_answers) * 1000:.0f} ms "
