@@ -18,6 +18,7 @@ help:
 	@echo "make models       retrain the 18 reference networks and rewrite their model cards (needs torch; about an hour on 2 cores)"
 	@echo "make model-configs  re-render model_repository/*/config.pbtxt from the tool catalog"
 	@echo "make gpu-check    on an NVIDIA GPU: TensorRT engine of cxr_opacity (FP32/FP16) vs ONNX Runtime"
+	@echo "make images       build the chart's images: docker if its daemon answers, else buildah (no daemon); IMAGES=\"gateway operator\" picks some"
 
 # Debian packages: Triton's Python-backend stub links the system libpython of the running
 # minor version; Prometheus and promtool serve the operator's (and the rules') tests;
