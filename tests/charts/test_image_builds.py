@@ -227,13 +227,15 @@ def test_model_publisher_image_publishes_to_s3(built) -> None:
         endpoint = f"http://127.0.0.1:{PORTS['s3_port']}"
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                               aws_access_key_id="test", aws_secret_access_key="test")
-        client.create_bucket(Bucket="models")
+        # moto keeps one in-process store for every server: a bucket of this test's own.
+        bucket = "image-test-models"
+        client.create_bucket(Bucket=bucket)
         config = built["model-publisher"]["config"]
-        command = [*image_command(config), "--bucket=models", f"--endpoint-url={endpoint}"]
+        command = [*image_command(config), f"--bucket={bucket}", f"--endpoint-url={endpoint}"]
         env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
         with container("model-publisher", command, env) as process:
             assert process.wait(timeout=300) == 0, output(process)
-        keys = {o["Key"] for o in client.list_objects_v2(Bucket="models", MaxKeys=1000).get("Contents", [])}
+        keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, MaxKeys=1000).get("Contents", [])}
         for config_file in (ROOT / "model_repository").glob("*/config.pbtxt"):
             assert f"model_repository/{config_file.parent.name}/config.pbtxt" in keys
     finally:
