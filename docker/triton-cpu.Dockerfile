@@ -41,7 +41,11 @@ COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/tritonserver /opt/tritonserver
 # Source only: the stub imports mosmedai.triton_models, imaging and postprocess.
 COPY services/mosmedai /opt/mosmedai/mosmedai
-RUN find /opt/mosmedai -name __pycache__ -type d -prune -exec rm -rf {} +
+# A .pth file in the virtual environment's site-packages puts the sources on the stub's
+# path: the stub does not see the server's PYTHONPATH (a model failed with "No module
+# named 'mosmedai'" with PYTHONPATH alone; `make up` works through the editable install).
+RUN find /opt/mosmedai -name __pycache__ -type d -prune -exec rm -rf {} + \
+ && echo /opt/mosmedai > "$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/mosmedai.pth"
 # The stub finds the virtual environment's packages through PATH (its python), mosmedai
 # through PYTHONPATH; the server its libraries through LD_LIBRARY_PATH.
 ENV PATH=/opt/tritonserver/bin:/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \

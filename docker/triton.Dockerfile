@@ -15,7 +15,11 @@ RUN --mount=type=secret,id=pip_cert \
  && pip install --break-system-packages 'numpy>=1.26,<2' 'opencv-python-headless>=4.10,<4.11' 'onnxruntime>=1.22,<1.33'
 # Source only: the stub imports mosmedai.triton_models, imaging and postprocess.
 COPY services/mosmedai /opt/mosmedai/mosmedai
-RUN find /opt/mosmedai -name __pycache__ -type d -prune -exec rm -rf {} +
+# A .pth file in the system Python's site-packages puts the sources on the stub's path: in
+# the CPU image (docker/triton-cpu.Dockerfile, same python backend) the stub did not see
+# the server's PYTHONPATH and a model failed with "No module named 'mosmedai'".
+RUN find /opt/mosmedai -name __pycache__ -type d -prune -exec rm -rf {} + \
+ && echo /opt/mosmedai > "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/mosmedai.pth"
 ENV PYTHONPATH=/opt/mosmedai PYTHONDONTWRITEBYTECODE=1
 # NVIDIA's image's non-root user (uid 1000); the operator's pods run as it.
 USER 1000:1000
