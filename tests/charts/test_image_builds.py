@@ -34,14 +34,15 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 VALUES = yaml.safe_load((ROOT / "charts" / "mosmedai" / "values.yaml").read_text())
 TAG = yaml.safe_load((ROOT / "charts" / "mosmedai" / "Chart.yaml").read_text())["appVersion"]
-IMAGES = ["model-publisher", "operator", "gateway"]
+IMAGES = ["model-publisher", "operator", "gateway", "triton-cpu"]
 # Ports of this module's peers: out of the way of `make up` and the platform fixture.
 PORT_OFFSET = int(os.environ.get("MOSMEDAI_TEST_PORT_OFFSET", "0"))
 PORTS = {name: port + PORT_OFFSET for name, port in {
     "gateway_http_port": 28000, "gateway_direct_grpc_port": 28400, "serve_proxy_port": 28099,
     "router_metrics_port": 28201, "triton_http_port": 28100, "triton_grpc_port": 28101,
     "triton_metrics_port": 28102, "grpc_port": 29000, "dimse_port": 31112, "s3_port": 28300,
-    "prometheus_port": 29090, "operator_health_port": 28081}.items()}
+    "prometheus_port": 29090, "operator_health_port": 28081, "triton_cpu_http_port": 28600,
+    "triton_cpu_grpc_port": 28601, "triton_cpu_metrics_port": 28602}.items()}
 # Generous bounds: a build from an empty cache (base, pip downloads) on 2 cores.
 BUILD_TIMEOUT_S = 1500
 # Integration: builds images and starts real peers (`make test-unit` leaves them out).
@@ -193,9 +194,26 @@ def wait_http(url: str, process: subprocess.Popen[str], timeout_s: float, until:
 
 # --- what every image is ------------------------------------------------------------------
 
+def triton_pod(tools: list[str], repository: str) -> dict[str, Any]:
+    """The pod spec the operator gives a CPU pool's Triton (its own code, children.deployment)."""
+    sys.path.insert(0, str(ROOT / "operators"))
+    from mosmedai_operator.children import deployment
+    from mosmedai_operator.config import OperatorConfig
+    from mosmedai_operator.spec import GpuPoolSpec
+    from mosmedai_operator.testing import gpupool
+
+    body = gpupool("ru-mow", "mosmedai", tools=tools)
+    body["metadata"]["uid"] = "00000000-0000-0000-0000-000000000001"
+    config = OperatorConfig(namespaces=["mosmedai"], triton_model_repository=repository,
+                            model_repository_path=ROOT / "model_repository", triton_image=ref("triton-cpu"))
+    return deployment(body, GpuPoolSpec.model_validate(body["spec"]), config, 1)["spec"]["template"]["spec"]
+
+
 @pytest.mark.parametrize("image", IMAGES)
 def test_image_runs_as_the_charts_numeric_user(built, image: str) -> None:
-    uid = VALUES["security"]["runAsUser"]
+    # The chart's pods run as security.runAsUser; the operator's Triton pods as its own uid.
+    uid = (triton_pod(["cxr_opacity"], "/models")["securityContext"]["runAsUser"] if image == "triton-cpu"
+           else VALUES["security"]["runAsUser"])
     config = built[image]["config"]
     assert config["User"] == f"{uid}:{uid}"
     with container(image, ["sh", "-c", "id -u; id -g; touch /tmp/w && echo tmp-writable; touch /w 2>/dev/null || echo root-not-writable"]) as process:
@@ -211,7 +229,7 @@ def test_image_size_is_reported_and_bounded(built, image: str) -> None:
     assert size == built[image]["size_bytes"] > 0
     # The gateway and operator carry the whole project's dependencies (Ray, onnxruntime,
     # opencv, locust...): a bound that catches a stray toolchain or cache in a layer.
-    assert size < {"model-publisher": 400, "operator": 3000, "gateway": 3000}[image] * 2**20, size
+    assert size < {"model-publisher": 400, "operator": 3000, "gateway": 3000, "triton-cpu": 1500}[image] * 2**20, size
 
 
 # --- each image's own command against real peers -------------------------------------------------
@@ -326,3 +344,21 @@ def test_gateway_image_serves_against_a_local_triton(built, tmp_path: Path) -> N
         except subprocess.TimeoutExpired:
             triton.kill()
         s3.stop()
+
+
+def test_triton_cpu_image_runs_the_operators_triton_command(built) -> None:
+    """The CPU Triton image with the arguments the operator gives a pool's Triton container
+    (children.deployment; ports moved out of the way), on this checkout's model repository
+    mounted read-only: the tool loads and Triton becomes ready."""
+    import re
+
+    pod = triton_pod(["cxr_opacity"], "/models")
+    (spec,) = pod["containers"]
+    ports = {"http": PORTS["triton_cpu_http_port"], "grpc": PORTS["triton_cpu_grpc_port"],
+             "metrics": PORTS["triton_cpu_metrics_port"]}
+    args = [re.sub(r"^--(http|grpc|metrics)-port=\d+$", lambda m: f"--{m[1]}-port={ports[m[1]]}", a) for a in spec["args"]]
+    assert args[0] == "tritonserver" and "--model-repository=/models" in args
+    with container("triton-cpu", args, volumes={ROOT / "model_repository": "/models:ro"}) as triton:
+        base = f"http://127.0.0.1:{ports['http']}"
+        assert wait_http(f"{base}/v2/health/ready", triton, 180, until=200) == 200
+        assert wait_http(f"{base}/v2/models/cxr_opacity/ready", triton, 10, until=200) == 200
