@@ -110,19 +110,20 @@ $(CRD_SCHEMAS):
 
 test test-unit: $(HELM) $(CRD_SCHEMAS)
 
-# buildah and debootstrap from Debian, unless a docker daemon answers. The image tests
-# (tests/charts/test_image_builds.py) build and start images, so `make test` needs them.
+# buildah and debootstrap from Debian (as root with apt): the image tests
+# (tests/charts/test_image_builds.py) build and start images with buildah, so `make test`
+# needs them even where docker answers. Without apt or root, docker alone serves `make images`.
+# Recommends stay in: the tested set (--no-install-recommends was not tried).
 image-deps:
-	@if ! { command -v docker >/dev/null && docker info >/dev/null 2>&1; }; then \
-	  missing=""; \
-	  command -v buildah >/dev/null || missing="$$missing buildah"; \
-	  command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
-	  if [ -n "$$missing" ]; then \
-	    if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
-	      echo "make images: no docker daemon answers and$$missing missing: install docker, or buildah and debootstrap (Debian: apt-get install buildah debootstrap)" >&2; exit 1; \
-	    fi; \
+	@missing=""; \
+	command -v buildah >/dev/null || missing="$$missing buildah"; \
+	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages:$$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  elif ! { command -v docker >/dev/null && docker info >/dev/null 2>&1; }; then \
+	    echo "make images: no docker daemon answers and$$missing missing: install docker, or buildah and debootstrap (Debian: apt-get install buildah debootstrap)" >&2; exit 1; \
 	  fi; \
 	fi
 
