@@ -44,6 +44,10 @@ def base_images(text: str) -> list[str]:
 @pytest.mark.parametrize("name", sorted(p.name for p in DOCKER.glob("*.Dockerfile")))
 def test_dockerfile_is_pinned_and_non_root(name: str) -> None:
     text = (DOCKER / name).read_text()
+    # BuildKit reads <Dockerfile>.dockerignore: without it the whole checkout (.venv, .cache)
+    # would be sent as the context.
+    ignored = (DOCKER / f"{name}.dockerignore").read_text().split()
+    assert {".git", ".venv", ".cache"} <= set(ignored), f"{name}.dockerignore"
     for image in base_images(text):
         repository, _, tag = image.partition("@")[0].rpartition(":")
         assert repository and tag and tag != "latest", f"{name}: base image {image} is not pinned"
