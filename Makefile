@@ -18,6 +18,7 @@ help:
 	@echo "make models       retrain the 18 reference networks and rewrite their model cards (needs torch; about an hour on 2 cores)"
 	@echo "make model-configs  re-render model_repository/*/config.pbtxt from the tool catalog"
 	@echo "make gpu-check    on an NVIDIA GPU: TensorRT engine of cxr_opacity (FP32/FP16) vs ONNX Runtime"
+	@echo "make images       build the chart's images: docker if its daemon answers, else buildah (no daemon); IMAGES=\"gateway operator\" picks some"
 
 # Debian packages: Triton's Python-backend stub links the system libpython of the running
 # minor version; Prometheus and promtool serve the operator's (and the rules') tests;
@@ -86,28 +87,50 @@ clean: down
 # HELM is exported so that every test that renders the chart finds the same binary.
 HELM := $(CURDIR)/.tools/helm
 export HELM
-# Images: built from docker/*.Dockerfile with the repository as context, tagged with the
-# chart's appVersion. IMAGE_REGISTRY=host:port/ prefixes the names; PUSH=1 pushes them.
-IMAGES         := gateway operator model-publisher triton engine-builder
+# prometheus-operator's CRD schemas (npm package, scripts/fetch-crd-schemas) for the chart's
+# ServiceMonitor, PodMonitor and PrometheusRule (tests/charts/test_custom_resources.py).
+CRD_SCHEMAS := $(CURDIR)/.tools/crd-schemas/node_modules/@kubernetes-models/prometheus-operator/package.json
+# Images: scripts/build-images builds docker/*.Dockerfile with the repository as context,
+# tagged with the chart's appVersion, with docker where a daemon answers and otherwise with
+# buildah (no daemon; root, vfs storage, chroot isolation), on a local Debian stand-in base
+# when the upstream one cannot be pulled. IMAGE_REGISTRY=host:port/ prefixes the names;
+# PUSH=1 pushes them; IMAGES=... picks some.
+IMAGES         ?= gateway operator model-publisher triton-cpu triton engine-builder
 IMAGE_REGISTRY ?=
 IMAGE_TAG      ?= $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' charts/mosmedai/Chart.yaml)
-DOCKER         ?= docker
+export IMAGE_REGISTRY IMAGE_TAG PUSH
 
-.PHONY: helm images
+.PHONY: helm images image-deps
 
 $(HELM):
 	scripts/fetch-helm $@
 
 helm: $(HELM)
 
-test test-unit: $(HELM)
+$(CRD_SCHEMAS):
+	scripts/fetch-crd-schemas $(CURDIR)/.tools/crd-schemas
 
-images:
-	@$(DOCKER) info >/dev/null 2>&1 || { echo "make images: no container engine answers ($(DOCKER) info failed); build on a machine with one"; exit 1; }
-	@for image in $(IMAGES); do \
-	  ref="$(IMAGE_REGISTRY)mosmedai/$$image:$(IMAGE_TAG)"; \
-	  echo "building $$ref"; \
-	  $(DOCKER) build -f docker/$$image.Dockerfile -t "$$ref" . || exit 1; \
-	  if [ -n "$(PUSH)" ]; then $(DOCKER) push "$$ref" || exit 1; fi; \
-	done
+test test-unit: $(HELM) $(CRD_SCHEMAS)
+
+# buildah and debootstrap from Debian (as root with apt): the image tests
+# (tests/charts/test_image_builds.py) build and start images with buildah, so `make test`
+# needs them even where docker answers. Without apt or root, docker alone serves `make images`.
+# Recommends stay in: the tested set (--no-install-recommends was not tried).
+image-deps:
+	@missing=""; \
+	command -v buildah >/dev/null || missing="$$missing buildah"; \
+	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  elif ! { command -v docker >/dev/null && docker info >/dev/null 2>&1; }; then \
+	    echo "make images: no docker daemon answers and$$missing missing: install docker, or buildah and debootstrap (Debian: apt-get install buildah debootstrap)" >&2; exit 1; \
+	  fi; \
+	fi
+
+test test-integration: image-deps
+
+images: image-deps
+	scripts/build-images $(IMAGES)
 # --- end of the Helm chart and images block ---------------------------------------------------

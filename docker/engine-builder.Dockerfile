@@ -13,6 +13,11 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ARG TENSORRT_VERSION=10.8.0.43
+# PyPI has tensorrt-cu12 and tensorrt-cu12-bindings 10.8.0.43 (wheels for cp38-cp312), but
+# tensorrt-cu12-libs 10.8.0.43 only as a wheel-stub sdist, which downloads the real wheel
+# from NVIDIA's index while pip prepares it: the build must reach that index (checked by
+# tests/charts/test_nvidia_images.py; scripts/build-images skips this image where it cannot).
+ARG NVIDIA_PIP_INDEX=https://pypi.nvidia.com
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
@@ -20,7 +25,12 @@ COPY pyproject.toml README.md ./
 COPY services ./services
 COPY operators/mosmedai_operator ./operators/mosmedai_operator
 # The project's dependencies (pyproject.toml), boto3 for the upload, TensorRT pinned.
-RUN /opt/venv/bin/pip install /src 'boto3>=1.35,<2' "tensorrt-cu12==${TENSORRT_VERSION}"
+# pip_cert: optional build secret, the CA bundle of a TLS-intercepting proxy between pip and
+# PyPI (scripts/build-images passes $PIP_CERT); a secret mount never lands in a layer.
+RUN --mount=type=secret,id=pip_cert \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+ && /opt/venv/bin/pip install --extra-index-url "${NVIDIA_PIP_INDEX}" \
+      /src 'boto3>=1.35,<2' "tensorrt-cu12==${TENSORRT_VERSION}"
 
 FROM ${PYTHON_IMAGE}
 RUN apt-get update \

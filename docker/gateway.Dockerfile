@@ -13,7 +13,11 @@ COPY pyproject.toml README.md ./
 COPY services ./services
 COPY operators/mosmedai_operator ./operators/mosmedai_operator
 # The whole project's dependencies (pyproject.toml is the one list), non-editable.
-RUN /opt/venv/bin/pip install /src
+# pip_cert: optional build secret, the CA bundle of a TLS-intercepting proxy between pip and
+# PyPI (scripts/build-images passes $PIP_CERT); a secret mount never lands in a layer.
+RUN --mount=type=secret,id=pip_cert \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+ && /opt/venv/bin/pip install /src
 
 FROM ${PYTHON_IMAGE}
 # onnxruntime and opencv need OpenMP at run time; nothing else from the system.

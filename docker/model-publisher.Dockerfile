@@ -8,7 +8,11 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # boto3 within the range pyproject.toml allows; nothing else is needed.
-RUN pip install 'boto3>=1.35,<2' \
+# pip_cert: optional build secret, the CA bundle of a TLS-intercepting proxy between pip and
+# PyPI (scripts/build-images passes $PIP_CERT); a secret mount never lands in a layer.
+RUN --mount=type=secret,id=pip_cert \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+ && pip install 'boto3>=1.35,<2' \
  && groupadd --gid 10001 mosmedai \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin mosmedai
 COPY model_repository /app/model_repository

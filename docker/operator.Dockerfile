@@ -12,7 +12,11 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY services ./services
 COPY operators/mosmedai_operator ./operators/mosmedai_operator
-RUN /opt/venv/bin/pip install /src
+# pip_cert: optional build secret, the CA bundle of a TLS-intercepting proxy between pip and
+# PyPI (scripts/build-images passes $PIP_CERT); a secret mount never lands in a layer.
+RUN --mount=type=secret,id=pip_cert \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+ && /opt/venv/bin/pip install /src
 COPY model_repository /src/model_repository
 # Keep only the configs: the operator never reads weights or code.
 RUN mkdir -p /out/model_repository \

@@ -94,6 +94,9 @@ def triton_args(spec: GpuPoolSpec, config: OperatorConfig) -> list[str]:
         # Not ready until every listed model has loaded; exit if one fails to load.
         "--strict-readiness=true",
         "--exit-on-error=true",
+        # After SIGTERM: refuse new work, finish in-flight inferences for this long; the pod's
+        # grace period covers it (OperatorConfig refuses a shorter one).
+        f"--exit-timeout-secs={config.triton_exit_timeout_seconds}",
         *config.triton_extra_args,
     ]
     return args
@@ -123,6 +126,10 @@ def deployment(pool: Mapping[str, Any], spec: GpuPoolSpec, config: OperatorConfi
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
         "resources": resources,
+        # Keep serving while the endpoint removal propagates (kube-proxy, the gateway's
+        # gRPC channel); the kubelet's sleep action needs no binary in the image.
+        "lifecycle": {"preStop": {"sleep": {"seconds": config.triton_pre_stop_seconds}}}
+        if config.triton_pre_stop_seconds else None,
         # Loading TensorRT plans for several ensembles takes minutes: the startup probe
         # allows spec.modelLoadTimeoutSeconds before liveness starts counting.
         "startupProbe": {
@@ -165,7 +172,8 @@ def deployment(pool: Mapping[str, Any], spec: GpuPoolSpec, config: OperatorConfi
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "automountServiceAccountToken": False,  # Triton never talks to the API server
-        "terminationGracePeriodSeconds": 60,  # let in-flight inferences finish
+        # preStop sleep + Triton's exit timeout, plus a margin before SIGKILL.
+        "terminationGracePeriodSeconds": config.triton_termination_grace_period_seconds,
         "volumes": [
             {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": config.triton_shm_size}},
             {"name": "tmp", "emptyDir": {}},

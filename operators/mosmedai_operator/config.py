@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AnyHttpUrl, Field, field_validator
+from pydantic import AnyHttpUrl, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_QUERY_QUEUE_TIME_P95_MS = (
@@ -165,6 +165,23 @@ class OperatorConfig(BaseSettings):
         default_factory=list,
         description="Extra tritonserver arguments, comma-separated. Default none.",
     )
+    # --- drain: preStop sleep, then SIGTERM, then Triton's own exit timeout, then SIGKILL ---
+    triton_pre_stop_seconds: int = Field(
+        default=5, ge=0, le=120,
+        description="Seconds of the Triton pods' preStop sleep. Why: a terminating pod leaves the "
+        "Service endpoints asynchronously; it keeps serving until kube-proxy and clients have noticed.",
+    )
+    triton_exit_timeout_seconds: int = Field(
+        default=30, ge=1, le=3600,
+        description="Triton's --exit-timeout-secs: after SIGTERM it refuses new work and lets "
+        "in-flight inferences finish for this long.",
+    )
+    triton_termination_grace_period_seconds: int = Field(
+        default=40, ge=1, le=7200,
+        description="The Triton pods' terminationGracePeriodSeconds, counted from the start of preStop: "
+        "must exceed triton_pre_stop_seconds + triton_exit_timeout_seconds, else the kubelet kills "
+        "Triton before its exit timeout.",
+    )
     gpu_product_label: str = Field(
         default="nvidia.com/gpu.product",
         description="Node label that carries the GPU product (NVIDIA GPU Feature Discovery). "
@@ -189,6 +206,15 @@ class OperatorConfig(BaseSettings):
         le=65535,
         description="Port of kopf's liveness endpoint /healthz. Default 8081; unset to disable.",
     )
+
+    @model_validator(mode="after")
+    def _drain_fits_the_grace_period(self) -> "OperatorConfig":
+        budget = self.triton_pre_stop_seconds + self.triton_exit_timeout_seconds
+        if self.triton_termination_grace_period_seconds <= budget:
+            raise ValueError(
+                f"triton_termination_grace_period_seconds ({self.triton_termination_grace_period_seconds}) must "
+                f"exceed triton_pre_stop_seconds + triton_exit_timeout_seconds ({budget})")
+        return self
 
     @field_validator("namespaces", "triton_extra_args", mode="before")
     @classmethod

@@ -1,8 +1,9 @@
 """The Dockerfiles of the images the chart uses (docker/), and the model publisher's logic.
 
-No container engine runs on the development machines, so the images are not built here
-(charts/README.md says so); these tests read the Dockerfiles: one per image in values.yaml,
-base images pinned to an exact version, a non-root numeric USER, files they COPY exist.
+These tests read the Dockerfiles: one per image in values.yaml, base images pinned to an
+exact version, a non-root numeric USER, files they COPY exist. test_image_builds.py builds
+and starts the Python images (buildah, no daemon); test_nvidia_images.py checks what can be
+checked of the NVIDIA-based ones.
 """
 from __future__ import annotations
 
@@ -40,9 +41,13 @@ def base_images(text: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("name", sorted(DOCKERFILES.values()))
+@pytest.mark.parametrize("name", sorted(p.name for p in DOCKER.glob("*.Dockerfile")))
 def test_dockerfile_is_pinned_and_non_root(name: str) -> None:
     text = (DOCKER / name).read_text()
+    # BuildKit reads <Dockerfile>.dockerignore: without it the whole checkout (.venv, .cache)
+    # would be sent as the context.
+    ignored = (DOCKER / f"{name}.dockerignore").read_text().split()
+    assert {".git", ".venv", ".cache"} <= set(ignored), f"{name}.dockerignore"
     for image in base_images(text):
         repository, _, tag = image.partition("@")[0].rpartition(":")
         assert repository and tag and tag != "latest", f"{name}: base image {image} is not pinned"
@@ -120,3 +125,41 @@ def test_publisher_uploads_once_against_an_s3_server(publisher, tmp_path: Path) 
         assert first["uploaded"] == len(items) and again == {"uploaded": 0, "unchanged": len(items), "deleted": 0}
     finally:
         server.stop()
+
+
+def restricted_path(tmp_path: Path, extra: dict[str, str] | None = None) -> str:
+    """A PATH with the tools scripts/build-images needs before it picks an engine, and no
+    docker or buildah (plus ``extra``: name -> shell script)."""
+    import shutil
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "sed", "md5sum", "cut", "id", "cat", "head"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    for name, script in (extra or {}).items():
+        (bin_dir / name).write_text(f"#!{shutil.which('bash')}\n{script}\n")
+        (bin_dir / name).chmod(0o755)
+    return str(bin_dir)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({}, "neither docker nor buildah is installed: install one (Debian: apt-get install buildah debootstrap"),
+    ({"docker": "exit 1"}, "docker is installed but no daemon answers, and buildah is missing"),
+])
+def test_build_images_says_what_to_install(tmp_path: Path, extra: dict[str, str], message: str) -> None:
+    import subprocess
+
+    env = {"PATH": restricted_path(tmp_path, extra), "HOME": str(tmp_path)}
+    result = subprocess.run([str(ROOT / "scripts" / "build-images"), "gateway"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert message in result.stderr, result.stderr
+
+
+def test_build_images_refuses_an_unknown_image(tmp_path: Path) -> None:
+    import subprocess
+
+    env = {"PATH": restricted_path(tmp_path, {"buildah": "exit 0"}) + ":/usr/bin:/bin", "ENGINE": "buildah"}
+    result = subprocess.run([str(ROOT / "scripts" / "build-images"), "nosuch"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "no docker/nosuch.Dockerfile" in result.stderr, result.stderr

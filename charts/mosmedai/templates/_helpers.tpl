@@ -387,3 +387,10 @@ envFrom:
 {{- define "mosmedai.gatewayUrl" -}}
 {{- printf "http://%s.%s.svc:%v" (include "mosmedai.componentName" (dict "root" . "component" "gateway")) .Release.Namespace .Values.gateway.service.port -}}
 {{- end -}}
+
+{{/* terminationGracePeriodSeconds of a draining server: preStop sleep + its own timeout +
+     margin (values.yaml "graceful drain"). Argument: dict root, timeout (seconds). */}}
+{{- define "mosmedai.gracePeriod" -}}
+{{- $d := .root.Values.drain -}}
+{{- add (int $d.endpointPropagationSeconds) (int .timeout) (int $d.killMarginSeconds) -}}
+{{- end -}}
