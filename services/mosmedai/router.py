@@ -36,7 +36,7 @@ from mosmedai.config import Settings
 from mosmedai.metrics import TRITON_OUTCOME, ReadinessCollector, RouterMetrics, start_router_metrics_server
 from mosmedai.model_repo import output_names
 from mosmedai.pools import PoolDirectory, PoolSpec, directory_for
-from mosmedai.routing import FAILOVER, PRIORITY_NAMES, ROUTE_NAMES, SHED, SPILL, URGENT, priority_of, route
+from mosmedai.routing import FAILOVER, PRIORITY_NAMES, ROUTE_NAMES, SHED, URGENT, priority_of, route
 from mosmedai.tools import CATALOG
 
 log = logging.getLogger("mosmedai.router")
@@ -583,11 +583,11 @@ class Router:
         tried = entry.tried + (pool.name,)
         if status == 503:
             attempts = len(tried)
-            others, kind, wait = self._decide(entry.context.region, entry.tool, entry.context, entry.priority,
-                                              exclude=tried, may_spill=False)
+            others, _, _ = self._decide(entry.context.region, entry.tool, entry.context, entry.priority,
+                                        exclude=tried, may_spill=False)
             if others is None and attempts <= self.settings.triton_retries:
                 # No other pool: the same pool once more after a pause (Triton restarting).
-                others, kind, tried = pool, FAILOVER, entry.tried
+                others, tried = pool, entry.tried
             if others is not None:
                 if not self._budget_ok():
                     entry.future.set_result(refusal("retry_budget", 503, f"{entry.tool}: pool {pool.name} failed "

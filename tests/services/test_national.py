@@ -3,7 +3,6 @@ Triton process. Home routing by tenant region, the pools endpoint, failover when
 Triton is SIGKILLed under synchronous and asynchronous load, and its return home."""
 
 import concurrent.futures
-import os
 import signal
 import threading
 import time
