@@ -12,7 +12,7 @@ import multiprocessing
 
 import pytest
 
-from mosmedai.bench_national import chest_bodies, closed_loop, ok, open_loop, p99
+from mosmedai.bench_national import chest_bodies, closed_loop, in_time, ok, open_loop, p99
 from mosmedai.tenants import DEMO_TOKENS
 
 DEADLINE_S = 3.0
@@ -46,11 +46,10 @@ def test_twice_the_capacity_is_shed_at_once_and_the_admitted_stay_within_the_dea
         heavy_load = generators.submit(_open_loop, url, bodies, heavy, 2 * peak, OVERLOAD_S, DEADLINE_S)
         answers, light_answers = heavy_load.result(), light_load.result()
     # Goodput: results that came back while the load lasted (and within a deadline of its end).
-    end = min(answer.sent for answer in answers) + OVERLOAD_S + DEADLINE_S
-    in_time = [answer for answer in ok(answers) if answer.sent + answer.seconds <= end]
+    answered = in_time(answers, OVERLOAD_S + DEADLINE_S)
 
     admitted, refused = ok(answers), [a for a in answers if a.status != 200]
-    goodput = len(in_time) / OVERLOAD_S
+    goodput = len(answered) / OVERLOAD_S
     summary = (f"peak {peak:.1f}/s; offered {2 * peak:.1f}/s for {OVERLOAD_S:g} s: goodput {goodput:.1f}/s "
                f"({goodput / peak:.2f} of peak), admitted p99 {p99(admitted):.2f} s, {len(refused)} refused "
                f"(p99 answer {p99(refused) * 1000:.0f} ms); second tenant p99 {p99(light_answers) * 1000:.0f} ms "
