@@ -10,7 +10,8 @@ event loop that must answer refusals at once. A study past the limit waits in th
 (costing nothing: a single image's body is not even read yet), and the gate lets waiting
 studies in one per tenant in turn, so a quiet tenant's study passes a busy tenant's backlog.
 A study whose wait in turn - (its place in its tenant's queue) x (tenants waiting) /
-throughput - would leave too little of its deadline to run is refused at once, before any
+throughput - would pass half of what its deadline leaves once it runs (``WAIT_SHARE``:
+the estimate moves, and a refusal after waiting wastes the wait) is refused at once, before any
 pixel work or routing: 429 ``fair_share`` when other tenants are waiting too (its own
 backlog is what holds it back), else 503 ``overloaded``. Urgent studies never wait and are
 never refused (routing.URGENT); the asynchronous paths never meet the gate.
@@ -27,6 +28,11 @@ import numpy as np
 
 #: the window (s) over which completions give a rate
 WINDOW_S = 10.0
+#: the share of a study's time left (deadline - time to run) that it may be expected to wait.
+#: The expected wait comes from a rate that moves; a study let wait that is refused when its
+#: time runs out has cost its client the whole wait, so the gate waits for half and refuses
+#: the rest at once (at twice the capacity the waiting room stays full either way).
+WAIT_SHARE = 0.5
 
 
 class Throughput:
@@ -65,6 +71,13 @@ class AdmissionGate:
     def base_latency_s(self) -> float:
         return float(np.percentile(self.latencies, 10)) if len(self.latencies) >= 10 else 0.0
 
+    def run_s(self) -> float:
+        """What a study let in takes to be answered: the 90th percentile of recent ones, at
+        least twice the base latency."""
+        if len(self.latencies) < 10:
+            return 0.0
+        return max(2.0 * self.base_latency_s(), float(np.percentile(self.latencies, 90)))
+
     def limit(self) -> int:
         base = self.base_latency_s()
         if base <= 0:
@@ -85,14 +98,14 @@ class AdmissionGate:
         others = len(self.waiting.keys() - {tenant})
         # Let in one per tenant in turn: this study starts after ``mine`` turns of every waiting tenant.
         wait = mine * (others + 1) / rate
-        budget = deadline_s - 2.0 * self.base_latency_s()  # what is left for waiting once it runs
-        if wait > budget:
+        budget = deadline_s - self.run_s()  # what is left for waiting once it runs
+        if wait > WAIT_SHARE * budget:
             if others:
                 return ("fair_share", 429, f"tenant {tenant} has {mine - 1} studies waiting; served in turn with "
                         f"{others} other tenants, the next would start in {wait:.1f} s, past its deadline "
                         f"({deadline_s:g} s)", max(1.0, mine / rate))
             return ("overloaded", 503, f"the platform cannot answer within the deadline ({deadline_s:g} s; "
-                    f"expected wait {wait:.1f} s)", max(1.0, wait - budget))
+                    f"expected wait {wait:.1f} s)", max(1.0, wait - WAIT_SHARE * budget))
         future = asyncio.get_running_loop().create_future()
         self.waiting.setdefault(tenant, deque()).append(future)
         try:

@@ -47,17 +47,17 @@ async def test_refused_at_once_when_the_wait_in_turn_would_pass_the_deadline():
     gate = measured_gate()  # 20 studies/s, base latency 10 ms
     for _ in range(4):
         await gate.admit("kazan", 10.0, urgent=False)
-    waiting = [asyncio.ensure_future(gate.admit("kazan", 1.0, urgent=False)) for _ in range(19)]
+    waiting = [asyncio.ensure_future(gate.admit("kazan", 2.0, urgent=False)) for _ in range(19)]
     await asyncio.sleep(0)
-    assert gate.queued() == 19  # within a second at 20/s: they wait
-    # a tenant alone: the 20th would start past 1 s - 20 ms: 503 overloaded, with Retry-After
-    reason, status, detail, retry_after = await gate.admit("kazan", 1.0, urgent=False)
+    assert gate.queued() == 19  # within half of (2 s - 20 ms) at 20/s: they wait
+    # a tenant alone: the 20th would start past half of it: 503 overloaded, with Retry-After
+    reason, status, detail, retry_after = await gate.admit("kazan", 2.0, urgent=False)
     assert (reason, status) == ("overloaded", 503) and "deadline" in detail and retry_after >= 1
     # another tenant is let in at its turn: it waits; the busy one now gets 429
-    moscow = asyncio.ensure_future(gate.admit("moscow", 1.0, urgent=False))
+    moscow = asyncio.ensure_future(gate.admit("moscow", 2.0, urgent=False))
     await asyncio.sleep(0)
     assert not moscow.done() and gate.queued() == 20
-    reason, status, detail, _ = await gate.admit("kazan", 1.0, urgent=False)
+    reason, status, detail, _ = await gate.admit("kazan", 2.0, urgent=False)
     assert (reason, status) == ("fair_share", 429) and "kazan" in detail
     for future in [*waiting, moscow]:
         future.cancel()
