@@ -134,6 +134,10 @@ def ray_serve_environment(settings: Settings) -> dict[str, str]:
         # and do not hold a stopping replica open for a load balancer there is not.
         "RAY_SERVE_PORT_QUARANTINE_S": "0",
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        # Ray starts its workers at nice 15 (made for batch tasks): the gateway and router
+        # replicas would yield the CPU to Triton and to everything else, and a refusal that
+        # should take milliseconds waits behind inference for its turn on a core.
+        "RAY_worker_niceness": "0",
     }
 
 

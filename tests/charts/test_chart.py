@@ -438,6 +438,8 @@ def test_plain_mode_runs_the_serve_app_against_the_regions_triton(rendered, monk
     assert env["MOSMEDAI_TRITON_HTTP_URL"] == f"http://ru-mow.{NAMESPACE}.svc:8000"
     assert env["MOSMEDAI_BIND_HOST"] == "0.0.0.0"
     assert json.loads(env["MOSMEDAI_ENABLED_TOOLS"]) == ["cxr_opacity", "cxr_nodule", "cxr_pneumothorax"]
+    # Ray's worker niceness (15 by default) would starve the replicas behind the pod's others.
+    assert (env["RAY_worker_niceness"], env["RAY_SERVE_THROUGHPUT_OPTIMIZED"]) == ("0", "1")
     # The platform's own settings class accepts every MOSMEDAI_* value the chart sets.
     from mosmedai.config import Settings
 
@@ -495,6 +497,9 @@ def test_kuberay_scenario_renders_a_rayservice_instead_of_the_gateway_deployment
     head_labels = ray["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= head_labels.items()
     workers = ray["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    for group in (ray["spec"]["rayClusterConfig"]["headGroupSpec"], workers):
+        (container,) = group["template"]["spec"]["containers"]
+        assert {"name": "RAY_worker_niceness", "value": "0"} in container["env"]
     assert (workers["minReplicas"], workers["maxReplicas"]) == (2, 6)
 
 
