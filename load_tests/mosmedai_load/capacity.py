@@ -388,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tick-s", type=float, default=300.0, help="planner's decision interval, s (the operator's is 30 s)")
     p.add_argument("--spill-wait-fraction", type=float, default=0.25,
                    help="district_spill: a study spills to the neighbour pool when its wait would exceed this x the SLO")
-    p.add_argument("--spill-delay-s", type=float, default=2.0,
-                   help="district_spill: network transfer of a spilled study to the neighbour district's pool, s")
+    p.add_argument("--spill-delay-s", type=float, default=SpillOver.delay_s,
+                   help="district_spill: network transfer of a spilled study to the neighbour district's pool, s "
+                   "(default: the hop measured by tests/services/test_network_hop.py)")
     p.add_argument("--neighbours", help="district_spill: override neighbours DISTRICT=NEIGHBOUR,... (default: the districts file)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("capacity-report"), help="folder for report.html, report.md, results.json")

@@ -23,6 +23,7 @@ from mosmedai.config import Settings
 from mosmedai.pipeline import prepare
 from mosmedai.router import Router, StudyContext
 from mosmedai.training.phantoms import dicom_bytes, make_phantom
+from mosmedai_load.config import SpillOver
 
 PORT_OFFSET = int(os.environ.get("MOSMEDAI_TEST_PORT_OFFSET", "0"))
 NAMESPACE = f"mosmedai-hop{PORT_OFFSET}"
@@ -140,3 +141,5 @@ def test_the_router_reaches_a_pool_across_a_network_hop_and_measures_the_transfe
           f"transfer {transfer_s * 1000:.1f} ms for a {image.pixels.nbytes / 1e6:.2f} MB image")
     if hop:
         assert transfer_s >= 2 * NETEM_DELAY_MS / 1000 * 0.8
+    # The planner's default transfer is this figure (with the netem link), rounded up.
+    assert transfer_s <= SpillOver.delay_s
