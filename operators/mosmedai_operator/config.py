@@ -171,6 +171,12 @@ class OperatorConfig(BaseSettings):
         description="Seconds of the Triton pods' preStop sleep. Why: a terminating pod leaves the "
         "Service endpoints asynchronously; it keeps serving until kube-proxy and clients have noticed.",
     )
+    triton_execution_slots: int = Field(
+        default=8, ge=1, le=1024,
+        description="Model executions a Triton pod runs at once on each device (its rate limiter, "
+        "resource `compute`): when more are ready, the steps of urgent tools (priority 1 in the model "
+        "configs) get the free slots before routine (2) and screening (4) ones.",
+    )
     triton_exit_timeout_seconds: int = Field(
         default=30, ge=1, le=3600,
         description="Triton's --exit-timeout-secs: after SIGTERM it refuses new work and lets "

@@ -115,6 +115,11 @@ class Settings(BaseSettings):
     triton_timeout_s: float = Field(
         30.0, gt=0, le=600, description="Deadline of one Triton call (s); past it the tool fails with 504."
     )
+    triton_execution_slots: int = Field(
+        0, ge=0, le=1024,
+        description="Model executions the local Triton runs at once (its rate limiter; urgent tools' steps "
+        "get the free slots first). 0: twice the CPU cores.",
+    )
     triton_retries: int = Field(
         2, ge=0, le=10, description="Retries of a Triton call that failed with UNAVAILABLE (connection)."
     )

@@ -34,6 +34,7 @@ from pathlib import Path
 import httpx
 
 from mosmedai.config import REPO_ROOT, Settings
+from mosmedai.model_repo import rate_limit_args
 
 GROUPS = ("s3", "triton", "triton-RU-TA", "serve", "grpc", "dimse", "prometheus")
 
@@ -109,6 +110,8 @@ def triton_command(settings: Settings, group: str = "triton") -> tuple[list[str]
         "--backend-config=python,shm-growth-byte-size=16777216",
         "--log-verbose=0",
         "--exit-timeout-secs=10",
+        # Urgent tools' steps first when executions wait for a core (model_repo.RATE_LIMIT_PRIORITY).
+        *rate_limit_args(settings.triton_execution_slots or 2 * (os.cpu_count() or 1)),
     ]
     return command, env
 

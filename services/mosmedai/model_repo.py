@@ -30,6 +30,7 @@ from pathlib import Path
 from mosmedai import byo
 from mosmedai.families import IMAGE, ToolSpec
 from mosmedai.imaging import N_PARAMS, NETWORK_SIZE
+from mosmedai.routing import SCREENING, URGENT, ROUTINE, priority_of
 from mosmedai.tools import BUILTIN_TOOLS, CATALOG
 from mosmedai.volumes import N_GEOMETRY
 
@@ -42,6 +43,34 @@ HEADER = "# Rendered by `python -m mosmedai.model_repo` from mosmedai/families; 
 #: shared radiograph preprocess and the chest X-ray networks get two; every other step one
 #: (each Python-backend instance is a process: 18 tools x 2 would not fit the 8 GB budget).
 BUSY_FAMILIES = frozenset({"chest_xray"})
+
+#: Urgent work first in Triton: its rate limiter gives each execution of a model instance
+#: one "compute" slot of the server's few (``rate_limit_args``), and a waiting instance of
+#: priority p gets 1/p of the turns of one of priority 1. (The dynamic batcher's priority
+#: levels would order requests within one model's queue; every model here serves tools of
+#: one class, so only the order across models matters.) A step that tools of several classes
+#: share (xr_preprocess) runs at the most urgent of them.
+RATE_LIMIT_RESOURCE = "compute"
+RATE_LIMIT_PRIORITY = {URGENT: 1, ROUTINE: 2, SCREENING: 4}
+
+
+def rate_limit_args(slots: int) -> list[str]:
+    """tritonserver's arguments for the rate limiter: ``slots`` executions at once."""
+    if slots < 1:
+        raise ValueError(f"Triton execution slots must be at least 1, not {slots}")
+    return ["--rate-limit=execution_count", f"--rate-limit-resource={RATE_LIMIT_RESOURCE}:{slots}"]
+
+
+def step_priority(model: str, specs: list[ToolSpec]) -> int:
+    """The rate-limiter priority of a composing model: that of the most urgent tool using it."""
+    classes = [priority_of(spec) for spec in specs
+               if model in (spec.preprocess_model, spec.network_model, spec.postprocess_model)]
+    return RATE_LIMIT_PRIORITY[min(classes, default=ROUTINE)]
+
+
+def _instance_group(kind: str, count: int, priority: int) -> str:
+    return (f"instance_group [ {{ kind: {kind} count: {count} rate_limiter {{ resources [ "
+            f'{{ name: "{RATE_LIMIT_RESOURCE}" count: 1 }} ] priority: {priority} }} }} ]\n')
 
 
 def _tensor(name: str, data_type: str, dims: tuple[int, ...] | list[int]) -> str:
@@ -58,10 +87,10 @@ def _parameters(parameters: dict[str, str]) -> str:
 
 
 def _python_model(name: str, inputs: list[str], outputs: list[str], instances: int,
-                  parameters: dict[str, str], dynamic_batching: bool) -> str:
+                  parameters: dict[str, str], dynamic_batching: bool, specs: list[ToolSpec]) -> str:
     text = HEADER + f'name: "{name}"\nbackend: "python"\nmax_batch_size: {MAX_BATCH_SIZE}\n'
     text += _io("input", inputs) + _io("output", outputs)
-    text += f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]\n"
+    text += _instance_group("KIND_CPU", instances, step_priority(name, specs))
     if dynamic_batching:
         # No added delay: a request reaching an idle model runs at once; under load the
         # requests that queued while the instances were busy form the next batch.
@@ -113,6 +142,11 @@ def _network_outputs(spec: ToolSpec) -> list[str]:
 
 
 # --- models ----------------------------------------------------------------------------
+def _users(spec: ToolSpec) -> list[ToolSpec]:
+    """Every tool that may share a step with ``spec``: the catalog's, and spec itself (a package's)."""
+    return [*CATALOG.values(), spec]
+
+
 def preprocess_config(spec: ToolSpec) -> str:
     family = spec.family
     instances = 2 if family.kind == IMAGE else 1
@@ -123,10 +157,11 @@ def preprocess_config(spec: ToolSpec) -> str:
         parameters = (family.preprocess_parameters() if hasattr(family, "preprocess_parameters")
                       else {"network_size": str(NETWORK_SIZE)})
         return _python_model(family.preprocess, IMAGE_INPUTS, [image, XR_GEOMETRY], instances,
-                             parameters, dynamic_batching=False)
+                             parameters, dynamic_batching=False, specs=_users(spec))
     low, high = family.window
     return _python_model(family.preprocess, [_tensor("volume", "TYPE_INT16", family.grid)], [image], instances,
-                         {"window_low": str(low), "window_high": str(high)}, dynamic_batching=False)
+                         {"window_low": str(low), "window_high": str(high)}, dynamic_batching=False,
+                         specs=_users(spec))
 
 
 def network_config(spec: ToolSpec, variant: str = "cpu") -> str:
@@ -134,11 +169,11 @@ def network_config(spec: ToolSpec, variant: str = "cpu") -> str:
     if variant == "cpu":
         instances = 2 if spec.family.name in BUSY_FAMILIES else 1
         return _python_model(spec.network_model, [image], _network_outputs(spec), instances, {},
-                             dynamic_batching=True)
+                             dynamic_batching=True, specs=[spec])
     text = HEADER + (f'name: "{spec.network_model}"\nplatform: "tensorrt_plan"\n'
                      f'default_model_filename: "model.plan"\nmax_batch_size: {MAX_BATCH_SIZE}\n')
     text += _io("input", [image]) + _io("output", _network_outputs(spec))
-    text += "instance_group [ { kind: KIND_GPU count: 1 } ]\n"
+    text += _instance_group("KIND_GPU", 1, step_priority(spec.network_model, [spec]))
     return text + "dynamic_batching { max_queue_delay_microseconds: 0 }\n"
 
 
@@ -148,7 +183,7 @@ def postprocess_config(spec: ToolSpec) -> str:
         inputs.append(_tensor("volume", "TYPE_INT16", spec.family.grid))
     parameters = {"tool": spec.name, "threshold": str(spec.default_threshold)}
     return _python_model(spec.postprocess_model, inputs, tool_outputs(spec), 1, parameters,
-                         dynamic_batching=False)
+                         dynamic_batching=False, specs=[spec])
 
 
 def _step(model: str, mapping_in: dict[str, str], mapping_out: dict[str, str]) -> str:

@@ -41,3 +41,14 @@ def test_a_grace_period_that_cuts_the_drain_short_is_refused(make_config, pre_st
     with pytest.raises(ValidationError, match="triton_termination_grace_period_seconds"):
         make_config(triton_pre_stop_seconds=pre_stop, triton_exit_timeout_seconds=exit_timeout,
                     triton_termination_grace_period_seconds=grace)
+
+
+def test_triton_pods_run_the_rate_limiter_the_model_configs_name(make_config) -> None:
+    from mosmedai.model_repo import RATE_LIMIT_RESOURCE
+
+    body = gpupool("ru-mow", "mosmedai")
+    config = make_config(triton_execution_slots=6)
+    pod = deployment(body, GpuPoolSpec.model_validate(body["spec"]), config, 1)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "--rate-limit=execution_count" in container["args"]
+    assert f"--rate-limit-resource={RATE_LIMIT_RESOURCE}:6" in container["args"]

@@ -77,3 +77,23 @@ def test_network_onnx_matches_its_config(tool):
             assert dims[1:] == list(tensor.dims), f"{tool}: {tensor.name} {dims} vs config {list(tensor.dims)}"
     assert (REPOSITORY / spec.postprocess_model / "1" / "calibration.json").exists()
     assert (REPOSITORY / tool / "MODEL_CARD.md").exists()
+
+
+def test_urgent_steps_get_triton_before_routine_and_screening_ones():
+    """Every instance takes a rate-limiter slot; its priority follows its tools' class, and a
+    step shared across classes runs at the most urgent one."""
+    from mosmedai.model_repo import RATE_LIMIT_PRIORITY, RATE_LIMIT_RESOURCE
+    from mosmedai.routing import ROUTINE, SCREENING, URGENT, priority_of
+
+    def priority(model: str) -> int:
+        (group,) = parse(REPOSITORY / model / "config.pbtxt").instance_group
+        assert [(r.name, r.count) for r in group.rate_limiter.resources] == [(RATE_LIMIT_RESOURCE, 1)]
+        return group.rate_limiter.priority
+
+    for spec in CATALOG.values():
+        assert priority(spec.network_model) == priority(spec.postprocess_model) == RATE_LIMIT_PRIORITY[priority_of(spec)]
+    assert priority(CATALOG["ctb_hemorrhage"].preprocess_model) == RATE_LIMIT_PRIORITY[URGENT] == 1
+    assert priority(CATALOG["flg_triage"].network_model) == RATE_LIMIT_PRIORITY[SCREENING] > RATE_LIMIT_PRIORITY[ROUTINE]
+    # xr_preprocess serves chest X-ray (routine) and fluorography and mammography (screening)
+    assert CATALOG["mg_mass"].preprocess_model == CATALOG["cxr_opacity"].preprocess_model
+    assert priority(CATALOG["mg_mass"].preprocess_model) == RATE_LIMIT_PRIORITY[ROUTINE]

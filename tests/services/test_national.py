@@ -133,6 +133,22 @@ def test_status_lists_each_local_pools_triton(platform, platform_settings):
     assert status["triton"] and status["triton-RU-TA"] and status["triton"] != status["triton-RU-TA"]
 
 
+def test_each_pools_triton_runs_urgent_steps_first(platform, platform_settings):
+    """Triton's rate limiter is on, and the loaded models carry their class's priority."""
+    from mosmedai.model_repo import RATE_LIMIT_PRIORITY
+    from mosmedai.routing import SCREENING, URGENT
+
+    with httpx.Client(base_url=platform["triton_http"], timeout=10.0) as triton:
+        loaded = {model["name"] for model in triton.post("/v2/repository/index", json={"ready": True}).json()}
+        expected = {"ctb_hemorrhage_net": RATE_LIMIT_PRIORITY[URGENT], "flg_triage_net": RATE_LIMIT_PRIORITY[SCREENING]}
+        assert expected.keys() <= loaded, loaded
+        for model, priority in expected.items():
+            (group,) = triton.get(f"/v2/models/{model}/config").json()["instance_group"]
+            assert group["rate_limiter"]["priority"] == priority, (model, group)
+    for group in ("triton", "triton-RU-TA"):  # tritonserver prints its options as it starts
+        assert "EXEC_COUNT" in (platform_settings.log_dir / f"{group}.log").read_text(errors="replace"), group
+
+
 def _kill_group(settings, group: str) -> None:
     pid = local.running_pid(settings, group)
     assert pid is not None, f"{group} is not running"
