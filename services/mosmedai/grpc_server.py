@@ -47,7 +47,7 @@ SERVER_METHODS = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})
 GRPC_CODE = {
     400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
-    409: grpc.StatusCode.ALREADY_EXISTS, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    409: grpc.StatusCode.ALREADY_EXISTS, 413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
     502: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
@@ -138,6 +138,10 @@ class StudiesService(studies_pb2_grpc.StudiesServicer):
         body = answer.json() if answer.headers.get("content-type", "").startswith("application/json") else {}
         if answer.status_code >= 400:
             detail = body.get("detail") or body.get("error") or answer.text[:500]
+            retry_after = answer.headers.get("retry-after", "")
+            if retry_after.isdigit():  # a refusal under load says when to come back, as over HTTP
+                context.set_trailing_metadata((("retry-after", retry_after),
+                                               ("grpc-retry-pushback-ms", str(int(retry_after) * 1000))))
             await context.abort(GRPC_CODE.get(answer.status_code, grpc.StatusCode.UNKNOWN),
                                 f"{body.get('error', answer.status_code)}: {detail}")
         return body
