@@ -34,7 +34,7 @@ def test_twice_the_capacity_is_shed_at_once_and_the_admitted_stay_within_the_dea
     heavy, light = DEMO_TOKENS["demo-tatarstan"], DEMO_TOKENS["demo-moscow"]
     bodies = chest_bodies()
 
-    unloaded = asyncio.run(open_loop(url, bodies, light, LOW_RATE, 10.0, DEADLINE_S))
+    unloaded = asyncio.run(open_loop(url, bodies, light, LOW_RATE, 20.0, DEADLINE_S))  # 40 answers: a p99 that is not one outlier
     assert {a.status for a in unloaded} == {200}
     peak = len(ok(asyncio.run(closed_loop(url, bodies, heavy, 16, 10.0)))) / 10.0
     assert peak > 0
