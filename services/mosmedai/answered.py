@@ -177,14 +177,17 @@ class StudyRecordWriter:
         self._pending[key] = merge_tools(self._pending.get(key, {}), tools)
         self._changed.set()
 
-    async def lookup(self, tenant: str, study_uid: str) -> dict | None:
-        """The study's record as this replica knows it: stored, merged with what is pending;
-        for an asynchronous study not recorded yet, built from its done jobs."""
+    async def lookup(self, tenant: str, study_uid: str, tool: str | None = None) -> dict | None:
+        """The study's record as this replica knows it: stored, merged with what is pending.
+        When that has no record (or none of ``tool``), the study's done asynchronous jobs are
+        read and recorded too."""
         stored = await asyncio.to_thread(self.records.get, tenant, study_uid)
         key = (tenant, study_uid)
         pending = merge_tools(self._writing.get(key, {}), self._pending.get(key, {}))
-        if stored is None and not pending and self.jobs is not None:
-            stored = await asyncio.to_thread(self.records.from_jobs, self.jobs, tenant, study_uid)
+        known = {**(stored or {}).get("tools", {}), **pending}
+        if self.jobs is not None and (not known or (tool is not None and tool not in known)):
+            from_jobs = await asyncio.to_thread(self.records.from_jobs, self.jobs, tenant, study_uid)
+            stored = from_jobs or stored
         if stored is None and not pending:
             return None
         record = stored or {"tenant": tenant, "study_instance_uid": study_uid}

@@ -471,7 +471,7 @@ class Gateway:
             raise InputError(422, "unknown_tool", f"field 'tool': {entry.tool[:80]!r} is not a tool enabled here; "
                              f"enabled: {self.settings.enabled_tools}", fields=["tool"])
         # Only after the study is known to be the tenant's does an answer depend on it.
-        record = await self.answered.lookup(tenant.id, study_instance_uid)
+        record = await self.answered.lookup(tenant.id, study_instance_uid, entry.tool)
         if record is None:
             raise not_visible(study_instance_uid, tenant)
         answered = record["tools"].get(entry.tool)

@@ -212,3 +212,25 @@ def test_feedback_on_an_asynchronous_study(tatarstan, moscow):
     assert (given.json()["model_version"], given.json()["result_positive"]) == ("1", bool(result["findings"]))
     assert feedback_count(tatarstan, TOOL, "1", "RU-TA", "disagree") == before + 1
     assert give(moscow, uid).status_code == 403
+
+
+def test_a_tool_that_read_a_later_asynchronous_part_of_the_study_can_be_judged(moscow):
+    # One image answered synchronously by one tool only; another image of the same study
+    # accepted asynchronously, which every chest tool reads.
+    first = dicom_bytes(make_phantom((TEST_SEED, 3), shape=(600, 500), findings=[]))
+    answer = moscow.post("/v1/studies", content=first, headers=DICOM, params={"tools": TOOL})
+    assert answer.status_code == 200, answer.text
+    uid = answer.json()["study_instance_uid"]
+    not_run = give(moscow, uid, tool="cxr_nodule", reviewer="rad-mixed")
+    assert (not_run.status_code, not_run.json()["error"]) == (422, "tool_not_run")
+    assert f"tools that did: ['{TOOL}']" in not_run.json()["detail"]
+    second = dicom_bytes(make_phantom((TEST_SEED, 4), shape=(600, 500), findings=[]), StudyInstanceUID=uid)
+    accepted = moscow.post("/v1/studies", content=second, headers={**DICOM, "Prefer": "respond-async"})
+    assert accepted.status_code == 202, accepted.text
+    deadline = time.monotonic() + 120
+    while (status := moscow.get(f"/v1/studies/{uid}").json())["status"] != "done":
+        assert status["status"] in ("accepted", "running") and time.monotonic() < deadline, status
+        time.sleep(0.5)
+    given = give(moscow, uid, tool="cxr_nodule", reviewer="rad-mixed")
+    assert given.status_code == 201, given.text
+    assert give(moscow, uid, reviewer="rad-mixed").status_code == 201  # the synchronous tool's result still counts
