@@ -218,7 +218,8 @@ class Settings(BaseSettings):
         "the log at start, so accepted studies survive a restart.",
     )
     incoming_bucket: str = Field("mosmedai-incoming", description="Identified originals, job records, indexes.")
-    results_bucket: str = Field("mosmedai-results", description="Result JSON and result objects (SR, SC).")
+    results_bucket: str = Field("mosmedai-results", description="Result JSON and result objects (SR, SC); "
+                                "answered-study records and radiologists' feedback.")
     archive_bucket: str = Field("mosmedai-archive", description="De-identified copies (PS3.15 Annex E), kept for training.")
     retention_s: float = Field(
         7 * 86400.0, ge=0, description="How long identified originals are kept after their job ends (s).",

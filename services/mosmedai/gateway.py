@@ -1,6 +1,8 @@
 """The gateway: the platform's HTTP front door (FastAPI ingress of the Ray Serve app).
 
 - ``POST /v1/studies``: one DICOM Part-10 file -> every enabled tool that reads it.
+- ``POST /v1/studies/{uid}/feedback``: a radiologist's verdict on a tool's result
+  (``mosmedai.feedback``); ``GET /v1/tools/{tool}/quality``: the tenant's feedback per version.
 - ``GET /healthz``, ``GET /readyz``; ``GET /metrics`` (Prometheus text format, not in OpenAPI).
 - The Open Inference Protocol (KServe v2) REST endpoints for raw tensors, passed to
   Triton unchanged so a stock ``tritonclient.http`` client works, binary tensors included;
@@ -20,8 +22,9 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from mosmedai import __version__, dicomweb
+from mosmedai import __version__, dicomweb, feedback
 from mosmedai.admission import AdmissionGate
+from mosmedai.answered import StudyRecords, StudyRecordWriter, tools_of, version_label
 from mosmedai.config import Settings
 from mosmedai.dicom_input import InputError
 from mosmedai.families import IMAGE
@@ -34,7 +37,8 @@ from mosmedai.pools import directory_for
 from mosmedai.router import Router, StudyContext
 from mosmedai.routing import URGENT, priority_of
 from mosmedai.tools import CATALOG
-from mosmedai.schemas import ErrorBody, PoolsAnswer, StudyResult, StudyResults, StudyStatus
+from mosmedai.schemas import (ErrorBody, Feedback, FeedbackIn, PoolsAnswer, StudyResult, StudyResults, StudyStatus,
+                              ToolQuality)
 from mosmedai.tenants import install_registry, installed_registry, load_tenants
 from mosmedai.worker import JobRunner, accept, job_store
 
@@ -126,6 +130,17 @@ async def _input_error(request: Request, error: InputError) -> JSONResponse:
     return JSONResponse(error.as_json(), status_code=error.status)
 
 
+def check_study_uid(study_instance_uid: str) -> None:
+    if not UID_PATTERN.match(study_instance_uid) or len(study_instance_uid) > 64:
+        raise InputError(422, "invalid_uid", f"{study_instance_uid[:80]!r} is not a DICOM UID "
+                         "(digits and dots, at most 64 characters)")
+
+
+def not_visible(study_instance_uid: str, tenant) -> InputError:
+    """Another tenant's study and a study that does not exist get this same answer."""
+    return InputError(403, "forbidden", f"no study {study_instance_uid} is visible to tenant {tenant.id}")
+
+
 def study_deadline_s(prefer: str, default_s: float) -> float:
     """The synchronous deadline: ``Prefer: wait=N`` (RFC 7240, seconds) may ask for less than
     the configured default, never more."""
@@ -162,6 +177,8 @@ class Gateway:
         install_gateway_metrics(self.metrics)
         install_registry(self.tenants)
         self.jobs = job_store(self.settings)
+        self.answered = StudyRecordWriter(StudyRecords(self.jobs.store, self.settings.results_bucket), self.jobs)
+        self.feedback = feedback.FeedbackStore(self.jobs.store, self.settings.results_bucket)
         self.gate = AdmissionGate()
         # Whether a single image can be urgent work (an urgent tool that reads images).
         self._urgent_images = any(priority_of(CATALOG[tool]) == URGENT and CATALOG[tool].kind == IMAGE
@@ -174,7 +191,11 @@ class Gateway:
             pass
 
     async def _infer(self, context: StudyContext, tools: list[str], tensors) -> dict:
-        return await self.router.infer_image.remote(tools, tensors, context)
+        outputs = await self.router.infer_image.remote(tools, tensors, context)
+        for tool, out in outputs.items():
+            if "model_version" in out:
+                self.metrics.feedback_possible(context.region, tool, version_label(str(out["model_version"])))
+        return outputs
 
     async def _infer_job(self, tenant_id: str, tools: list[str], tensors) -> dict:
         """An accepted (asynchronous) study's tools: routed by its tenant's region, never shed."""
@@ -194,6 +215,11 @@ class Gateway:
     async def check_health(self) -> None:
         """Serve calls this every few seconds: it also keeps the job runner going."""
         self.runner.start()
+
+    async def __del__(self) -> None:
+        """Serve calls this when the replica stops: answered-study records still pending are
+        stored before the process goes."""
+        await self.answered.flush(timeout_s=20.0)
 
     # --- health -------------------------------------------------------------------------
     @app.get("/healthz", summary="The gateway process is alive")
@@ -320,6 +346,7 @@ class Gateway:
             "total": (finished - received) * 1000.0,
         }
         results = [item_result(item, outputs) for item, outputs in zip(items, answers)]
+        await self._note_answered(tenant, items, results)
         if media_type == DICOM_MEDIA_TYPE:
             image, = images
             result = StudyResult(
@@ -330,6 +357,15 @@ class Gateway:
             result = StudyResults(study_instance_uid=images[0].study_instance_uid, results=results,
                                   timings_ms=timings)
         return JSONResponse(result.model_dump(mode="json"))
+
+    async def _note_answered(self, tenant, items, results) -> None:
+        """Remember (in the background) which tool versions answered the tenant's studies."""
+        studies: dict[str, list[dict]] = {}
+        for item, result in zip(items, results):
+            studies.setdefault(item.first.study_instance_uid, []).extend(
+                tool.model_dump(mode="json") for tool in result.tools)
+        for study_uid, tool_results in studies.items():
+            await self.answered.note(tenant.id, study_uid, tools_of(tool_results))
 
     async def _admit(self, tenant, context: StudyContext, urgent: bool) -> JSONResponse | None:
         """None once the study may go on (the gate's ``leave`` is then due), or the refusal
@@ -370,12 +406,10 @@ class Gateway:
         """The tenant's latest job of that study; another tenant's study, or none, is 403 alike
         (a tenant cannot tell another's study from a study that does not exist)."""
         tenant = tenant_of(request)
-        if not UID_PATTERN.match(study_instance_uid) or len(study_instance_uid) > 64:
-            raise InputError(422, "invalid_uid", f"{study_instance_uid[:80]!r} is not a DICOM UID "
-                             "(digits and dots, at most 64 characters)")
+        check_study_uid(study_instance_uid)
         job = await asyncio.to_thread(self.jobs.find_by_study, tenant.id, study_instance_uid)
         if job is None:
-            raise InputError(403, "forbidden", f"no study {study_instance_uid} is visible to tenant {tenant.id}")
+            raise not_visible(study_instance_uid, tenant)
         return job
 
     @app.get("/v1/studies/{study_instance_uid}", response_model=StudyStatus,
@@ -411,6 +445,61 @@ class Gateway:
              response_class=Response, responses={code: {"model": ErrorBody} for code in (401, 403, 409)})
     async def study_sc(self, study_instance_uid: str, request: Request) -> Response:
         return await self._objects(request, study_instance_uid, "sc")
+
+    # --- radiologists' feedback ------------------------------------------------------------
+    @app.post(
+        "/v1/studies/{study_instance_uid}/feedback", response_model=Feedback, status_code=201,
+        summary="A radiologist's verdict on one tool's result for one of the tenant's studies",
+        description="201 when stored; 200 with the stored feedback when the same reviewer sends the same "
+        "verdict, reason and comment again (counted once per study, tool and reviewer); 409 when that "
+        "reviewer already sent something else (the first answer stands). 403 for a study the tenant was "
+        "not answered (another tenant's, or none); 422 naming the field for a bad body, or when the tool "
+        "did not run on the study. `reason` is required with verdict `disagree`, null otherwise.",
+        responses={200: {"model": Feedback}, **{code: {"model": ErrorBody} for code in (400, 403, 409, 413, 415, 422)}},
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": FeedbackIn.model_json_schema()}}}},
+    )
+    async def give_feedback(self, study_instance_uid: str, request: Request) -> JSONResponse:
+        tenant = tenant_of(request)
+        check_study_uid(study_instance_uid)
+        media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise InputError(415, "unsupported_media_type", f"Content-Type is '{media_type}'; send the feedback "
+                             "as application/json")
+        entry = feedback.parse(await read_body(request, feedback.MAX_BODY_BYTES))
+        if entry.tool not in self.settings.enabled_tools:
+            raise InputError(422, "unknown_tool", f"field 'tool': {entry.tool[:80]!r} is not a tool enabled here; "
+                             f"enabled: {self.settings.enabled_tools}", fields=["tool"])
+        # Only after the study is known to be the tenant's does an answer depend on it.
+        record = await self.answered.lookup(tenant.id, study_instance_uid, entry.tool)
+        if record is None:
+            raise not_visible(study_instance_uid, tenant)
+        answered = record["tools"].get(entry.tool)
+        if answered is None:
+            raise InputError(422, "tool_not_run", f"field 'tool': {entry.tool} did not run on study "
+                             f"{study_instance_uid}; tools that did: {sorted(record['tools'])}", fields=["tool"])
+        stored, created = await asyncio.to_thread(self.feedback.submit, tenant.id, study_instance_uid, entry,
+                                                  answered)
+        if created:
+            self.metrics.feedback_given(tenant, entry.tool, stored["model_version"], entry.verdict)
+        return JSONResponse(stored, status_code=201 if created else 200)
+
+    @app.get("/v1/tools/{tool}/quality", response_model=ToolQuality,
+             summary="The tenant's feedback on a tool, per model version",
+             description="Counts of the caller tenant's feedback on the tool per model version (in the "
+             "tenant's region) and the disagreement rate. `shadow_agreement` is null: shadow runs are not "
+             "built yet.", responses={404: {"model": ErrorBody}})
+    async def tool_quality(self, tool: str, request: Request) -> JSONResponse:
+        tenant = tenant_of(request)
+        if tool not in self.settings.enabled_tools:
+            raise InputError(404, "unknown_tool", f"{tool[:80]!r} is not a tool enabled here; "
+                             f"enabled: {self.settings.enabled_tools}")
+        counts = await asyncio.to_thread(self.feedback.summary, tenant.id, tool)
+        versions = [{"model_version": version, "region": tenant.region, "feedback": counts[version],
+                     "shadow_agreement": None} for version in sorted(counts, key=lambda v: (len(v), v))]
+        answer = ToolQuality(tool=tool, tenant=tenant.id, region=tenant.region, versions=versions,
+                             shadow_agreement_status=feedback.SHADOW_NOT_BUILT)
+        return JSONResponse(answer.model_dump(mode="json"))
 
     # --- pools and router statistics (SREs, benchmarks) ------------------------------------
     @app.get("/v1/pools", response_model=PoolsAnswer, summary="The Triton pools, their state and load",

@@ -13,6 +13,8 @@ Label values always come from a bounded set, never from free text in a request:
   value is ``OT``, an empty one ``unknown``.
 - ``tool``: the enabled tools (configuration); ``reason``: the gateway's fixed refusal codes;
   ``endpoint``: the route template (``/v2/models/{tool}``), ``unmatched`` for no route.
+- ``version``: the Triton model version that answered (digits; anything else ``unknown``),
+  bounded by the versions deployed; ``verdict``: the fixed feedback verdicts.
 
 The hot path only increments children bound once (``labels()`` is a dict lookup).
 """
@@ -26,6 +28,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+
+from mosmedai.schemas import VERDICTS
 
 # DICOM PS3.3 C.7.3.1.1.1 defined terms that imaging AI reads; anything else counts as OT.
 MODALITIES = frozenset({"CR", "DX", "DR", "MG", "CT", "MR", "PT", "NM", "US", "XA", "RF", "IO", "PX", "OT"})
@@ -111,6 +115,12 @@ class GatewayMetrics:
             "mosmedai_region_utc_offset_seconds",
             "The region's UTC offset, seconds (data/region_utc_offsets.csv): rules derive its working hours.",
             ("region",), registry=r)
+        self.feedback = Counter(
+            "mosmedai_feedback",
+            "Radiologists' feedback, once per (study, tool, reviewer), by the tool, the model version whose "
+            "result was judged, the tenant's region and the verdict (agree, disagree, image_defect).",
+            ("tool", "version", "region", "verdict"), registry=r)
+        self._feedback_series: set[tuple[str, str, str]] = set()
         self._recent_studies: OrderedDict[str, None] = OrderedDict()
         # Series of every tenant exist from the start (at 0), so that rate() over them works
         # from the first image and a silent region is visible as 0.
@@ -142,6 +152,19 @@ class GatewayMetrics:
     def set_backlog(self, per_region: dict[str, int]) -> None:
         for region, count in per_region.items():
             self.backlog.labels(region).set(count)
+
+    def feedback_possible(self, region: str, tool: str, version: str) -> None:
+        """A tool version answered in the region: its feedback series exist from now on, at 0,
+        so that increase() counts the first feedback too (one set lookup when they exist)."""
+        if (tool, version, region) in self._feedback_series:
+            return
+        self._feedback_series.add((tool, version, region))
+        for verdict in VERDICTS:
+            self.feedback.labels(tool, version, region, verdict)
+
+    def feedback_given(self, tenant, tool: str, version: str, verdict: str) -> None:
+        self.feedback_possible(tenant.region, tool, version)
+        self.feedback.labels(tool, version, tenant.region, verdict).inc()
 
     def image_done(self, tenant, modality: str, study_uid: str, tool_outcomes: dict[str, str],
                    receipt_seconds: float, acquisition_seconds: float | None) -> None:

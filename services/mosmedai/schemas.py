@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -103,3 +105,67 @@ class PoolInfo(BaseModel):
 
 class PoolsAnswer(BaseModel):
     pools: list[PoolInfo]
+
+
+# --- radiologists' feedback (mosmedai.feedback) ------------------------------------------------
+VERDICTS = ("agree", "disagree", "image_defect")
+REASONS = ("false_positive", "false_negative", "wrong_location", "wrong_measurement")
+
+
+class FeedbackIn(BaseModel):
+    """A radiologist's verdict on one tool's result for one study."""
+
+    model_config = {"extra": "forbid"}
+
+    tool: str = Field(description="The tool whose result is judged (it must have run on the study)")
+    verdict: Literal["agree", "disagree", "image_defect"] = Field(
+        description="agree / disagree with the result; image_defect: the image was not fit to be read")
+    reason: Literal["false_positive", "false_negative", "wrong_location", "wrong_measurement"] | None = Field(
+        None, description="Why the reviewer disagrees: required with verdict disagree, null otherwise")
+    reviewer: str = Field(min_length=1, max_length=200,
+                          description="The reviewer's identifier at the tenant (a pseudonymous id, not a name)")
+    comment: str | None = Field(None, max_length=2000, description="Free text, optional")
+
+
+class Feedback(BaseModel):
+    """Feedback as stored (the answer of POST /v1/studies/{uid}/feedback)."""
+
+    study_instance_uid: str
+    tool: str
+    model_version: str = Field(description="The Triton model version whose result was judged")
+    verdict: str
+    reason: str | None
+    reviewer: str
+    comment: str | None
+    result_positive: bool = Field(description="Whether the tool reported a finding on the study")
+    received_at: float = Field(description="When the platform stored the feedback (Unix seconds)")
+
+
+class FeedbackCounts(BaseModel):
+    total: int
+    agree: int
+    disagree: int
+    image_defect: int
+    disagreement_rate: float | None = Field(
+        description="disagree / (agree + disagree); image defects are left out (they judge the image, not "
+        "the tool); null when there is no agree or disagree")
+    reasons: dict[str, int] = Field(description="disagree verdicts by reason")
+
+
+class VersionQuality(BaseModel):
+    model_version: str
+    region: str = Field(description="The caller tenant's region (ISO 3166-2:RU)")
+    feedback: FeedbackCounts
+    shadow_agreement: None = Field(
+        None, description="Agreement with shadow runs of this version: not measured yet (shadow runs are not "
+        "built); always null until they are")
+
+
+class ToolQuality(BaseModel):
+    """GET /v1/tools/{tool}/quality: the caller tenant's feedback on a tool, per model version."""
+
+    tool: str
+    tenant: str
+    region: str
+    versions: list[VersionQuality]
+    shadow_agreement_status: str = Field(description="Why shadow_agreement is null")

@@ -13,7 +13,7 @@ from prom_helpers import PROMETHEUS_DIR, RULE_FILES, RULE_TESTS, promtool, rules
 def test_there_are_rule_files_and_tests():
     assert {path.name for path in RULE_FILES} >= {"targets.rules.yaml", "volume.rules.yaml",
                                                    "time-to-result.rules.yaml", "platform.rules.yaml",
-                                                   "routing.rules.yaml"}
+                                                   "routing.rules.yaml", "feedback.rules.yaml"}
     assert RULE_TESTS
 
 
