@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from mosmedai.deid import deidentify
-from mosmedai.jobs import DONE, FAILED, RUNNING, JobError, JobStore
+from mosmedai.jobs import ACCEPTED, DONE, FAILED, RUNNING, JobError, JobStore
 from mosmedai.storage import ObjectStore, start_local_s3
 
 _n = itertools.count()
@@ -131,6 +131,22 @@ def test_claim_lease_and_attempts(jobs):
     failed = jobs.get("demo-moscow", job.id)
     assert failed.state == FAILED and "gave up after 3 attempts" in failed.reason
     assert failed.public()["reason"] == failed.reason and jobs.unfinished() == []
+
+
+def test_a_draining_runner_gives_its_job_back_at_once(jobs):
+    """`release`: accepted again without waiting for the lease, the attempt not counted; only
+    by the runner that holds the lease."""
+    job, _ = submit(jobs)
+    t0 = 1_000_000.0
+    first = jobs.claim(job, now=t0)
+    released = jobs.release(first)
+    assert released.state == ACCEPTED and released.lease_until is None and released.attempts == 0
+    again = jobs.claim(job, now=t0 + 1)  # another runner, at once
+    assert again and again.attempts == 1
+    assert jobs.release(first) is None  # no longer the first runner's: left as it is
+    assert jobs.get("demo-moscow", job.id).state == RUNNING
+    done = jobs.complete(again, {"ok": True}, {})
+    assert jobs.release(again) is None and jobs.get("demo-moscow", job.id).state == done.state == DONE
 
 
 def test_commit_then_crash_is_finalised_by_claim(jobs):
