@@ -149,6 +149,41 @@ def test_a_draining_runner_gives_its_job_back_at_once(jobs):
     assert jobs.release(again) is None and jobs.get("demo-moscow", job.id).state == done.state == DONE
 
 
+def test_a_stopping_runner_finishes_what_it_can_and_gives_back_the_rest(jobs):
+    """JobRunner.stop: running jobs get the time given, the one still running then is
+    cancelled and given back; a draining runner takes no new job."""
+    import asyncio
+
+    from mosmedai.config import Settings
+    from mosmedai.worker import JobRunner
+
+    quick, _ = submit(jobs)
+    slow, _ = submit(jobs)
+    late, _ = submit(jobs)
+
+    class Runner(JobRunner):  # tools that take 0.1 s for one job and forever for the other
+        async def _work(self, job):
+            await asyncio.sleep(0.1 if job.id == quick.id else 3600)
+            await asyncio.to_thread(self.jobs.complete, job, {"ok": True}, {})
+
+    async def scenario():
+        runner = Runner(jobs, Settings(job_concurrency=4), infer=None)
+        runner.submit(quick)
+        runner.submit(slow)
+        while len(runner.claimed) < 2:
+            await asyncio.sleep(0.01)
+        released = await runner.stop(within_s=1.0)
+        runner.submit(late)
+        return released, runner
+
+    released, runner = asyncio.run(scenario())
+    assert released == [slow.id] and not runner.tasks
+    assert jobs.get("demo-moscow", quick.id).state == DONE
+    given_back = jobs.get("demo-moscow", slow.id)
+    assert given_back.state == ACCEPTED and given_back.attempts == 0 and given_back.lease_until is None
+    assert jobs.get("demo-moscow", late.id).state == ACCEPTED
+
+
 def test_commit_then_crash_is_finalised_by_claim(jobs):
     job, _ = submit(jobs)
     running = jobs.claim(job)
