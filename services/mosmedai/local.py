@@ -135,9 +135,10 @@ def ray_serve_environment(settings: Settings) -> dict[str, str]:
         "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(settings.gateway_direct_grpc_port
                                                       + 2 * settings.gateway_replicas),
         # Keep the ports for the next `make up` at once (quarantine exists for HAProxy),
-        # and do not hold a stopping replica open for a load balancer there is not.
+        # and do not hold a stopping replica open long for a load balancer there is not:
+        # 2 s, time enough for the replica to see it is draining (mosmedai.drain) and say so.
         "RAY_SERVE_PORT_QUARANTINE_S": "0",
-        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     }
 
 
