@@ -112,6 +112,13 @@ class Settings(BaseSettings):
     )
     router_replicas: int = Field(1, ge=1, le=64, description="Router deployment replicas.")
     gateway_replicas: int = Field(1, ge=1, le=64, description="Gateway deployment replicas.")
+    gateway_shutdown_s: float = Field(
+        20.0, gt=0, le=3600,
+        description="Graceful drain of a gateway or router replica (s): Ray Serve's graceful_shutdown_timeout_s. "
+        "A stopping gateway answers readiness 503 and refuses new studies with 503 + Retry-After at once, "
+        "finishes what is in flight, and hands its unfinished jobs back to the store within it. The chart "
+        "sets it from drain.gateway.shutdownSeconds (the pod's grace period covers it).",
+    )
     triton_timeout_s: float = Field(
         30.0, gt=0, le=600, description="Deadline of one Triton call (s); past it the tool fails with 504."
     )

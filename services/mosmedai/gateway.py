@@ -27,6 +27,7 @@ from mosmedai.admission import AdmissionGate
 from mosmedai.answered import StudyRecords, StudyRecordWriter, tools_of, version_label
 from mosmedai.config import Settings
 from mosmedai.dicom_input import InputError
+from mosmedai.drain import DrainWatcher
 from mosmedai.families import IMAGE
 from mosmedai.metrics import GatewayMetrics, gateway_metrics, install_gateway_metrics, utc_offset_hours
 from mosmedai.jobs import DONE, FAILED, UID as UID_PATTERN
@@ -158,6 +159,15 @@ def study_deadline_s(prefer: str, default_s: float) -> float:
     return default_s
 
 
+#: Retry-After of a study refused by a draining replica (s): another replica takes it at once.
+DRAINING_RETRY_AFTER_S = 1
+#: The client's connection is closed after the refusal: its next request opens one to a
+#: replica that is not draining (a keep-alive connection would come back here).
+DRAINING_HEADERS = {"Retry-After": str(DRAINING_RETRY_AFTER_S), "Connection": "close"}
+#: Seconds of the graceful shutdown kept to give unfinished jobs back to the store.
+GIVE_BACK_MARGIN_S = 2.0
+
+
 # Ongoing requests are not the gateway's load limit (the admission gate is, and studies waiting
 # in it cost nothing): a Ray Serve queue in front of the gate would hide waiting from it.
 @serve.deployment(max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0})
@@ -185,10 +195,37 @@ class Gateway:
                                   for tool in self.settings.enabled_tools)
         self.runner = JobRunner(self.jobs, self.settings, self._infer_job, on_backlog=self._backlog)
         dicomweb.install(self.jobs, self.runner, self.settings)
+        # Graceful drain (mosmedai.drain): once Serve stops this replica, readiness is 503,
+        # new synchronous studies get 503 `draining` with Retry-After, the job runner takes
+        # no more jobs; __del__ gives the unfinished ones back to the store.
+        self.drain = DrainWatcher(self.runner.drain)
         try:
-            self.runner.start()
-        except RuntimeError:  # no running loop in this constructor: check_health starts it
+            self._keep_going()
+        except RuntimeError:  # no running loop in this constructor: the first request or check_health
             pass
+
+    def _keep_going(self) -> None:
+        """Start (once) the job runner and the drain watcher, on the replica's event loop."""
+        self.drain.start()
+        self.runner.start()
+
+    @property
+    def draining(self) -> bool:
+        return self.drain.since is not None
+
+    async def __del__(self) -> None:
+        """Ray Serve calls this when the drain is over (no request in flight, servers closed),
+        within graceful_shutdown_timeout_s of the stop: running jobs get what is left of that
+        time to finish, less a margin to give back the others. First the answered-study
+        records still pending are stored: they live only in this process, while an unfinished
+        job is durable either way."""
+        self.drain.drain()
+        since = self.drain.since
+        await self.answered.flush(timeout_s=max(1.0, self.settings.gateway_shutdown_s / 2 - (time.monotonic() - since)))
+        left = self.settings.gateway_shutdown_s - (time.monotonic() - since) - GIVE_BACK_MARGIN_S
+        released = await self.runner.stop(within_s=left)
+        log.warning("gateway replica stopped: %d unfinished jobs given back", len(released))
+        await self.triton.aclose()
 
     async def _infer(self, context: StudyContext, tools: list[str], tensors) -> dict:
         outputs = await self.router.infer_image.remote(tools, tensors, context)
@@ -214,12 +251,7 @@ class Gateway:
 
     async def check_health(self) -> None:
         """Serve calls this every few seconds: it also keeps the job runner going."""
-        self.runner.start()
-
-    async def __del__(self) -> None:
-        """Serve calls this when the replica stops: answered-study records still pending are
-        stored before the process goes."""
-        await self.answered.flush(timeout_s=20.0)
+        self._keep_going()
 
     # --- health -------------------------------------------------------------------------
     @app.get("/healthz", summary="The gateway process is alive")
@@ -235,6 +267,10 @@ class Gateway:
     @app.get("/readyz", summary="Triton and every enabled tool are ready",
              responses={503: {"model": ErrorBody}})
     async def readyz(self) -> JSONResponse:
+        self._keep_going()
+        if self.draining:
+            return JSONResponse({"error": "draining", "detail": "this gateway replica is shutting down"}, 503,
+                                headers=DRAINING_HEADERS)
         try:
             states = await asyncio.wait_for(self.router.ready.remote(), timeout=5.0)
         except Exception as error:  # router not up (yet)
@@ -265,6 +301,7 @@ class Gateway:
     async def submit_study(self, request: Request, tools: str | None = None) -> JSONResponse:
         received = time.perf_counter()
         tenant = tenant_of(request)
+        self._keep_going()
         context = StudyContext(tenant.id, tenant.region,
                                study_deadline_s(request.headers.get("prefer", ""), self.settings.sync_deadline_s))
         content_type = request.headers.get("content-type", "")
@@ -285,6 +322,14 @@ class Gateway:
         if asynchronous and wanted is not None:
             raise InputError(422, "tools_with_async", "the `tools` query is not offered with Prefer: respond-async: "
                              "an accepted study runs every enabled tool that reads it")
+        if self.draining and not asynchronous:
+            # Refused at once, so the drain ends: another replica (pod) takes the retry. An
+            # asynchronous study is still accepted: it is durable once accepted, and another
+            # replica's runner runs it.
+            self.metrics.shed_study(tenant, "draining")
+            return JSONResponse({"error": "draining", "detail": "this gateway replica is shutting down; "
+                                 "send the study again", "retry_after_s": DRAINING_RETRY_AFTER_S}, 503,
+                                headers=DRAINING_HEADERS)
         admitted = None  # when the gate let the study in; its slot is given back when answered
         answers: list = []
         try:
@@ -570,11 +615,32 @@ class Gateway:
             request, f"/v2/models/{tool}/versions/{version}/{action}")
 
 
-def build_app(settings: Settings):
-    """The Ray Serve application: the gateway ingress in front of the router."""
+def build_app(settings: Settings, versions: dict[str, str] | None = None):
+    """The Ray Serve application: the gateway ingress in front of the router.
+
+    Both drain within ``gateway_shutdown_s`` when Serve stops a replica (upgrade, scale-down,
+    shutdown). ``versions`` ({"gateway": ..., "router": ...}) pins the deployments' versions:
+    changing one rolls only that deployment (`mosmedai.local.rollout`)."""
     values = settings.model_dump(mode="json")
-    router = Router.options(num_replicas=settings.router_replicas).bind(values)
-    return Gateway.options(num_replicas=settings.gateway_replicas).bind(router, values)
+    versions = versions or {}
+    # A restart starts the new replica before the old one stops (as maxSurge: 1, maxUnavailable: 0).
+    drain = {"graceful_shutdown_timeout_s": settings.gateway_shutdown_s,
+             "graceful_shutdown_wait_loop_s": DRAIN_WAIT_LOOP_S, "max_surge_percent": 100}
+    router = _versioned(Router, versions.get("router")).options(
+        num_replicas=settings.router_replicas, **drain).bind(values)
+    return _versioned(Gateway, versions.get("gateway")).options(
+        num_replicas=settings.gateway_replicas, **drain).bind(router, values)
+
+
+def _versioned(deployment, version: str | None):
+    """The deployment with its code version pinned: Serve restarts its replicas only when it
+    changes (by default every `serve.run` gets a random one, restarting every deployment).
+    Serve's public `options` no longer takes a version; its internal form still does."""
+    return deployment if version is None else deployment.options(version=version, _internal=True)
+
+
+#: How often a stopping replica checks whether its requests are done (Serve's default is 2 s).
+DRAIN_WAIT_LOOP_S = 0.5
 
 
 def app_from_env(args: dict | None = None):

@@ -400,6 +400,26 @@ class JobStore:
             return None
         return after if flags["claimed"] else None
 
+    def release(self, job: Job) -> Job | None:
+        """Give back a job this runner claimed (``job`` as `claim` returned it) and did not
+        finish, because the runner is draining: accepted again at once, for any runner to take
+        without waiting for the lease, and the attempt does not count (it did not fail).
+        None when the job is no longer ours (finished, or claimed anew after our lease)."""
+        flags = {"released": False}
+
+        def change(current: Job) -> Job | None:
+            flags["released"] = False
+            if current.state != RUNNING or current.lease_until != job.lease_until:
+                return None
+            flags["released"] = True
+            return replace(current, state=ACCEPTED, lease_until=None, attempts=max(0, current.attempts - 1))
+
+        try:
+            after = self._update(job, change)
+        except JobError:
+            return None
+        return after if flags["released"] else None
+
     # --- results ------------------------------------------------------------------------------
     def _commit_key(self, job: Job) -> str:
         return f"results/{job.tenant}/{job.id}/result.json"

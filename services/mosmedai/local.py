@@ -22,6 +22,7 @@ Pid files and logs live in ``settings.run_dir`` (``.run/`` by default; logs in
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -122,7 +123,9 @@ def ray_serve_environment(settings: Settings) -> dict[str, str]:
     Each gateway replica serves HTTP itself (direct ingress: no proxy actor between the
     client and the gateway, which would copy every 10 MB body once more), handle calls
     to the router go over gRPC, and user code runs on the replica's main event loop.
-    The replicas' ports are the gateway port and the ones above it, one per replica.
+    The replicas' ports are the gateway port and the ones above it, one per replica, and
+    as many again for the new replicas of a restart (`rollout`), which start before the
+    old ones stop.
     """
     port = settings.gateway_http_port
     return {
@@ -130,13 +133,15 @@ def ray_serve_environment(settings: Settings) -> dict[str, str]:
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_DEFAULT_HTTP_HOST": settings.bind_host,
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + settings.gateway_replicas),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 2 * settings.gateway_replicas),
         "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(settings.gateway_direct_grpc_port),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(settings.gateway_direct_grpc_port + settings.gateway_replicas),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(settings.gateway_direct_grpc_port
+                                                      + 2 * settings.gateway_replicas),
         # Keep the ports for the next `make up` at once (quarantine exists for HAProxy),
-        # and do not hold a stopping replica open for a load balancer there is not.
+        # and do not hold a stopping replica open long for a load balancer there is not:
+        # 2 s, time enough for the replica to see it is draining (mosmedai.drain) and say so.
         "RAY_SERVE_PORT_QUARANTINE_S": "0",
-        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
         # Ray starts its workers at nice 15 (made for batch tasks): the gateway and router
         # replicas would yield the CPU to Triton and to everything else, and a refusal that
         # should take milliseconds waits behind inference for its turn on a core.
@@ -455,11 +460,67 @@ def status(settings: Settings) -> dict[str, int | None]:
 
 
 # --- the serve process ------------------------------------------------------------------
+#: Deployments `rollout` restarts, as build_app's ``versions`` keys.
+DEPLOYMENTS = {"gateway": "Gateway", "router": "Router"}
+
+
+def _generations(settings: Settings, name: str) -> dict[str, int]:
+    try:
+        return {**dict.fromkeys(DEPLOYMENTS, 1), **json.loads((settings.run_dir / name).read_text())}
+    except (FileNotFoundError, ValueError):
+        return dict.fromkeys(DEPLOYMENTS, 1)
+
+
+def rollout(settings: Settings, deployment: str, timeout_s: float = 180.0) -> None:
+    """Restart one deployment of the running Serve app ("gateway" or "router") the way Ray
+    Serve upgrades a deployment (KubeRay's in-place upgrade of the Serve config): a replica of
+    a new version starts, then the old one is stopped and drains (mosmedai.drain). Returns
+    once only new replicas are left.
+
+    A new gateway replica listens on the next free port of the direct-ingress range (the old
+    one holds the gateway port until it has drained, and the port stays in TIME_WAIT a while
+    after): the gateway is reached through Serve's proxy (``serve_proxy_port``) meanwhile;
+    restarting the serve group puts it back on its port."""
+    pid = running_pid(settings, "serve")
+    if pid is None:
+        raise RuntimeError("the serve group is not running")
+    wanted = _generations(settings, ROLLOUT_FILE)
+    wanted[deployment] += 1
+    (settings.run_dir / ROLLOUT_FILE).write_text(json.dumps(wanted))
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout_s
+    while _generations(settings, ROLLED_FILE) != wanted:
+        if time.monotonic() > deadline or running_pid(settings, "serve") is None:
+            raise RuntimeError(f"rollout of {deployment} not done after {timeout_s:.0f} s; "
+                               f"see {settings.log_dir / 'serve.log'}")
+        time.sleep(0.2)
+
+
+ROLLOUT_FILE, ROLLED_FILE = "rollout.json", "rolled.json"
+
+
+def _deploy(settings: Settings, generations: dict[str, int]) -> None:
+    """Deploy the app at these generations and wait until each deployment runs only
+    replicas of them (the old ones have drained and exited)."""
+    from ray import serve
+    from ray.serve._private.common import ReplicaState
+
+    from mosmedai.gateway import build_app
+
+    versions = {name: f"{name}-{generation}" for name, generation in generations.items()}
+    serve.run(build_app(settings, versions), name="mosmedai", route_prefix="/", blocking=False)
+    wanted = {"Gateway": settings.gateway_replicas, "Router": settings.router_replicas}
+    while True:
+        deployments = serve.status().applications["mosmedai"].deployments
+        if all(deployments[name].replica_states == {ReplicaState.RUNNING: count} for name, count in wanted.items()):
+            break
+        time.sleep(0.2)
+    (settings.run_dir / ROLLED_FILE).write_text(json.dumps(generations))
+
+
 def serve_forever(settings: Settings) -> None:
     import ray
     from ray import serve
-
-    from mosmedai.gateway import build_app
 
     ray.init(
         num_cpus=settings.ray_num_cpus,
@@ -473,19 +534,38 @@ def serve_forever(settings: Settings) -> None:
     # The gateway replicas listen themselves (ray_serve_environment). Ray still starts
     # its proxy on the head node in that mode; it gets a port of its own, unused by us.
     serve.start(http_options={"host": settings.bind_host, "port": settings.serve_proxy_port})
-    serve.run(build_app(settings), name="mosmedai", route_prefix="/", blocking=False)
+    (settings.run_dir / ROLLOUT_FILE).unlink(missing_ok=True)
+    (settings.run_dir / ROLLED_FILE).unlink(missing_ok=True)
+    _deploy(settings, _generations(settings, ROLLOUT_FILE))
     print(f"mosmedai serve: ready at http://{settings.bind_host}:{settings.gateway_http_port}", flush=True)
 
     stopping = False
+    roll = False
 
     def _terminate(*_):
         nonlocal stopping
         stopping = True
 
+    def _roll(*_):
+        nonlocal roll
+        roll = True
+
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
+    signal.signal(signal.SIGHUP, _roll)  # `rollout`: deploy the generations of run_dir/rollout.json
     while not stopping:
-        time.sleep(0.5)
+        if roll:
+            roll = False
+            generations = _generations(settings, ROLLOUT_FILE)
+            print(f"mosmedai serve: rolling to {generations}", flush=True)
+            try:
+                _deploy(settings, generations)
+            except RuntimeError as error:  # Serve keeps the old replicas; `rollout` times out
+                print(f"mosmedai serve: rollout to {generations} failed: {error}", flush=True)
+            else:
+                print(f"mosmedai serve: rolled to {generations}", flush=True)
+        time.sleep(0.2)
+    # Every replica drains (graceful_shutdown_timeout_s = gateway_shutdown_s) before Serve is down.
     serve.shutdown()
     ray.shutdown()
 

@@ -321,15 +321,17 @@ class ReadinessCollector:
 def start_router_metrics_server(metrics: RouterMetrics, host: str, first_port: int, ports: int):
     """Serve the registry on the first free port of ``first_port .. first_port + ports - 1``.
 
-    Each router replica takes one; Prometheus scrapes the whole range. Returns the port,
-    or None when every port is taken (the router serves on regardless).
+    Each router replica takes one; Prometheus scrapes the whole range. Returns (port, the
+    HTTP server: ``shutdown()`` then ``server_close()`` frees the port), or None when every
+    port is taken (the router serves on regardless, and tries again later: a replica that
+    replaces a draining one finds its port taken until that one exits).
     """
     from prometheus_client import start_http_server
 
     for port in range(first_port, first_port + ports):
         try:
-            start_http_server(port, addr=host, registry=metrics.registry)
-            return port
+            server, _ = start_http_server(port, addr=host, registry=metrics.registry)
+            return port, server
         except OSError:
             continue
     return None

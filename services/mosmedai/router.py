@@ -126,6 +126,12 @@ def _status_of(error: Exception) -> int:
     return 502
 
 
+def _pool_draining(error: Exception) -> bool:
+    """Triton refuses new requests once it got SIGTERM and is finishing what is in flight
+    (``--exit-timeout-secs``): gRPC UNAVAILABLE "Server exiting"."""
+    return "Server exiting" in str(error)
+
+
 def _pool_unreachable(error: Exception) -> bool:
     """The pool itself did not answer (connection refused or reset): counts toward ejection.
     A tool that is not loaded there is the tool's failure, not the pool's."""
@@ -152,6 +158,28 @@ class Entry:
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
     tried: tuple[str, ...] = ()  # pools that failed this image (failover skips them)
+
+
+def channel_args(grpc) -> list[tuple[str, int]]:
+    """tritonclient's channel options, and a short reconnect backoff: gRPC's default grows to
+    two minutes while a pool's Triton restarts, which would keep a restarted pool out of
+    rotation that long after it is ready."""
+    keepalive = grpc.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", grpc.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", grpc.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
+    ]
+
+
+#: First and longest wait between two connection attempts to a pool's Triton (ms).
+RECONNECT_BACKOFF_MS = (500, 2000)
 
 
 class Pool:
@@ -183,7 +211,8 @@ class Pool:
     def clients(self) -> list:
         """One asyncio gRPC client per endpoint, made on first use (on the router's event loop)."""
         if self._clients is None:
-            self._clients = [self.grpc.InferenceServerClient(endpoint) for endpoint in self.spec.endpoints]
+            self._clients = [self.grpc.InferenceServerClient(endpoint, channel_args=channel_args(self.grpc))
+                             for endpoint in self.spec.endpoints]
         return self._clients
 
     def client(self):
@@ -336,14 +365,32 @@ class Router:
         else:
             self.apply_directory(directory_for(self.settings))
         self.metrics.registry.register(ReadinessCollector(self._pool_targets))
-        self.metrics_port = start_router_metrics_server(
-            self.metrics, self.settings.bind_host, self.settings.router_metrics_port, self.settings.router_replicas)
-        if self.metrics_port is None:
-            log.warning("router metrics: ports %d..%d are all taken; this replica exports no metrics",
+        self.metrics_port: int | None = None
+        self._metrics_server = None
+        if not self._serve_metrics():
+            log.warning("router metrics: ports %d..%d are all taken; this replica tries again every probe round",
                         self.settings.router_metrics_port,
                         self.settings.router_metrics_port + self.settings.router_replicas - 1)
         self._prober: asyncio.Task | None = None
+        self._probing: set[str] = set()  # pools probed out of turn (_probe_soon)
         self._http = None  # httpx.AsyncClient for Triton's metrics, made on the loop
+
+    def _serve_metrics(self) -> bool:
+        """Export metrics on a free port of the range, if not yet; whether it does."""
+        if self.metrics_port is None:
+            started = start_router_metrics_server(self.metrics, self.settings.bind_host,
+                                                  self.settings.router_metrics_port, self.settings.router_replicas)
+            if started is not None:
+                self.metrics_port, self._metrics_server = started
+        return self.metrics_port is not None
+
+    def __del__(self) -> None:
+        """Ray Serve calls this once the replica has drained: free the metrics port at once
+        for the replica that replaces this one (the actor process lingers a little)."""
+        server, self._metrics_server = getattr(self, "_metrics_server", None), None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
     # --- the pool directory -------------------------------------------------------------------
     def apply_directory(self, directory: PoolDirectory, ready: dict[str, int] | None = None) -> None:
@@ -394,9 +441,16 @@ class Router:
     async def _probe_forever(self) -> None:
         while True:
             self._apply_discovered()
+            self._serve_metrics()
             await asyncio.gather(*(self._probe(pool) for pool in list(self.pools.values())))
             self.metrics.observe_pools(self.pools.values())
             await asyncio.sleep(self.settings.pool_probe_interval_s)
+
+    def _probe_soon(self, pool: Pool) -> None:
+        if pool.name not in self._probing:
+            self._probing.add(pool.name)
+            task = asyncio.get_running_loop().create_task(self._probe(pool))
+            task.add_done_callback(lambda _: self._probing.discard(pool.name))
 
     async def _probe(self, pool: Pool) -> None:
         timeout = max(0.5, self.settings.pool_probe_interval_s)
@@ -546,8 +600,17 @@ class Router:
             seconds = time.perf_counter() - started
             self.metrics.triton_seconds.labels(pool.name, tool).observe(seconds)
             self.metrics.triton_requests.labels(pool.name, tool, TRITON_OUTCOME.get(status, "error")).inc()
+            if _pool_draining(error) and pool.ready:
+                # A draining pool is out of rotation at once, not after pool_eject_after
+                # answers: its readiness probe brings it back.
+                pool.ready = False
+                log.warning("pool %s is draining (Triton exiting): out of rotation until it is ready", pool.name)
             if _pool_unreachable(error) and pool.note_unavailable(self.settings):
                 log.warning("pool %s ejected after %d UNAVAILABLE answers", pool.name, pool.failures)
+            elif status == 503 and pool.ready:
+                # Unavailable, yet answering (a draining Triton unloads its models first):
+                # probe the pool now rather than at the next round.
+                self._probe_soon(pool)
             log.warning("tool %s failed in pool %s: %s", tool, pool.name, error)
             for entry in entries:
                 self._retry_or_fail(pool, entry, status, str(error))

@@ -16,6 +16,7 @@ import asyncio
 import functools
 import io
 import logging
+import threading
 import time
 
 import pydicom
@@ -128,16 +129,62 @@ class JobRunner:
         self.active: set[str] = set()
         self.slots = asyncio.Semaphore(settings.job_concurrency)
         self.polling: asyncio.Task | None = None
+        self.draining = False
+        self.tasks: dict[str, asyncio.Task] = {}  # job id -> its task
+        self.claimed: dict[str, Job] = {}  # job id -> the job as claimed here (running, our lease)
+        self.claiming = 0  # claims in flight (threads)
+        self.lock = threading.Lock()
 
     def start(self) -> None:
         """Begin polling the store (idempotent; needs a running event loop)."""
+        if self.draining:
+            return
         if self.polling is None or self.polling.done():
             self.polling = asyncio.get_running_loop().create_task(self._poll_forever())
 
     def submit(self, job: Job) -> None:
+        """Run the job here; a draining runner leaves it in the store for another runner."""
+        if self.draining:
+            return
         if job.id not in self.active and job.state not in (DONE, FAILED):
             self.active.add(job.id)
-            asyncio.get_running_loop().create_task(self._run(job))
+            self.tasks[job.id] = asyncio.get_running_loop().create_task(self._run(job))
+
+    def drain(self) -> None:
+        """Take no more jobs (polling stops); the running ones go on."""
+        self.draining = True
+        if self.polling is not None:
+            self.polling.cancel()
+
+    async def stop(self, within_s: float) -> list[str]:
+        """Drain, give the running jobs up to ``within_s`` to finish, then cancel the rest and
+        give them back to the store (`JobStore.release`): any runner takes them at once.
+        Returns the ids of the jobs given back."""
+        self.drain()
+        running = [task for task in self.tasks.values() if not task.done()]
+        if running:
+            await asyncio.wait(running, timeout=max(0.0, within_s))
+        for task in list(self.tasks.values()):
+            task.cancel()
+        for task in list(self.tasks.values()):
+            try:
+                await task
+            except BaseException:  # cancelled, or failed as it was cancelled
+                pass
+        settle = time.monotonic() + 5.0
+        while self.claiming and time.monotonic() < settle:  # claims already in a thread
+            await asyncio.sleep(0.05)
+        released = []
+        for job_id, job in list(self.claimed.items()):
+            try:
+                if await asyncio.to_thread(self.jobs.release, job) is not None:
+                    released.append(job_id)
+            except Exception as error:  # left running: its lease expires, then it is retried
+                log.warning("job %s could not be given back: %s", job_id, error)
+            self.claimed.pop(job_id, None)
+        if released:
+            log.warning("draining: %d unfinished jobs given back to the store: %s", len(released), released)
+        return released
 
     async def _poll_forever(self) -> None:
         while True:
@@ -159,15 +206,35 @@ class JobRunner:
     async def _run(self, job: Job) -> None:
         try:
             async with self.slots:
-                claimed = await asyncio.to_thread(self.jobs.claim, job)
+                if self.draining:  # waited for a slot while the replica began to drain
+                    return
+                with self.lock:
+                    self.claiming += 1  # the thread counts it down
+                claimed = await asyncio.to_thread(self._claim, job)
                 if claimed is None or claimed.state in (DONE, FAILED):
                     return
                 await self._work(claimed)
+                self.claimed.pop(job.id, None)
         except Exception:
             # Left unfinished: its lease expires and the next poll (here or elsewhere) retries it.
+            self.claimed.pop(job.id, None)
             log.exception("job %s of %s: unexpected error; it will be retried", job.id, job.tenant)
         finally:
+            # Cancelled by `stop`: the job stays in `claimed`, for `stop` to give back.
             self.active.discard(job.id)
+            self.tasks.pop(job.id, None)
+
+    def _claim(self, job: Job) -> Job | None:
+        """`JobStore.claim` (in a thread), noting a claim at once: a task cancelled while its
+        claim is in flight still leaves the job known to `stop`."""
+        try:
+            claimed = self.jobs.claim(job)
+            if claimed is not None and claimed.state not in (DONE, FAILED):
+                self.claimed[job.id] = claimed
+            return claimed
+        finally:
+            with self.lock:
+                self.claiming -= 1
 
     async def _work(self, job: Job) -> None:
         bodies = await asyncio.gather(*(asyncio.to_thread(self.jobs.read, key) for key in job.instance_keys))

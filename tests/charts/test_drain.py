@@ -64,3 +64,29 @@ def test_the_schema_refuses_values_that_contradict_the_drain(value: str, named: 
     result = helm("template", "mosmedai", str(CHART), "-n", NAMESPACE, "--set", value, check=False)
     assert result.returncode != 0
     assert named in result.stderr and "schema" in result.stderr.lower(), result.stderr
+
+
+@pytest.mark.parametrize("sets", [(), ("drain.gateway.shutdownSeconds=45",)])
+def test_the_gateway_drains_within_the_chart_value(sets) -> None:
+    """The code's drain (Ray Serve's graceful_shutdown_timeout_s of the gateway and router
+    replicas) is the value the pod's grace period was derived from; in plain mode the
+    replica waits after SIGTERM only for what is in flight (preStop did the propagation)."""
+    from mosmedai.config import Settings
+    from mosmedai.gateway import build_app
+
+    docs = render(*sets)
+    values = {"drain.gateway.shutdownSeconds": 20, **{k: int(v) for k, v in (s.split("=") for s in sets)}}
+    shutdown = values["drain.gateway.shutdownSeconds"]
+    (container,) = deployment(docs, "gateway")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert env["MOSMEDAI_GATEWAY_SHUTDOWN_S"] == str(shutdown)
+    assert float(env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) < shutdown
+    app = build_app(Settings(gateway_shutdown_s=env["MOSMEDAI_GATEWAY_SHUTDOWN_S"]))
+    gateway = app._bound_deployment
+    router = gateway._replica_config.init_args[0]._bound_deployment
+    for bound in (gateway, router):
+        assert bound._deployment_config.graceful_shutdown_timeout_s == shutdown
+    kuberay = render("ray.kuberay.enabled=true", *sets)
+    (service,) = [d for d in kuberay if d["kind"] == "RayService"]
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {e["name"]: e.get("value") for e in head["env"]}["MOSMEDAI_GATEWAY_SHUTDOWN_S"] == str(shutdown)

@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from mosmedai.deid import deidentify
-from mosmedai.jobs import DONE, FAILED, RUNNING, JobError, JobStore
+from mosmedai.jobs import ACCEPTED, DONE, FAILED, RUNNING, JobError, JobStore
 from mosmedai.storage import ObjectStore, start_local_s3
 
 _n = itertools.count()
@@ -131,6 +131,57 @@ def test_claim_lease_and_attempts(jobs):
     failed = jobs.get("demo-moscow", job.id)
     assert failed.state == FAILED and "gave up after 3 attempts" in failed.reason
     assert failed.public()["reason"] == failed.reason and jobs.unfinished() == []
+
+
+def test_a_draining_runner_gives_its_job_back_at_once(jobs):
+    """`release`: accepted again without waiting for the lease, the attempt not counted; only
+    by the runner that holds the lease."""
+    job, _ = submit(jobs)
+    t0 = 1_000_000.0
+    first = jobs.claim(job, now=t0)
+    released = jobs.release(first)
+    assert released.state == ACCEPTED and released.lease_until is None and released.attempts == 0
+    again = jobs.claim(job, now=t0 + 1)  # another runner, at once
+    assert again and again.attempts == 1
+    assert jobs.release(first) is None  # no longer the first runner's: left as it is
+    assert jobs.get("demo-moscow", job.id).state == RUNNING
+    done = jobs.complete(again, {"ok": True}, {})
+    assert jobs.release(again) is None and jobs.get("demo-moscow", job.id).state == done.state == DONE
+
+
+def test_a_stopping_runner_finishes_what_it_can_and_gives_back_the_rest(jobs):
+    """JobRunner.stop: running jobs get the time given, the one still running then is
+    cancelled and given back; a draining runner takes no new job."""
+    import asyncio
+
+    from mosmedai.config import Settings
+    from mosmedai.worker import JobRunner
+
+    quick, _ = submit(jobs)
+    slow, _ = submit(jobs)
+    late, _ = submit(jobs)
+
+    class Runner(JobRunner):  # tools that take 0.1 s for one job and forever for the other
+        async def _work(self, job):
+            await asyncio.sleep(0.1 if job.id == quick.id else 3600)
+            await asyncio.to_thread(self.jobs.complete, job, {"ok": True}, {})
+
+    async def scenario():
+        runner = Runner(jobs, Settings(job_concurrency=4), infer=None)
+        runner.submit(quick)
+        runner.submit(slow)
+        while len(runner.claimed) < 2:
+            await asyncio.sleep(0.01)
+        released = await runner.stop(within_s=1.0)
+        runner.submit(late)
+        return released, runner
+
+    released, runner = asyncio.run(scenario())
+    assert released == [slow.id] and not runner.tasks
+    assert jobs.get("demo-moscow", quick.id).state == DONE
+    given_back = jobs.get("demo-moscow", slow.id)
+    assert given_back.state == ACCEPTED and given_back.attempts == 0 and given_back.lease_until is None
+    assert jobs.get("demo-moscow", late.id).state == ACCEPTED
 
 
 def test_commit_then_crash_is_finalised_by_claim(jobs):

@@ -149,6 +149,22 @@ def test_each_pools_triton_runs_urgent_steps_first(platform, platform_settings):
         assert "EXEC_COUNT" in (platform_settings.log_dir / f"{group}.log").read_text(errors="replace"), group
 
 
+def assert_done_exactly_once(gateway: httpx.Client, store: ObjectStore, settings, tenant: str, headers: dict,
+                             uids: list[str], within_s: float = 240.0) -> None:
+    """Each accepted study (StudyInstanceUID) of the tenant is done, with one result commit."""
+    deadline = time.monotonic() + within_s
+    for uid in uids:
+        while True:
+            status = gateway.get(f"/v1/studies/{uid}", headers=headers).json()
+            if status["status"] in ("done", "failed") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert status["status"] == "done", status
+        commits = [key for key in store.list(settings.results_bucket, f"results/{tenant}/{status['job_id']}/")
+                   if key.endswith("/result.json")]
+        assert len(commits) == 1, (uid, commits)
+
+
 def _kill_group(settings, group: str) -> None:
     pid = local.running_pid(settings, group)
     assert pid is not None, f"{group} is not running"
@@ -198,18 +214,7 @@ def test_a_killed_pool_fails_over_loses_nothing_and_its_region_returns_home(plat
     assert pools["RU-TA"] in ("ejected", "not_ready")
 
     # Every accepted study completes, exactly once.
-    for uid in accepted:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            status = gateway.get(f"/v1/studies/{uid}", headers=TATARSTAN).json()
-            if status["status"] in ("done", "failed"):
-                break
-            time.sleep(0.5)
-        assert status["status"] == "done", status
-        commits = [key for key in store.list(platform_settings.results_bucket,
-                                             f"results/demo-tatarstan/{status['job_id']}/")
-                   if key.endswith("/result.json")]
-        assert len(commits) == 1, (uid, commits)
+    assert_done_exactly_once(gateway, store, platform_settings, "demo-tatarstan", TATARSTAN, accepted)
 
     # RU-TA comes back: its region's traffic returns home within RETURN_HOME_S of Triton being ready.
     local.start_tritons(platform_settings, ["triton-RU-TA"])

@@ -150,6 +150,10 @@ securityContext:
   value: {{ .Values.gateway.tritonTimeoutSeconds | quote }}
 - name: MOSMEDAI_MAX_BODY_BYTES
   value: {{ .Values.gateway.maxBodyBytes | int64 | quote }}
+# Graceful drain of the gateway and router replicas (Ray Serve graceful_shutdown_timeout_s):
+# the grace period of the pod is derived from the same value (values.yaml drain).
+- name: MOSMEDAI_GATEWAY_SHUTDOWN_S
+  value: {{ .Values.drain.gateway.shutdownSeconds | quote }}
 # The router's own /metrics endpoint (the gateway's is /metrics on its HTTP port).
 - name: MOSMEDAI_ROUTER_METRICS_PORT
   value: "8201"
