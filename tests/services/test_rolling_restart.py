@@ -23,6 +23,7 @@ import httpx
 
 from mosmedai import local
 from mosmedai.bench_national import Answer, chest_bodies, send
+from mosmedai.http_load import HttpLoadClient
 from mosmedai.storage import ObjectStore
 from mosmedai.tenants import DEMO_TOKENS, auth_headers
 from mosmedai.training.phantoms import dicom_bytes, make_phantom
@@ -54,14 +55,16 @@ class Load:
 
     async def _run(self) -> None:
         bodies = chest_bodies(seed=91)
-        async with httpx.AsyncClient(base_url=self.url, timeout=120.0) as client:
+        async with httpx.AsyncClient(base_url=self.url, timeout=120.0) as client, \
+                HttpLoadClient(self.url) as load_client:
             async def synchronous(token: str, k: int) -> None:
                 while not self.stop.is_set():
                     k += 1
                     try:
-                        await send(client, bodies[k % len(bodies)], token, None, self.sync)
+                        await send(load_client, bodies[k % len(bodies)], token, None, self.sync)
                     except Exception as error:  # an answer that is not JSON
                         self.sync.append(Answer(time.perf_counter(), 0.0, -1, None, repr(error)))
+                        await asyncio.sleep(0.1)  # what fails at once must not spin
 
             async def asynchronous() -> None:
                 for body in self.async_bodies:
