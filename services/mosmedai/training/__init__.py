@@ -30,6 +30,5 @@ class Recipe:
 
 RECIPES: dict[int, Recipe] = {
     1: Recipe((12, 24, 48), 0, "the first release"),
-    2: Recipe((8, 16, 32), 100, "a slimmer candidate: widths 8/16/32 (about half the compute of "
-              "version 1), another initialisation seed"),
+    2: Recipe((8, 16, 32), 100, "a slimmer candidate, about half the compute of version 1"),
 }

@@ -305,8 +305,9 @@ def _version_section(tool: str, version: int, facts: dict[str, str]) -> str:
 Version {version} of `{tool}`, side by side with the others in the model repository: Triton
 ensemble `{CATALOG[tool].ensemble(version)}`, network `{tool}_net` version {version}, postprocess
 `{tool}_post` version {version}. Results it produces name version {version} (JSON and gRPC
-`model_version`, the SR's Algorithm Version). Network widths {facts.get('mosmedai.widths', '?')},
-initialisation seed {facts.get('mosmedai.init_seed', '?')}{': ' + note if note else ''}.
+`model_version`, the SR's Algorithm Version). {note[:1].upper() + note[1:] + ': n' if note else 'N'}etwork
+widths {facts.get('mosmedai.widths', '?')}, initialisation seed {facts.get('mosmedai.init_seed', '?')}; the same
+training and calibration splits as every version.
 """
 
 
