@@ -151,3 +151,25 @@ def test_a_study_run_with_version_2_names_version_2_in_json_grpc_and_the_sr(vers
                   for item in group[0].ContentSequence if item.ValueType == "TEXT"}
         algorithms.add((values["111001"], values["111003"]))  # Algorithm Name, Algorithm Version
     assert algorithms == {("cxr_opacity", "2")}, algorithms
+
+
+def test_a_tool_name_that_reads_as_a_version_ensemble_is_refused():
+    from mosmedai.tools import _name_problem
+
+    assert "cxr_opacity_v2" in _name_problem("cxr_opacity_v2")
+    assert _name_problem("cxr_opacity") is None and _name_problem("ctb_midline_shift") is None
+
+
+def test_open_inference_protocol_addresses_tool_versions(platform):
+    """The session platform runs the default (version 1): OIP's version path maps a tool
+    version to its ensemble; a version the tool does not have is a 404 naming its versions."""
+    from mosmedai.tenants import auth_headers
+
+    with httpx.Client(base_url=platform["gateway"], timeout=60.0, headers=auth_headers()) as client:
+        assert client.get("/v2/models/cxr_opacity/ready").status_code == 200
+        assert client.get("/v2/models/cxr_opacity/versions/1/ready").status_code == 200
+        # version 2 is in the repository but this deployment did not load its ensemble
+        assert client.get("/v2/models/cxr_opacity/versions/2/ready").status_code != 200
+        missing = client.get("/v2/models/cxr_opacity/versions/3/ready")
+        assert missing.status_code == 404 and "versions: [1, 2]" in missing.json()["error"]
+        assert client.get("/v2/models/cxr_nodule/versions/2/ready").status_code == 404
