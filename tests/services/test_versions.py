@@ -173,3 +173,13 @@ def test_open_inference_protocol_addresses_tool_versions(platform):
         missing = client.get("/v2/models/cxr_opacity/versions/3/ready")
         assert missing.status_code == 404 and "versions: [1, 2]" in missing.json()["error"]
         assert client.get("/v2/models/cxr_nodule/versions/2/ready").status_code == 404
+    # the gRPC front door's OIP proxy: the same addressing
+    import tritonclient.grpc as triton_grpc
+
+    client = triton_grpc.InferenceServerClient(platform["grpc"])
+    headers = {key.lower(): value for key, value in auth_headers().items()}
+    assert client.is_model_ready("cxr_opacity", headers=headers)
+    assert client.is_model_ready("cxr_opacity", "1", headers=headers)
+    assert not client.is_model_ready("cxr_opacity", "2", headers=headers)  # cxr_opacity_v2: not loaded here
+    with pytest.raises(Exception, match=r"no version 3; versions: \[1, 2\]"):
+        client.is_model_ready("cxr_opacity", "3", headers=headers)
