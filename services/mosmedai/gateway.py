@@ -476,7 +476,7 @@ class Gateway:
     @app.api_route("/v2/models/{tool}/versions/{version}/{action}", methods=["GET", "POST"],
                    summary="OIP versioned model ready / infer")
     async def oip_versioned(self, tool: str, version: str, action: str, request: Request) -> Response:
-        if action not in ("ready", "config", "infer") or not version.isdigit():
+        if action not in ("ready", "config", "infer") or not (version.isascii() and version.isdigit()):
             return JSONResponse({"error": f"unknown endpoint '{version}/{action}'"}, 404)
         refused = self._known(tool)
         if refused:

@@ -103,7 +103,7 @@ class OipProxy(grpc.GenericRpcHandler):
         version_field = VERSION_FIELDS.get(name, "version")
         asked = getattr(message, version_field)
         spec = CATALOG[model]
-        if asked and (not asked.isdigit() or int(asked) not in spec.versions):
+        if asked and (not (asked.isascii() and asked.isdigit()) or int(asked) not in spec.versions):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"model '{model}' has no version {asked}; versions: {list(spec.versions)}")
         version = int(asked) if asked else self.tool_versions.get(model, 1)

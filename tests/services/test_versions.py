@@ -173,6 +173,7 @@ def test_open_inference_protocol_addresses_tool_versions(platform):
         missing = client.get("/v2/models/cxr_opacity/versions/3/ready")
         assert missing.status_code == 404 and "versions: [1, 2]" in missing.json()["error"]
         assert client.get("/v2/models/cxr_nodule/versions/2/ready").status_code == 404
+        assert client.get("/v2/models/cxr_opacity/versions/²/ready").status_code == 404  # a digit int() refuses
     # the gRPC front door's OIP proxy: the same addressing
     import tritonclient.grpc as triton_grpc
 
