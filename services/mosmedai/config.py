@@ -98,6 +98,13 @@ class Settings(BaseSettings):
         description="Tools (Triton ensembles) this deployment serves: Triton loads only these (explicit "
         "model control) and /readyz waits for each. Default: all of them.",
     )
+    tool_versions: dict[str, int] = Field(
+        default_factory=dict,
+        description="The version each tool runs, e.g. {\"cxr_opacity\": 2}: the router sends its images to "
+        "that version's ensemble (`<tool>` for 1, `<tool>_v<N>` after) and every result names the version; "
+        "Triton loads those ensembles. A tool not named runs version 1. An unknown tool, or a version the "
+        "catalog or the model repository does not hold, is refused at start.",
+    )
 
     # --- router -----------------------------------------------------------------------
     router_max_batch_size: int = Field(
@@ -310,6 +317,18 @@ class Settings(BaseSettings):
             raise ValueError("at least one tool must be enabled")
         return tools
 
+    @field_validator("tool_versions")
+    @classmethod
+    def _versions_known(cls, versions: dict[str, int]) -> dict[str, int]:
+        catalog = _catalog()
+        for tool, version in versions.items():
+            if tool not in catalog:
+                raise ValueError(f"tool_versions: unknown tool {tool!r}; known: {sorted(catalog)}")
+            if version not in catalog[tool].versions:
+                raise ValueError(f"tool_versions: tool {tool} has no version {version}; "
+                                 f"its versions: {list(catalog[tool].versions)}")
+        return versions
+
     @field_validator("second_pool_tools")
     @classmethod
     def _second_pool_tools_known(cls, tools: list[str]) -> list[str]:
@@ -343,7 +362,22 @@ class Settings(BaseSettings):
                 raise ValueError(f"second_pool_tools: {outside} are not enabled (enabled_tools)")
         if len(set(ports.values())) != len(ports):
             raise ValueError(f"ports must be distinct: {ports}")
+        if self.model_repository.is_dir():  # a router in a cluster may have no repository at hand
+            missing = [f"{tool} version {self.tool_versions[tool]} ({self.ensemble_of(tool)})"
+                       for tool in self.tool_versions
+                       if not (self.model_repository / self.ensemble_of(tool) / "config.pbtxt").is_file()]
+            if missing:
+                raise ValueError(f"tool_versions: not in the model repository {self.model_repository}: "
+                                 f"{', '.join(missing)}")
         return self
+
+    def tool_version(self, tool: str) -> int:
+        """The version of a tool this deployment runs (tool_versions; 1 when not named)."""
+        return self.tool_versions.get(tool, 1)
+
+    def ensemble_of(self, tool: str, version: int | None = None) -> str:
+        """The Triton ensemble of a tool at a version (default: the one this deployment runs)."""
+        return _catalog()[tool].ensemble(self.tool_version(tool) if version is None else version)
 
     @property
     def second_pool_ports(self) -> dict[str, int]:

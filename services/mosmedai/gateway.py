@@ -597,22 +597,29 @@ class Gateway:
 
     @app.api_route("/v2/models/{tool}", methods=["GET"], summary="OIP model metadata")
     async def oip_model(self, tool: str, request: Request) -> Response:
-        return self._known(tool) or await self._to_triton(request, f"/v2/models/{tool}")
+        return self._known(tool) or await self._to_triton(request, f"/v2/models/{self.settings.ensemble_of(tool)}")
 
     @app.api_route("/v2/models/{tool}/{action}", methods=["GET", "POST"],
                    summary="OIP model ready / config / infer")
     async def oip_action(self, tool: str, action: str, request: Request) -> Response:
         if action not in ("ready", "config", "infer", "stats"):
             return JSONResponse({"error": f"unknown endpoint '{action}'"}, 404)
-        return self._known(tool) or await self._to_triton(request, f"/v2/models/{tool}/{action}")
+        return self._known(tool) or await self._to_triton(
+            request, f"/v2/models/{self.settings.ensemble_of(tool)}/{action}")
 
     @app.api_route("/v2/models/{tool}/versions/{version}/{action}", methods=["GET", "POST"],
                    summary="OIP versioned model ready / infer")
     async def oip_versioned(self, tool: str, version: str, action: str, request: Request) -> Response:
-        if action not in ("ready", "config", "infer") or not version.isdigit():
+        if action not in ("ready", "config", "infer") or not (version.isascii() and version.isdigit()):
             return JSONResponse({"error": f"unknown endpoint '{version}/{action}'"}, 404)
-        return self._known(tool) or await self._to_triton(
-            request, f"/v2/models/{tool}/versions/{version}/{action}")
+        refused = self._known(tool)
+        if refused:
+            return refused
+        if int(version) not in CATALOG[tool].versions:
+            return JSONResponse({"error": f"model '{tool}' has no version {version}; versions: "
+                                 f"{list(CATALOG[tool].versions)}"}, 404)
+        # a tool version is its own ensemble (ToolSpec.ensemble), whose Triton version is 1
+        return await self._to_triton(request, f"/v2/models/{CATALOG[tool].ensemble(int(version))}/versions/1/{action}")
 
 
 def build_app(settings: Settings, versions: dict[str, str] | None = None):

@@ -27,6 +27,7 @@ from mosmedai.config import Settings
 from mosmedai.grpc_api import studies_pb2, studies_pb2_grpc
 from mosmedai.pipeline import multipart_body
 from mosmedai.tenants import TenantRegistry, load_tenants
+from mosmedai.tools import CATALOG
 
 log = logging.getLogger("mosmedai.grpc")
 
@@ -41,6 +42,8 @@ MODEL_METHODS = {
     "ModelConfig": (service_pb2.ModelConfigRequest, "name"),
     "ModelStatistics": (service_pb2.ModelStatisticsRequest, "name"),
 }
+#: The version field of each of those requests.
+VERSION_FIELDS = {"ModelInfer": "model_version"}
 SERVER_METHODS = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})
 
 #: HTTP status of the gateway -> gRPC status.
@@ -61,10 +64,14 @@ def bearer(context) -> str | None:
 
 
 class OipProxy(grpc.GenericRpcHandler):
-    """Bytes in, bytes out to Triton: nothing re-encoded on the way."""
+    """Bytes in, bytes out to Triton: nothing re-encoded on the way, except a request for a
+    tool that runs a version other than 1, or that names a version: a tool version is its own
+    ensemble (``ToolSpec.ensemble``), so the model name is rewritten to it."""
 
-    def __init__(self, channel: grpc.aio.Channel, enabled: list[str], tenants: TenantRegistry):
+    def __init__(self, channel: grpc.aio.Channel, enabled: list[str], tenants: TenantRegistry,
+                 tool_versions: dict[str, int] | None = None):
         self.channel, self.enabled, self.tenants = channel, set(enabled), tenants
+        self.tool_versions = dict(tool_versions or {})
 
     def service(self, details):
         if not details.method.startswith(OIP_SERVICE):
@@ -74,29 +81,43 @@ class OipProxy(grpc.GenericRpcHandler):
             return grpc.stream_stream_rpc_method_handler(self._stream(details.method))
         return grpc.unary_unary_rpc_method_handler(self._unary(details.method, name))
 
-    async def _check(self, name: str, request: bytes | None, context) -> None:
+    async def _check(self, name: str, request: bytes | None, context) -> bytes | None:
+        """The request to forward (the same bytes unless a tool version's ensemble is named)."""
         if name not in UNAUTHENTICATED and self.tenants.by_token(bearer(context)) is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token "
                                 "(metadata `authorization: Bearer <tenant token>`)")
         if name in SERVER_METHODS:
-            return
+            return request
         if name not in MODEL_METHODS:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"{name} is not offered: the platform manages its Triton pools")
         message_type, field = MODEL_METHODS[name]
         try:
-            model = getattr(message_type.FromString(request), field)
+            message = message_type.FromString(request)
+            model = getattr(message, field)
         except Exception:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: the request does not parse")
         if model not in self.enabled:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"unknown model '{model}'; enabled: {sorted(self.enabled)}")
+        version_field = VERSION_FIELDS.get(name, "version")
+        asked = getattr(message, version_field)
+        spec = CATALOG[model]
+        if asked and (not (asked.isascii() and asked.isdigit()) or int(asked) not in spec.versions):
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"model '{model}' has no version {asked}; versions: {list(spec.versions)}")
+        version = int(asked) if asked else self.tool_versions.get(model, 1)
+        if version == 1 and not asked:
+            return request  # version 1's ensemble is the tool's name: forward the bytes as they came
+        setattr(message, field, spec.ensemble(version))
+        setattr(message, version_field, "")  # the ensemble's own (only) version
+        return message.SerializeToString()
 
     def _unary(self, method: str, name: str):
         call = self.channel.unary_unary(method)
 
         async def forward(request: bytes, context) -> bytes:
-            await self._check(name, request, context)
+            request = await self._check(name, request, context)
             try:
                 return await call(request, timeout=context.time_remaining())
             except grpc.aio.AioRpcError as error:
@@ -110,8 +131,7 @@ class OipProxy(grpc.GenericRpcHandler):
         async def forward(requests, context):
             async def checked():
                 async for request in requests:
-                    await self._check("ModelInfer", request, context)
-                    yield request
+                    yield await self._check("ModelInfer", request, context)
 
             try:
                 async for response in call(checked()):
@@ -181,7 +201,7 @@ async def serve(settings: Settings) -> None:
     gateway = httpx.AsyncClient(base_url=settings.gateway_base,
                                 timeout=settings.study_timeout_s)
     server = grpc.aio.server(options=limits)
-    server.add_generic_rpc_handlers([OipProxy(channel, settings.enabled_tools, tenants)])
+    server.add_generic_rpc_handlers([OipProxy(channel, settings.enabled_tools, tenants, settings.tool_versions)])
     studies_pb2_grpc.add_StudiesServicer_to_server(StudiesService(gateway), server)
     address = f"{settings.bind_host}:{settings.grpc_port}"
     if server.add_insecure_port(address) == 0:

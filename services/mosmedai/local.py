@@ -102,9 +102,10 @@ def triton_command(settings: Settings, group: str = "triton") -> tuple[list[str]
         f"--metrics-address={host}", f"--metrics-port={ports['metrics']}",
         "--allow-gpu-metrics=false",
         "--allow-cpu-metrics=true",
-        # Explicit control: only the enabled tools (and their steps) are loaded.
+        # Explicit control: only the enabled tools (and their steps) are loaded, each at the
+        # version it runs (settings.tool_versions: that version's ensemble).
         "--model-control-mode=explicit",
-        *(f"--load-model={tool}" for tool in tools),
+        *(f"--load-model={settings.ensemble_of(tool)}" for tool in tools),
         # Tensors reach Python stubs through shared memory; a 2500x2048 UINT16 image is
         # 10 MB, so start each stub's region at 16 MB and grow in 16 MB steps.
         "--backend-config=python,shm-default-byte-size=16777216",

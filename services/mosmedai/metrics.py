@@ -284,8 +284,9 @@ class ReadinessCollector:
     {pool: (gRPC endpoint, tools)}.
     """
 
-    def __init__(self, targets, timeout_s: float = 2.0):
+    def __init__(self, targets, timeout_s: float = 2.0, model_of=None):
         self.targets, self.timeout_s = targets, timeout_s
+        self.model_of = model_of or (lambda tool: tool)  # tool -> the Triton ensemble it runs (its version)
         self._clients: dict[str, object] = {}
 
     def _states(self, endpoint: str, tools) -> tuple[bool, dict[str, bool]]:
@@ -297,7 +298,7 @@ class ReadinessCollector:
                 client = self._clients[endpoint] = grpcclient.InferenceServerClient(endpoint)
             if not client.is_server_ready(client_timeout=self.timeout_s):
                 return False, {tool: False for tool in tools}
-            return True, {tool: bool(client.is_model_ready(tool, client_timeout=self.timeout_s)) for tool in tools}
+            return True, {tool: bool(client.is_model_ready(self.model_of(tool), client_timeout=self.timeout_s)) for tool in tools}
         except Exception:
             return False, {tool: False for tool in tools}
 

@@ -13,7 +13,19 @@ Tensor contracts: see ``mosmedai.families``. Two variants:
 - ``gpu`` (``--variant gpu``, for a GPU pool): every network step is
   ``platform: "tensorrt_plan"`` with ``model.plan`` built from the same ONNX by
   ``python -m mosmedai.tensorrt_build build`` for that GPU and TensorRT version (engines
-  are cached by both); the pre and post steps stay on CPU.
+  are cached by both); the pre and post steps stay on CPU. It holds version 1 of each
+  tool only (one engine per tool).
+
+Versions side by side (``ToolSpec.versions``): a Triton ensemble's config is per model,
+not per version, so each tool version gets an ensemble of its own, ``<tool>`` for
+version 1 and ``<tool>_v<N>`` after (``ToolSpec.ensemble``), whose network and
+postprocess steps pin ``model_version: N``. Those two models hold one version folder per
+tool version (``<tool>_net/<N>/model.onnx``, ``<tool>_post/<N>/calibration.json``) and a
+``version_policy`` listing them all (Triton's default policy would load only the latest).
+The shared preprocess has version 1 only and is taken at its latest. Each version's model
+card and held-out evaluation sit in its ensemble's folder (``<ensemble>/MODEL_CARD.md``,
+``<ensemble>/evaluation.json``), written by ``python -m mosmedai.training evaluate
+--version N``.
 
 Import order of the catalog, one way: ``families`` and ``byo`` (tool definitions) <-
 ``tools`` (the catalog) <- this module (the repository rendered from the catalog, and
@@ -86,9 +98,17 @@ def _parameters(parameters: dict[str, str]) -> str:
                    for key, value in parameters.items())
 
 
+def _version_policy(versions: tuple[int, ...] | None) -> str:
+    if versions is None:
+        return ""
+    return f"version_policy: {{ specific: {{ versions: [ {', '.join(map(str, versions))} ] }} }}\n"
+
+
 def _python_model(name: str, inputs: list[str], outputs: list[str], instances: int,
-                  parameters: dict[str, str], dynamic_batching: bool, specs: list[ToolSpec]) -> str:
+                  parameters: dict[str, str], dynamic_batching: bool, specs: list[ToolSpec],
+                  versions: tuple[int, ...] | None = None) -> str:
     text = HEADER + f'name: "{name}"\nbackend: "python"\nmax_batch_size: {MAX_BATCH_SIZE}\n'
+    text += _version_policy(versions)
     text += _io("input", inputs) + _io("output", outputs)
     text += _instance_group("KIND_CPU", instances, step_priority(name, specs))
     if dynamic_batching:
@@ -164,37 +184,45 @@ def preprocess_config(spec: ToolSpec) -> str:
                          specs=_users(spec))
 
 
+def variant_versions(spec: ToolSpec, variant: str = "cpu") -> tuple[int, ...]:
+    """The tool versions a variant of the repository holds: all (cpu), version 1 (gpu)."""
+    return spec.versions if variant == "cpu" else (1,)
+
+
 def network_config(spec: ToolSpec, variant: str = "cpu") -> str:
     image = _tensor("image", "TYPE_FP32", network_input_dims(spec))
+    versions = variant_versions(spec, variant)
     if variant == "cpu":
         instances = 2 if spec.family.name in BUSY_FAMILIES else 1
         return _python_model(spec.network_model, [image], _network_outputs(spec), instances, {},
-                             dynamic_batching=True, specs=[spec])
+                             dynamic_batching=True, specs=[spec], versions=versions)
     text = HEADER + (f'name: "{spec.network_model}"\nplatform: "tensorrt_plan"\n'
                      f'default_model_filename: "model.plan"\nmax_batch_size: {MAX_BATCH_SIZE}\n')
+    text += _version_policy(versions)
     text += _io("input", [image]) + _io("output", _network_outputs(spec))
     text += _instance_group("KIND_GPU", 1, step_priority(spec.network_model, [spec]))
     return text + "dynamic_batching { max_queue_delay_microseconds: 0 }\n"
 
 
-def postprocess_config(spec: ToolSpec) -> str:
+def postprocess_config(spec: ToolSpec, variant: str = "cpu") -> str:
     inputs = _network_outputs(spec) + [XR_GEOMETRY if spec.kind == IMAGE else VOLUME_GEOMETRY]
     if spec.kind != IMAGE:
         inputs.append(_tensor("volume", "TYPE_INT16", spec.family.grid))
     parameters = {"tool": spec.name, "threshold": str(spec.default_threshold)}
     return _python_model(spec.postprocess_model, inputs, tool_outputs(spec), 1, parameters,
-                         dynamic_batching=False, specs=[spec])
+                         dynamic_batching=False, specs=[spec], versions=variant_versions(spec, variant))
 
 
-def _step(model: str, mapping_in: dict[str, str], mapping_out: dict[str, str]) -> str:
-    lines = [f'  {{\n    model_name: "{model}"\n    model_version: -1']
+def _step(model: str, mapping_in: dict[str, str], mapping_out: dict[str, str], version: int = -1) -> str:
+    lines = [f'  {{\n    model_name: "{model}"\n    model_version: {version}']
     lines += [f'    input_map {{ key: "{k}" value: "{v}" }}' for k, v in mapping_in.items()]
     lines += [f'    output_map {{ key: "{k}" value: "{v}" }}' for k, v in mapping_out.items()]
     return "\n".join(lines) + "\n  }"
 
 
-def ensemble_config(spec: ToolSpec) -> str:
-    text = HEADER + f'name: "{spec.name}"\nplatform: "ensemble"\nmax_batch_size: {MAX_BATCH_SIZE}\n'
+def ensemble_config(spec: ToolSpec, version: int = 1) -> str:
+    """The ensemble of one tool version: its network and postprocess steps pinned to it."""
+    text = HEADER + f'name: "{spec.ensemble(version)}"\nplatform: "ensemble"\nmax_batch_size: {MAX_BATCH_SIZE}\n'
     text += _io("input", ensemble_inputs(spec)) + _io("output", tool_outputs(spec))
     network_outputs = {t.name: t.name for t in spec.network_outputs}
     if spec.kind == IMAGE:
@@ -206,8 +234,8 @@ def ensemble_config(spec: ToolSpec) -> str:
         post_inputs = {**network_outputs, "geometry": "geometry", "volume": "volume"}
     steps = [
         preprocess,
-        _step(spec.network_model, {"image": "image"}, network_outputs),
-        _step(spec.postprocess_model, post_inputs, {name: name for name in output_names(spec)}),
+        _step(spec.network_model, {"image": "image"}, network_outputs, version),
+        _step(spec.postprocess_model, post_inputs, {name: name for name in output_names(spec)}, version),
     ]
     return text + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
 
@@ -231,12 +259,14 @@ def rendered_files(variant: str = "cpu", tools: list[str] | None = None,
         files[f"{spec.preprocess_model}/1/model.py"] = _shim(
             "PreprocessModel" if spec.kind == IMAGE else "VolumePreprocessModel")
         files[f"{spec.network_model}/config.pbtxt"] = network_config(spec, variant)
-        if variant == "cpu":
-            files[f"{spec.network_model}/1/model.py"] = _shim("OnnxNetworkModel")
-        files[f"{spec.postprocess_model}/config.pbtxt"] = postprocess_config(spec)
-        files[f"{spec.postprocess_model}/1/model.py"] = _shim("ToolPostprocessModel")
-        files[f"{spec.name}/config.pbtxt"] = ensemble_config(spec)
-        files[f"{spec.name}/1/.gitkeep"] = ""  # an ensemble's version folder is empty
+        files[f"{spec.postprocess_model}/config.pbtxt"] = postprocess_config(spec, variant)
+        for version in variant_versions(spec, variant):
+            if variant == "cpu":
+                files[f"{spec.network_model}/{version}/model.py"] = _shim("OnnxNetworkModel")
+            files[f"{spec.postprocess_model}/{version}/model.py"] = _shim("ToolPostprocessModel")
+            ensemble = spec.ensemble(version)
+            files[f"{ensemble}/config.pbtxt"] = ensemble_config(spec, version)
+            files[f"{ensemble}/1/.gitkeep"] = ""  # an ensemble's version folder is empty
     return files
 
 

@@ -13,6 +13,12 @@ of a tool are in one pool's Triton at once: the rest wait here, where they are o
 not in Triton's queue. An image reaching an idle tool goes at once; while a batch is in
 flight the next waits up to ``router_batch_wait_ms`` for company.
 
+Versions: each tool runs the version ``settings.tool_versions`` names (1 when not named), and
+a call may name another per tool (``infer_image(..., versions=)``). A version is its own
+Triton ensemble (``ToolSpec.ensemble``: ``<tool>`` for 1, ``<tool>_v<N>`` after) with its
+own queue, so a batch never mixes versions; each result's ``model_version`` is the tool
+version that produced it (the ensemble's own Triton version is always 1).
+
 Health (outlier detection): a pool is out of rotation while its readiness probe fails, and
 for ``pool_ejection_s`` (doubling per ejection in a row) after ``pool_eject_after``
 consecutive UNAVAILABLE answers; it comes back when the probe passes. Busy is not down: a
@@ -158,6 +164,7 @@ class Entry:
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
     tried: tuple[str, ...] = ()  # pools that failed this image (failover skips them)
+    version: int = 1  # the tool version to run (its ensemble: ToolSpec.ensemble)
 
 
 def channel_args(grpc) -> list[tuple[str, int]]:
@@ -201,7 +208,7 @@ class Pool:
         self.per_image_s = 0.0  # EWMA of a batch's duration / its images
         self.finished = Throughput()  # images answered
         self.tenant_load: dict[str, int] = {}  # images queued or in flight, per tenant
-        self.queues: dict[str, ToolQueue] = {}
+        self.queues: dict[tuple[str, int], ToolQueue] = {}  # (tool, version) -> queue
 
     @property
     def name(self) -> str:
@@ -268,10 +275,11 @@ class Pool:
 
 
 class ToolQueue:
-    """The queue of one tool at one pool: priority classes, tenants in turn, bounded batches in Triton."""
+    """The queue of one tool version at one pool: priority classes, tenants in turn, bounded
+    batches in Triton."""
 
-    def __init__(self, router: "Router", pool: Pool, tool: str):
-        self.router, self.pool, self.tool = router, pool, tool
+    def __init__(self, router: "Router", pool: Pool, tool: str, version: int = 1):
+        self.router, self.pool, self.tool, self.version = router, pool, tool, version
         self.classes: list[OrderedDict[str, deque[Entry]]] = [OrderedDict() for _ in PRIORITY_NAMES]
         self.waiting = 0
         self.running = 0
@@ -337,7 +345,8 @@ class ToolQueue:
             groups: dict[tuple, list[Entry]] = {}
             for entry in batch:
                 groups.setdefault(entry.image.shape, []).append(entry)
-            await asyncio.gather(*(self.router.send(self.pool, self.tool, group) for group in groups.values()))
+            await asyncio.gather(*(self.router.send(self.pool, self.tool, group, self.version)
+                                   for group in groups.values()))
         finally:
             for entry in batch:
                 self.pool.hold(entry.context.tenant, -1)
@@ -364,7 +373,7 @@ class Router:
             self._start_discovery()
         else:
             self.apply_directory(directory_for(self.settings))
-        self.metrics.registry.register(ReadinessCollector(self._pool_targets))
+        self.metrics.registry.register(ReadinessCollector(self._pool_targets, model_of=self.settings.ensemble_of))
         self.metrics_port: int | None = None
         self._metrics_server = None
         if not self._serve_metrics():
@@ -475,7 +484,8 @@ class Router:
             text = (await self._http.get(pool.spec.metrics_url)).text
         except httpx.HTTPError:
             return 0.0
-        tools = set(self.directory.tools_of(pool.name)) if self.directory else set()
+        tools = {CATALOG[tool].ensemble(version) for tool in (self.directory.tools_of(pool.name) if self.directory else ())
+                 if tool in CATALOG for version in CATALOG[tool].versions}
         pending = 0.0
         for line in text.splitlines():
             if line.startswith("nv_inference_pending_request_count{"):
@@ -522,13 +532,20 @@ class Router:
         return pools[choice], kind, waits[choice]
 
     async def infer_image(self, tools: list[str], image: ImageInput | VolumeInput,
-                          context: StudyContext) -> dict[str, dict]:
-        """Run every named tool on one image; tool -> outputs (with ``pool`` and ``route``), or
-        {'error', 'status', ...}. A study that cannot be admitted is refused whole, at once."""
+                          context: StudyContext, versions: dict[str, int] | None = None) -> dict[str, dict]:
+        """Run every named tool on one image; tool -> outputs (with ``pool``, ``route`` and
+        ``model_version``), or {'error', 'status', ...}. A study that cannot be admitted is
+        refused whole, at once. ``versions`` picks a tool's version for this call (default:
+        settings.tool_versions, else 1)."""
         self._ensure_prober()
         unknown = [tool for tool in tools if tool not in self.batch_sizes]
         if unknown:
             raise ValueError(f"tools not enabled on this router: {unknown}")
+        chosen = {tool: (versions or {}).get(tool) or self.settings.tool_version(tool) for tool in tools}
+        missing = [f"{tool} version {version}" for tool, version in chosen.items()
+                   if version not in CATALOG[tool].versions]
+        if missing:
+            raise ValueError(f"no such tool versions: {missing}")
         self.requests.append(time.monotonic())
         plans = []
         for tool in tools:
@@ -550,7 +567,7 @@ class Router:
         for tool, priority, pool, kind in plans:
             future = loop.create_future()
             entry = Entry(tool, image, context, priority, home=self.directory.home(context.region, tool) or pool.name,
-                          route=kind, future=future)
+                          route=kind, future=future, version=chosen[tool])
             self._enqueue(pool, entry)
             futures.append(future)
         results = await asyncio.gather(*futures)
@@ -578,21 +595,24 @@ class Router:
                        f"its fair share is {share:.0f} while {len(tenants)} tenants wait there", wait)
 
     def _enqueue(self, pool: Pool, entry: Entry) -> None:
-        queue = pool.queues.get(entry.tool)
+        key = (entry.tool, entry.version)
+        queue = pool.queues.get(key)
         if queue is None:
-            queue = pool.queues[entry.tool] = ToolQueue(self, pool, entry.tool)
+            queue = pool.queues[key] = ToolQueue(self, pool, entry.tool, entry.version)
         queue.put(entry)
 
-    async def send(self, pool: Pool, tool: str, entries: list[Entry]) -> None:
-        """One Triton request for images of equal shape; failures fail over or answer the entries."""
+    async def send(self, pool: Pool, tool: str, entries: list[Entry], version: int = 1) -> None:
+        """One Triton request (to the ensemble of the tool version) for images of equal shape;
+        failures fail over or answer the entries."""
         grpc = self.grpc
         names = output_names(CATALOG[tool])
+        ensemble = CATALOG[tool].ensemble(version)
         pool.in_flight += len(entries)
         pool.requests_in_flight += 1
         started = time.perf_counter()
         try:
             result = await pool.client().infer(
-                tool, triton_inputs(grpc, [entry.image for entry in entries]),
+                ensemble, triton_inputs(grpc, [entry.image for entry in entries]),
                 outputs=[grpc.InferRequestedOutput(name) for name in names],
                 client_timeout=self.settings.triton_timeout_s)
         except Exception as error:
@@ -622,7 +642,6 @@ class Router:
         pool.note_success(len(entries), seconds)
         self.metrics.triton_seconds.labels(pool.name, tool).observe(seconds)
         self.metrics.triton_requests.labels(pool.name, tool, "ok").inc()
-        version = result.get_response().model_version
         values = {name: result.as_numpy(name) for name in names}
         for i, entry in enumerate(entries):
             self.metrics.routed.labels(pool.name, entry.home, tool, ROUTE_NAMES[entry.route]).inc()
@@ -632,7 +651,8 @@ class Router:
                     "positive": bool(values["positive"][i][0]),
                     "location": [float(v) for v in values["location"][i]],
                     "measurements": [float(v) for v in values["measurements"][i]] if "measurements" in values else [],
-                    "model_version": version,
+                    # the tool version; Triton's answer names the ensemble's own version (always 1)
+                    "model_version": str(version),
                     "triton_ms": seconds * 1000.0,
                     "batch_size": len(entries),
                     "pool": pool.name,
@@ -658,7 +678,8 @@ class Router:
                     return
                 self.retries.append(time.monotonic())
                 retried = Entry(entry.tool, entry.image, entry.context, entry.priority, entry.home,
-                                FAILOVER if others.name != entry.home else entry.route, entry.future, tried=tried)
+                                FAILOVER if others.name != entry.home else entry.route, entry.future, tried=tried,
+                                version=entry.version)
                 delay = 0.2 * len(tried) if others is pool else 0.0
                 asyncio.get_running_loop().call_later(delay, self._enqueue, others, retried)
                 return
@@ -692,7 +713,7 @@ class Router:
         for pool in self.pools.values():
             try:
                 server = await asyncio.wait_for(pool.clients[0].is_server_ready(), 5.0)
-                models = {tool: await pool.clients[0].is_model_ready(tool)
+                models = {tool: await pool.clients[0].is_model_ready(self.settings.ensemble_of(tool))
                           for tool in self.directory.tools_of(pool.name)} if server else {}
             except Exception as error:
                 log.info("pool %s not ready: %s", pool.name, error)

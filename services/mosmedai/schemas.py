@@ -36,7 +36,8 @@ class Finding(BaseModel):
 class ToolResult(BaseModel):
     tool: str = Field(description="Tool name (the Triton ensemble)")
     title: str
-    model_version: str = Field(description="Triton model version that answered")
+    model_version: str = Field(description="The tool version that produced this result (the model repository's "
+                               "version of the tool's network; also the SR's Algorithm Version, TID 4019)")
     findings: list[Finding] = Field(description="Positive findings at the tool's threshold; empty when none")
     scores: dict[str, float] = Field(description="Raw scores, e.g. the calibrated probability")
     measurements: list[MeasurementValue] = Field(default_factory=list, description="Physical quantities and categories the tool reports")

@@ -11,11 +11,12 @@ this module gathers them. Import order, one way: ``families``, ``byo`` <- ``tool
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass, field
 from types import ModuleType
 
 from mosmedai import byo
-from mosmedai.families import ToolSpec
+from mosmedai.families import VERSION_SUFFIX, ToolSpec
 
 #: Family modules, in catalog order.
 FAMILY_MODULES = ("chest_xray", "fluorography", "mammography", "spine_xray", "ct_brain", "ct_chest")
@@ -32,12 +33,24 @@ def _load_families() -> dict[str, ModuleType]:
     return modules
 
 
+#: A tool name that would read as another tool's version ensemble (``<tool>_v<N>``).
+VERSIONED_NAME = re.compile(rf".+{VERSION_SUFFIX}[0-9]+")
+
+
+def _name_problem(name: str) -> str | None:
+    if VERSIONED_NAME.fullmatch(name):
+        return f"tool name {name!r} ends in '{VERSION_SUFFIX}<digits>', the names of version ensembles"
+    return None
+
+
 FAMILY_MODULE_OF: dict[str, ModuleType] = {}
 CATALOG: dict[str, ToolSpec] = {}
 for _module in _load_families().values():
     for _spec in _module.TOOLS:
         if _spec.name in CATALOG:
             raise ValueError(f"tool {_spec.name} is defined twice")
+        if _name_problem(_spec.name):
+            raise ValueError(_name_problem(_spec.name))
         CATALOG[_spec.name] = _spec
         FAMILY_MODULE_OF[_spec.name] = _module
 
@@ -57,12 +70,19 @@ def _load_packages() -> None:
         if spec.name in CATALOG:
             where = "a built-in tool" if spec.name in BUILTIN_TOOLS else "another package's tool"
             raise byo.PackageError([f"{package}/manifest.yaml: name: {spec.name!r} is {where}; choose another name"])
+        if _name_problem(spec.name):
+            raise byo.PackageError([f"{package}/manifest.yaml: {_name_problem(spec.name)}; choose another name"])
         CATALOG[spec.name] = spec
         FAMILY_MODULE_OF[spec.name] = byo
 
 
 _load_packages()
 
+
+
+def ensemble_of(tool: str, version: int = 1) -> str:
+    """The Triton ensemble that runs one version of a tool (ToolSpec.ensemble)."""
+    return CATALOG[tool].ensemble(version)
 
 
 def family_module(tool: str) -> ModuleType:

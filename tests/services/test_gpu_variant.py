@@ -46,9 +46,19 @@ def test_network_step_is_a_tensorrt_plan_matching_the_cpu_variant(tool, gpu_file
     for field in ("input", "output"):
         assert [(t.name, t.data_type, list(t.dims)) for t in getattr(gpu, field)] == \
                [(t.name, t.data_type, list(t.dims)) for t in getattr(cpu, field)], field
-    # the pre and post steps are the same CPU Python models in both variants
+    # the pre and post steps are the same CPU Python models in both variants, but the gpu
+    # variant holds version 1 of each tool only (one engine a tool)
+    assert list(gpu.version_policy.specific.versions) == [1]
     for model in (spec.preprocess_model, spec.postprocess_model, spec.name):
-        assert gpu_files[f"{model}/config.pbtxt"] == cpu_files[f"{model}/config.pbtxt"]
+        gpu_config, cpu_config = model_config_pb2.ModelConfig(), model_config_pb2.ModelConfig()
+        gpu_config.CopyFrom(gpu_files[f"{model}/config.pbtxt"])
+        cpu_config.CopyFrom(cpu_files[f"{model}/config.pbtxt"])
+        if model == spec.postprocess_model:
+            assert list(gpu_config.version_policy.specific.versions) == [1]
+            gpu_config.ClearField("version_policy")
+            cpu_config.ClearField("version_policy")
+        assert gpu_config == cpu_config
+    assert not any(path.startswith(f"{tool}_v") for path in rendered_files("gpu", [tool]))
     assert f"{spec.network_model}/1/model.py" not in rendered_files("gpu", [tool])
 
 

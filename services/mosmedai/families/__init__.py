@@ -94,9 +94,21 @@ class ToolOutput:
             raise ValueError(f"probability {self.probability} is not in [0, 1] or NaN")
 
 
+#: Ensembles of versions after the first are ``<tool>_v<N>``: a name Triton's HTTP paths,
+#: gRPC, Prometheus labels and Kubernetes all take as is ('@' or '/' would not be). Tool
+#: names may therefore not end in ``_v<digits>`` (mosmedai.tools refuses them).
+VERSION_SUFFIX = "_v"
+
+
 @dataclass(frozen=True)
 class ToolSpec:
-    """One AI tool: a Triton ensemble ``<preprocess> -> <name>_net -> <name>_post``."""
+    """One AI tool: a Triton ensemble ``<preprocess> -> <name>_net -> <name>_post``.
+
+    Versions side by side: the network and postprocess models hold one Triton version
+    folder per tool version (``versions``); each tool version has its own ensemble
+    (`ensemble`), which pins those steps to that version. Version 1's ensemble is the
+    tool's name, as before versions existed.
+    """
 
     name: str
     family: Family
@@ -118,6 +130,20 @@ class ToolSpec:
     #: whether a PA/AP-style view without Body Part Examined is enough to accept
     view_alone_suffices: bool = False
     default_threshold: float = 0.5
+    #: the tool versions the model repository holds (Triton version folders of the _net
+    #: and _post models), ascending; each has its model card and held-out evaluation
+    versions: tuple[int, ...] = (1,)
+
+    def __post_init__(self):
+        versions = list(self.versions)
+        if not versions or versions[0] != 1 or versions != sorted(set(versions)):
+            raise ValueError(f"tool {self.name}: versions must ascend from 1 without repeats, not {versions}")
+
+    def ensemble(self, version: int = 1) -> str:
+        """The Triton ensemble of one version: ``<name>`` for 1, ``<name>_v<N>`` for N > 1."""
+        if version not in self.versions:
+            raise ValueError(f"tool {self.name} has no version {version}; versions: {list(self.versions)}")
+        return self.name if version == 1 else f"{self.name}{VERSION_SUFFIX}{version}"
 
     @property
     def kind(self) -> str:

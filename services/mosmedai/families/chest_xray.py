@@ -17,19 +17,20 @@ HEATMAP_SIZE = NETWORK_SIZE // 8
 NETWORK_OUTPUTS = (TensorSpec("logit", (1,)), TensorSpec("heatmap", (1, HEATMAP_SIZE, HEATMAP_SIZE)))
 
 
-def _tool(name: str, title: str, finding: str) -> ToolSpec:
+def _tool(name: str, title: str, finding: str, versions: tuple[int, ...] = (1,)) -> ToolSpec:
     return ToolSpec(
         name=name, family=FAMILY, title=title, finding=finding,
         modalities=PROJECTION_RADIOGRAPHY, network_outputs=NETWORK_OUTPUTS,
         body_parts=frozenset({"CHEST", "THORAX", "LUNG"}), views=frozenset({"PA", "AP"}),
         view_alone_suffices=True,
         description_keywords=("CHEST", "THORAX", "LUNG", "ГРУД", "ОГК"),
-        exclude_keywords=FLUOROGRAPHY_KEYWORDS,
+        exclude_keywords=FLUOROGRAPHY_KEYWORDS, versions=versions,
     )
 
 
 TOOLS = (
-    _tool("cxr_opacity", "Chest X-ray: lung opacity", "lung opacity (consolidation)"),
+    # version 2: a slimmer candidate network (mosmedai.training.train.RECIPES)
+    _tool("cxr_opacity", "Chest X-ray: lung opacity", "lung opacity (consolidation)", versions=(1, 2)),
     _tool("cxr_nodule", "Chest X-ray: focal nodule", "focal lung nodule"),
     _tool("cxr_pneumothorax", "Chest X-ray: pneumothorax", "pneumothorax"),
 )

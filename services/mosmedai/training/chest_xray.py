@@ -8,7 +8,6 @@ has (``mosmedai.training`` drives them all): train, evaluate, write_card, cases,
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,8 @@ import numpy as np
 from mosmedai.families import ToolOutput
 from mosmedai.training import HELD_OUT_SEED
 from mosmedai.training.common import Case
-from mosmedai.training.evaluate import auc_score, box_hit, evaluate as _evaluate, model_card, sensitivity_specificity
+from mosmedai.training.evaluate import auc_score, box_hit, evaluate as _evaluate, sensitivity_specificity
+from mosmedai.training.evaluate import write_card as _write_card
 from mosmedai.training.phantoms import TOOLS, generate, to_dataset
 
 #: How far metrics recomputed on ~20 fresh cases may lie from the card's (400 cases): with
@@ -24,21 +24,19 @@ from mosmedai.training.phantoms import TOOLS, generate, to_dataset
 TOLERANCE = {"auc": 0.12, "sensitivity": 0.3, "specificity": 0.3}
 
 
-def train(tools: list[str], out: Path) -> None:
+def train(tools: list[str], out: Path, version: int = 1) -> None:
     from mosmedai.training import train as cxr_train
 
-    cxr_train.main(["--tool", tools[0] if len(tools) == 1 else "all", "--out", str(out)])
+    cxr_train.main(["--tool", tools[0] if len(tools) == 1 else "all", "--out", str(out), "--version", str(version)])
 
 
-def evaluate(tool: str, repository: Path, n: int = 400, seed: int = HELD_OUT_SEED) -> dict:
-    return _evaluate(tool, n=n, seed=seed, repository=repository)
+def evaluate(tool: str, repository: Path, n: int = 400, seed: int = HELD_OUT_SEED, version: int = 1) -> dict:
+    return _evaluate(tool, n=n, seed=seed, repository=repository, version=version)
 
 
 def write_card(tool: str, result: dict, repository: Path) -> None:
-    folder = Path(repository) / tool
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-    (folder / "MODEL_CARD.md").write_text(model_card(result, Path(repository)))
+    """evaluation.json and MODEL_CARD.md in the folder of the result's version's ensemble."""
+    _write_card(result, Path(repository))
 
 
 def cases(tool: str, seed: int, n: int) -> list[Case]:
@@ -63,13 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tool", default="all", choices=("all", *TOOLS))
     parser.add_argument("--n", type=int, default=400)
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--version", type=int, default=1)
     args = parser.parse_args(argv)
     tools = list(TOOLS) if args.tool == "all" else [args.tool]
     if args.command == "train":
-        train(tools, args.repository)
+        train(tools, args.repository, args.version)
     else:
         for tool in tools:
-            write_card(tool, evaluate(tool, args.repository, args.n), args.repository)
+            write_card(tool, evaluate(tool, args.repository, args.n, version=args.version), args.repository)
     return 0
 
 

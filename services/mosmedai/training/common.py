@@ -167,9 +167,9 @@ def platt_operating_point(logits: np.ndarray, labels: np.ndarray, target: float 
     return calibration, threshold, sensitivity, specificity
 
 
-def write_calibration(out: Path, tool: str, record: dict) -> dict:
-    """``<out>/<tool>_post/1/calibration.json``; returns the record."""
-    path = Path(out) / f"{tool}_post" / "1" / "calibration.json"
+def write_calibration(out: Path, tool: str, record: dict, version: int = 1) -> dict:
+    """``<out>/<tool>_post/<version>/calibration.json``; returns the record."""
+    path = Path(out) / f"{tool}_post" / str(version) / "calibration.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -179,11 +179,11 @@ def write_calibration(out: Path, tool: str, record: dict) -> dict:
 # model cards
 
 
-def model_facts(repository: Path, tool: str) -> dict[str, str]:
+def model_facts(repository: Path, tool: str, version: int = 1) -> dict[str, str]:
     """The exported network's metadata properties plus ``size_bytes`` and ``opset``."""
     import onnx
 
-    path = Path(repository) / f"{tool}_net" / "1" / "model.onnx"
+    path = Path(repository) / f"{tool}_net" / str(version) / "model.onnx"
     proto = onnx.load(str(path))
     facts = {prop.key: prop.value for prop in proto.metadata_props}
     facts["size_bytes"] = str(path.stat().st_size)

@@ -1,13 +1,14 @@
 """Held-out evaluation of the reference chest X-ray models, and their model cards.
 
-    python -m mosmedai.training.evaluate [--tool all] [--n 400] [--write-cards]
+    python -m mosmedai.training.evaluate [--tool all] [--n 400] [--version 1] [--write-cards]
 
 Fresh phantoms from the held-out split (HELD_OUT_SEED, disjoint from training and
 calibration) go through `mosmedai.imaging.preprocess`, the exported ONNX model under ONNX
 Runtime (one thread, no spinning, as served on CPU) and `mosmedai.postprocess.postprocess`
 with the tool's calibration and threshold - the serving path without Triton. With
-``--write-cards`` the numbers are written to ``<repository>/<tool>/evaluation.json`` and
-``<repository>/<tool>/MODEL_CARD.md``.
+``--write-cards`` the numbers are written to ``<repository>/<ensemble>/evaluation.json`` and
+``<repository>/<ensemble>/MODEL_CARD.md``, the ensemble of the version evaluated
+(``<tool>`` for version 1, ``<tool>_v<N>`` after: ``ToolSpec.ensemble``).
 
 No torch here: the quality tests import this module and run in seconds.
 """
@@ -191,15 +192,16 @@ def evaluate(
     seed: int = HELD_OUT_SEED,
     repository: str | Path = "model_repository",
     threshold: float | None = None,
+    version: int = 1,
 ) -> dict:
-    """Metrics of one tool on phantoms (seed, 0..n-1), through ONNX Runtime and `postprocess`."""
+    """Metrics of one tool version on phantoms (seed, 0..n-1), through ONNX Runtime and `postprocess`."""
     if tool not in TOOLS:
         raise ValueError(f"unknown tool {tool!r}; known: {TOOLS}")
     if seed in (TRAIN_SEED, CALIBRATION_SEED):
         raise ValueError(f"seed {seed} is a training or calibration split, not held-out data")
     repository = Path(repository)
-    model_path = repository / f"{tool}_net" / "1" / "model.onnx"
-    calibration_path = repository / f"{tool}_post" / "1" / "calibration.json"
+    model_path = repository / f"{tool}_net" / str(version) / "model.onnx"
+    calibration_path = repository / f"{tool}_post" / str(version) / "calibration.json"
     calibration = Calibration.load(calibration_path)
     source = "argument"
     if threshold is None:
@@ -252,6 +254,7 @@ def evaluate(
     auc_se = auc_standard_error(auc, n_pos, n_neg)
     return {
         "tool": tool,
+        **({"version": version} if version != 1 else {}),  # version 1's records predate versions
         "split": "held-out",
         "seed": seed,
         "n": n,
@@ -278,7 +281,7 @@ def evaluate(
         "ece_bins": ECE_BINS,
         "sensitivity_by_size": by_size,
         "calibration": {"a": calibration.a, "b": calibration.b},
-        "model": f"{tool}_net/1/model.onnx",
+        "model": f"{tool}_net/{version}/model.onnx",
         "model_sha256": hashlib.sha256(model_path.read_bytes()).hexdigest(),
         "inference_ms_per_image": round(inference_ms, 2),
     }
@@ -288,10 +291,31 @@ def evaluate(
 # model cards
 
 
+def _version_section(tool: str, version: int, facts: dict[str, str]) -> str:
+    """What sets a later version apart (version 1's card has no such section)."""
+    if version == 1:
+        return ""
+    from mosmedai.tools import CATALOG
+    from mosmedai.training import RECIPES
+
+    note = RECIPES[version].note if version in RECIPES else ""
+    return f"""
+## Version
+
+Version {version} of `{tool}`, side by side with the others in the model repository: Triton
+ensemble `{CATALOG[tool].ensemble(version)}`, network `{tool}_net` version {version}, postprocess
+`{tool}_post` version {version}. Results it produces name version {version} (JSON and gRPC
+`model_version`, the SR's Algorithm Version). {note[:1].upper() + note[1:] + ': n' if note else 'N'}etwork
+widths {facts.get('mosmedai.widths', '?')}, initialisation seed {facts.get('mosmedai.init_seed', '?')}; the same
+training and calibration splits as every version.
+"""
+
+
 def model_card(result: dict, repository: Path) -> str:
     tool = result["tool"]
-    facts = model_facts(repository, tool)
-    calibration = json.loads((repository / f"{tool}_post" / "1" / "calibration.json").read_text())
+    version = int(result.get("version", 1))
+    facts = model_facts(repository, tool, version)
+    calibration = json.loads((repository / f"{tool}_post" / str(version) / "calibration.json").read_text())
     c = result["counts"]
     size_rows = "\n".join(
         f"| {band} | {row['n']} | {row['detected']} | {pct(row['sensitivity'])} |"
@@ -309,7 +333,10 @@ def model_card(result: dict, repository: Path) -> str:
         )
         if abs(suggested - result["threshold"]) > 1e-9:
             threshold_note += " **The deployed threshold differs from the suggested one.**"
-    return f"""# Model card: `{tool}`
+    title = f"`{tool}`" if version == 1 else f"`{tool}` version {version}"
+    ensemble = tool if version == 1 else f"{tool}_v{version}"
+    command_version = "" if version == 1 else f" --version {version}"
+    return f"""# Model card: {title}
 
 > **Reference model trained on synthetic data; not for clinical use.** It has never seen a
 > real radiograph. Its numbers below describe synthetic phantoms only and say nothing about
@@ -320,7 +347,7 @@ def model_card(result: dict, repository: Path) -> str:
 Frontal (PA/AP) chest radiograph -> whether it shows {FINDINGS[tool]}, with a calibrated
 probability and, when positive, a bounding box of the finding in source pixels.
 
-Outputs of the Triton ensemble `{tool}`: `probability` [1] (Platt-calibrated), `positive` [1]
+Outputs of the Triton ensemble `{ensemble}`: `probability` [1] (Platt-calibrated), `positive` [1]
 (probability >= threshold), `location` [4] (row0, col0, row1, col1 in source pixel edges;
 -1 when not positive).
 
@@ -329,7 +356,7 @@ Outputs of the Triton ensemble `{tool}`: `probability` [1] (Platt-calibrated), `
 A reference and test workload for the mosmedai platform: integration tests, load tests,
 capacity planning and demonstrations of the result formats. Not a medical device; must not
 inform any clinical decision.
-
+{_version_section(tool, version, facts)}
 ## Training data
 
 Synthetic PA chest radiographs from `mosmedai.training.phantoms` (body outline, lung fields,
@@ -360,14 +387,14 @@ outputs `logit` [N, 1], `heatmap` [N, 1, 32, 32].
 | --- | --- |
 | parameters | {facts.get('mosmedai.parameters', '?')} |
 | compute per image | {macs / 1e6:.0f} M multiply-accumulates ({2 * macs / 1e6:.0f} MFLOPs) |
-| ONNX | opset {facts['opset']}, {int(facts['size_bytes']) / 1024:.0f} KiB, `{tool}_net/1/model.onnx` |
+| ONNX | opset {facts['opset']}, {int(facts['size_bytes']) / 1024:.0f} KiB, `{tool}_net/{version}/model.onnx` |
 | training | {facts.get('mosmedai.epochs', '?')} epochs, batch {facts.get('mosmedai.batch', '?')}, AdamW, one-cycle learning rate {facts.get('mosmedai.learning_rate', '?')}, left-right flips and gamma augmentation; loss: image BCE + class-balanced heatmap BCE against the finding's mask |
 | training time | {facts.get('mosmedai.train_seconds', '?')} s wall on {facts.get('mosmedai.torch_threads', '?')} CPU threads of a shared 2-core machine (torch {facts.get('mosmedai.torch_version', '?')}) |
 | inference | {result['inference_ms_per_image']} ms per image, ONNX Runtime, one thread, on the machine that wrote this card |
 
 ## Held-out metrics
 
-Produced by `python -m mosmedai.training.evaluate --tool {tool} --n {result['n']} --seed {result['seed']} --write-cards`
+Produced by `python -m mosmedai.training.evaluate --tool {tool} --n {result['n']} --seed {result['seed']}{command_version} --write-cards`
 (ONNX Runtime + `mosmedai.postprocess`; same numbers in `evaluation.json`).
 
 | metric | value | 95 % interval |
@@ -414,6 +441,17 @@ exported model's own outputs. The probabilities are calibrated to that split's p
 """
 
 
+def write_card(result: dict, repository: Path) -> Path:
+    """evaluation.json and MODEL_CARD.md of the result's tool version, in its ensemble's folder."""
+    from mosmedai.tools import CATALOG
+
+    folder = Path(repository) / CATALOG[result["tool"]].ensemble(int(result.get("version", 1)))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    (folder / "MODEL_CARD.md").write_text(model_card(result, Path(repository)))
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tool", default="all", choices=("all", *TOOLS))
@@ -422,15 +460,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--threshold", type=float, default=None, help="override the config's threshold")
     parser.add_argument("--write-cards", action="store_true")
+    parser.add_argument("--version", type=int, default=1, help="the tool version to evaluate")
     args = parser.parse_args(argv)
     for tool in TOOLS if args.tool == "all" else (args.tool,):
-        result = evaluate(tool, n=args.n, seed=args.seed, repository=args.repository, threshold=args.threshold)
+        result = evaluate(tool, n=args.n, seed=args.seed, repository=args.repository, threshold=args.threshold,
+                          version=args.version)
         print(json.dumps(result, indent=2), flush=True)
         if args.write_cards:
-            folder = args.repository / tool
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-            (folder / "MODEL_CARD.md").write_text(model_card(result, args.repository))
+            write_card(result, args.repository)
     return 0
 
 

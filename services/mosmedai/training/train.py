@@ -6,9 +6,13 @@ For each tool: a small CNN is trained on synthetic phantoms (`mosmedai.training.
 split TRAIN_SEED) turned into network input by `mosmedai.imaging.preprocess` - the serving
 path's own function. It is exported to ONNX (opset 17, dynamic batch, input ``image``
 [N, 1, 256, 256], outputs ``logit`` [N, 1] and ``heatmap`` [N, 1, 32, 32]) at
-``<out>/<tool>_net/1/model.onnx``. Platt scaling is then fitted on the exported model's
-outputs over a separate calibration split (CALIBRATION_SEED) and written to
-``<out>/<tool>_post/1/calibration.json`` with the suggested operating threshold.
+``<out>/<tool>_net/<version>/model.onnx``. Platt scaling is then fitted on the exported
+model's outputs over a separate calibration split (CALIBRATION_SEED) and written to
+``<out>/<tool>_post/<version>/calibration.json`` with the suggested operating threshold.
+
+Versions (``--version N``, default 1): each is a recipe of `RECIPES` (network widths and
+the initialisation seed; in ``mosmedai.training``) on the same training and calibration splits; the tool's catalog
+entry lists the versions its repository holds (``ToolSpec.versions``).
 
 The three tools train on the same phantoms (each with its own labels; the other findings
 appear as distractors), generated once and kept in memory. Reference models on synthetic
@@ -31,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mosmedai.training import CALIBRATION_SEED, TRAIN_SEED
+from mosmedai.training import CALIBRATION_SEED, RECIPES, TRAIN_SEED, Recipe
 from mosmedai.training.common import (
     block2d,
     count_macs,
@@ -59,6 +63,12 @@ HEATMAP_LOSS_WEIGHT = 1.0
 #: calibration split, and never above 0.5 (the Bayes threshold at the split's ~50 % prevalence).
 TARGET_SENSITIVITY = 0.9
 OPSET = 17
+
+
+def recipe(version: int) -> Recipe:
+    if version not in RECIPES:
+        raise ValueError(f"no training recipe for version {version}; known: {sorted(RECIPES)}")
+    return RECIPES[version]
 
 
 _block = block2d
@@ -119,17 +129,20 @@ def heatmap_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-def train_tool(tool: str, data: dict[str, np.ndarray], epochs: int = EPOCHS, log=print) -> tuple[CxrNet, dict]:
-    """Train one tool's network on `data` (from `network_arrays`); returns it and a summary."""
+def train_tool(tool: str, data: dict[str, np.ndarray], epochs: int = EPOCHS, log=print,
+               version: int = 1) -> tuple[CxrNet, dict]:
+    """Train one version of a tool's network on `data` (from `network_arrays`); returns it and a summary."""
     index = TOOLS.index(tool)
-    torch.manual_seed(TRAIN_SEED + index)
-    generator = torch.Generator().manual_seed(TRAIN_SEED + index)
+    plan = recipe(version)
+    seed = TRAIN_SEED + index + plan.seed_offset
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     images = torch.from_numpy(data["image"])[:, None]  # float16, converted per batch
     labels = torch.from_numpy(data["labels"][:, index].astype(np.float32))[:, None]
     heat = torch.from_numpy(data["heatmaps"][:, index])[:, None]
     n = len(labels)
 
-    model = CxrNet()
+    model = CxrNet(plan.widths)
     optimizer, schedule = one_cycle(model.parameters(), LEARNING_RATE, epochs * (n // BATCH))
     image_loss = nn.BCEWithLogitsLoss()
     started = time.perf_counter()
@@ -158,7 +171,7 @@ def export_onnx(model: CxrNet, path: Path, metadata: dict[str, str]) -> None:
     common_export_onnx(model, path, metadata, (1, NETWORK_SIZE, NETWORK_SIZE), ("logit", "heatmap"), check_batch=3)
 
 
-def calibrate(tool: str, onnx_path: Path, data: dict[str, np.ndarray], out: Path) -> dict:
+def calibrate(tool: str, onnx_path: Path, data: dict[str, np.ndarray], out: Path, version: int = 1) -> dict:
     """Fit Platt scaling on the exported model's calibration-split outputs; write calibration.json."""
     index = TOOLS.index(tool)
     labels = data["labels"][:, index]
@@ -170,7 +183,7 @@ def calibrate(tool: str, onnx_path: Path, data: dict[str, np.ndarray], out: Path
         "b": calibration.b,
         "fitted_on": (
             f"calibration split: phantoms (seed {CALIBRATION_SEED}, i) for i in 0..{len(labels) - 1}, "
-            f"outputs of {onnx_path.parent.parent.name}/1/model.onnx under ONNX Runtime; "
+            f"outputs of {onnx_path.parent.parent.name}/{onnx_path.parent.name}/model.onnx under ONNX Runtime; "
             "Platt scaling, Newton's method on log-loss with Platt's smoothed targets"
         ),
         "seed": CALIBRATION_SEED,
@@ -183,7 +196,7 @@ def calibrate(tool: str, onnx_path: Path, data: dict[str, np.ndarray], out: Path
         "specificity_at_suggested": round(specificity, 4),
         "model_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
     }
-    return write_calibration(out, tool, record)
+    return write_calibration(out, tool, record, version)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-calibration", type=int, default=N_CALIBRATION)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
+    parser.add_argument("--version", type=int, default=1, choices=sorted(RECIPES),
+                        help="the tool version to train (its recipe: RECIPES)")
     args = parser.parse_args(argv)
     tools = TOOLS if args.tool == "all" else (args.tool,)
 
@@ -206,13 +221,18 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     for tool in tools:
-        model, summary = train_tool(tool, train, epochs=args.epochs, log=lambda m: print(m, flush=True))
+        model, summary = train_tool(tool, train, epochs=args.epochs, log=lambda m: print(m, flush=True),
+                                    version=args.version)
         index = TOOLS.index(tool)
-        onnx_path = args.out / f"{tool}_net" / "1" / "model.onnx"
+        plan = recipe(args.version)
+        onnx_path = args.out / f"{tool}_net" / str(args.version) / "model.onnx"
         metadata = {
             "mosmedai.tool": tool,
+            "mosmedai.version": args.version,
             "mosmedai.architecture": "CxrNet (mosmedai.training.train)",
+            "mosmedai.widths": "/".join(map(str, plan.widths)),
             "mosmedai.train_seed": TRAIN_SEED,
+            "mosmedai.init_seed": TRAIN_SEED + index + plan.seed_offset,
             "mosmedai.n_train": args.n_train,
             "mosmedai.n_train_positive": int(train["labels"][:, index].sum()),
             "mosmedai.heatmap_size": HEATMAP_SIZE,
@@ -221,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             **{f"mosmedai.{key}": value for key, value in summary.items()},
         }
         export_onnx(model, onnx_path, metadata)
-        record = calibrate(tool, onnx_path, calibration_data, args.out)
+        record = calibrate(tool, onnx_path, calibration_data, args.out, args.version)
         print(
             f"{tool}: trained in {summary['train_seconds']} s, {summary['parameters']} parameters, "
             f"{summary['macs_per_image'] / 1e6:.0f} M MACs/image, ONNX {onnx_path.stat().st_size / 1024:.0f} KiB; "
