@@ -4,11 +4,12 @@
 and the gateway's gate both use it.
 
 ``AdmissionGate`` keeps the gateway's synchronous studies in flight at its concurrency limit
-- throughput x 3 x the base latency (the 10th percentile of recent latencies), Little's law:
+- throughput x ``HEADROOM`` (2) x the base latency (the shortest of the recent latencies), Little's law:
 what keeps the platform busy; more in flight adds only waiting, and starves the gateway's own
 event loop that must answer refusals at once. A study past the limit waits in the gate
 (costing nothing: a single image's body is not even read yet), and the gate lets waiting
-studies in one per tenant in turn, so a quiet tenant's study passes a busy tenant's backlog.
+studies in one per tenant in turn. A tenant below its share of the limit (the limit over
+the tenants active) goes in at once: a quiet tenant does not wait behind a busy one at all.
 A study whose wait in turn - (its place in its tenant's queue) x (tenants waiting) /
 throughput - would pass half of what its deadline leaves once it runs (``WAIT_SHARE``:
 the estimate moves, and a refusal after waiting wastes the wait) is refused at once, before any
@@ -33,6 +34,10 @@ WINDOW_S = 10.0
 #: time runs out has cost its client the whole wait, so the gate waits for half and refuses
 #: the rest at once (at twice the capacity the waiting room stays full either way).
 WAIT_SHARE = 0.5
+#: studies in flight per study the platform finishes in the base latency: enough to fill the
+#: batches (a full batch forms behind the one in Triton); more only adds waiting in Triton,
+#: and the CPU a quiet tenant's study then waits for.
+HEADROOM = 2.0
 
 
 class Throughput:
@@ -64,12 +69,15 @@ class AdmissionGate:
     def __init__(self, min_limit: int = 4, latencies: int = 200):
         self.min_limit = min_limit
         self.in_flight = 0
+        self.tenant_in_flight: dict[str, int] = {}
         self.waiting: OrderedDict[str, deque[asyncio.Future]] = OrderedDict()  # per tenant, in turn
         self.finished = Throughput()
         self.latencies: deque[float] = deque(maxlen=latencies)
 
     def base_latency_s(self) -> float:
-        return float(np.percentile(self.latencies, 10)) if len(self.latencies) >= 10 else 0.0
+        """The shortest recent latency: what one study takes with little ahead of it. (A
+        percentile would rise with the load the limit lets in, and the limit with it.)"""
+        return min(self.latencies) if len(self.latencies) >= 10 else 0.0
 
     def run_s(self) -> float:
         """What a study let in takes to be answered: the 90th percentile of recent ones, at
@@ -82,16 +90,30 @@ class AdmissionGate:
         base = self.base_latency_s()
         if base <= 0:
             return 1 << 30  # nothing measured yet: no limit
-        return max(self.min_limit, math.ceil(self.finished.rate() * 3.0 * base))
+        return max(self.min_limit, math.ceil(self.finished.rate() * HEADROOM * base))
 
     def queued(self) -> int:
         return sum(len(futures) for futures in self.waiting.values())
 
+    def _below_share(self, tenant: str) -> bool:
+        """Whether a tenant with nothing waiting holds less than its share of the limit (the
+        limit over the tenants in flight or waiting, itself included)."""
+        if tenant in self.waiting:
+            return False
+        active = len((self.tenant_in_flight.keys() | self.waiting.keys()) | {tenant})
+        return self.tenant_in_flight.get(tenant, 0) < max(1, self.limit() // active)
+
+    def _enter(self, tenant: str) -> None:
+        self.in_flight += 1
+        self.tenant_in_flight[tenant] = self.tenant_in_flight.get(tenant, 0) + 1
+
     async def admit(self, tenant: str, deadline_s: float, urgent: bool) -> tuple[str, int, str, float] | None:
         """None once the study may go on (then ``leave`` when it is answered), or the refusal:
-        (reason, HTTP status, detail, retry after s)."""
-        if urgent or (self.in_flight < self.limit() and not self.waiting):
-            self.in_flight += 1
+        (reason, HTTP status, detail, retry after s). A tenant below its share of the limit
+        goes in at once, past a busy tenant's backlog (the limit is then exceeded by at most
+        the quiet tenants' shares)."""
+        if urgent or (self.in_flight < self.limit() and not self.waiting) or self._below_share(tenant):
+            self._enter(tenant)
             return None
         rate = self.finished.rate() or 1.0
         mine = len(self.waiting.get(tenant, ())) + 1
@@ -133,6 +155,11 @@ class AdmissionGate:
     def leave(self, tenant: str, entered: float, answered: bool) -> None:
         """A study that was let in is answered: its slot goes to the next tenant in turn."""
         self.in_flight -= 1
+        left = self.tenant_in_flight.get(tenant, 0) - 1
+        if left > 0:
+            self.tenant_in_flight[tenant] = left
+        else:
+            self.tenant_in_flight.pop(tenant, None)
         if answered:
             self.finished.done()
             self.latencies.append(time.monotonic() - entered)
@@ -143,5 +170,5 @@ class AdmissionGate:
                 self.waiting.move_to_end(name)
             else:
                 del self.waiting[name]
-            self.in_flight += 1
+            self._enter(name)
             future.set_result(None)

@@ -99,6 +99,12 @@ class StudyRecords:
     def merge(self, tenant: str, study_uid: str, tools: dict[str, dict]) -> dict:
         """Add these tools' answers to the study's record (compare-and-swap); returns it."""
         key = record_key(tenant, study_uid)
+        # Most studies are answered once: create the record without reading it first (one
+        # request, not a 404 and a write); only a study that has one already is merged.
+        record = {"tenant": tenant, "study_instance_uid": study_uid, "updated_at": self.clock(), "tools": tools}
+        body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+        if self.store.put(self.bucket, key, body, if_none_match=True, content_type="application/json") is not None:
+            return record
         for _ in range(20):
             try:
                 data, etag = self.store.get_with_etag(self.bucket, key)

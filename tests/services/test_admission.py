@@ -9,7 +9,7 @@ from mosmedai.admission import AdmissionGate, Throughput
 
 def measured_gate(completed: int = 20, latency_s: float = 0.01) -> AdmissionGate:
     """A gate that has answered ``completed`` studies of ``latency_s`` within about a second:
-    throughput 20/s, limit max(4, 20 x 3 x 0.01) = 4."""
+    throughput 20/s, limit max(4, 20 x 2 x 0.01) = 4."""
     gate = AdmissionGate(min_limit=4)
     for _ in range(completed):
         gate.finished.done()
@@ -28,8 +28,8 @@ def test_throughput_follows_new_traffic_within_a_second_of_idle():
 async def test_past_the_limit_studies_wait_and_go_in_turn_per_tenant():
     gate = measured_gate()
     assert gate.limit() == 4
-    for _ in range(4):
-        assert await gate.admit("kazan", 10.0, urgent=False) is None
+    for tenant in ("kazan", "kazan", "moscow", "moscow"):  # each at its share: 4 // 2
+        assert await gate.admit(tenant, 10.0, urgent=False) is None
     kazan = [asyncio.ensure_future(gate.admit("kazan", 10.0, urgent=False)) for _ in range(3)]
     await asyncio.sleep(0)
     moscow = asyncio.ensure_future(gate.admit("moscow", 10.0, urgent=False))
@@ -40,20 +40,41 @@ async def test_past_the_limit_studies_wait_and_go_in_turn_per_tenant():
     await asyncio.sleep(0.05)
     assert kazan[0].done() and moscow.done() and not kazan[1].done()
     assert moscow.result() is None
+    for future in kazan[1:]:
+        future.cancel()
+
+
+@pytest.mark.asyncio
+async def test_a_quiet_tenant_goes_in_at_once_past_a_busy_tenants_backlog():
+    gate = measured_gate()
+    for _ in range(4):
+        await gate.admit("kazan", 10.0, urgent=False)
+    waiting = [asyncio.ensure_future(gate.admit("kazan", 10.0, urgent=False)) for _ in range(5)]
+    await asyncio.sleep(0)
+    assert gate.queued() == 5
+    # moscow holds nothing: below its share (4 // 2), it does not wait behind kazan's five
+    assert await gate.admit("moscow", 10.0, urgent=False) is None
+    assert await gate.admit("moscow", 10.0, urgent=False) is None
+    assert gate.in_flight == 6 and gate.tenant_in_flight == {"kazan": 4, "moscow": 2}
+    third = asyncio.ensure_future(gate.admit("moscow", 10.0, urgent=False))  # at its share: it waits
+    await asyncio.sleep(0)
+    assert not third.done() and gate.queued() == 6
+    for future in [*waiting, third]:
+        future.cancel()
 
 
 @pytest.mark.asyncio
 async def test_refused_at_once_when_the_wait_in_turn_would_pass_the_deadline():
     gate = measured_gate()  # 20 studies/s, base latency 10 ms
-    for _ in range(4):
-        await gate.admit("kazan", 10.0, urgent=False)
+    for tenant in ("kazan", "kazan", "moscow", "moscow"):
+        await gate.admit(tenant, 10.0, urgent=False)
     waiting = [asyncio.ensure_future(gate.admit("kazan", 2.0, urgent=False)) for _ in range(19)]
     await asyncio.sleep(0)
     assert gate.queued() == 19  # within half of (2 s - 20 ms) at 20/s: they wait
     # a tenant alone: the 20th would start past half of it: 503 overloaded, with Retry-After
     reason, status, detail, retry_after = await gate.admit("kazan", 2.0, urgent=False)
     assert (reason, status) == ("overloaded", 503) and "deadline" in detail and retry_after >= 1
-    # another tenant is let in at its turn: it waits; the busy one now gets 429
+    # another tenant (at its share) waits for its turn; the busy one now gets 429
     moscow = asyncio.ensure_future(gate.admit("moscow", 2.0, urgent=False))
     await asyncio.sleep(0)
     assert not moscow.done() and gate.queued() == 20

@@ -25,10 +25,6 @@ def _open_loop(*args) -> list:
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(strict=False, reason=(
-    "open (issue: national serving): at twice the capacity on 2 cores the busy tenant's admitted "
-    "p99 still passes the deadline (150 s seen) while the quiet tenant stays near its unloaded p99; "
-    "where its studies wait is not found yet"))
 def test_twice_the_capacity_is_shed_at_once_and_the_admitted_stay_within_the_deadline(platform):
     url = platform["gateway"]
     heavy, light = DEMO_TOKENS["demo-tatarstan"], DEMO_TOKENS["demo-moscow"]
