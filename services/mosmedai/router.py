@@ -464,7 +464,7 @@ class Router:
     async def _probe(self, pool: Pool) -> None:
         timeout = max(0.5, self.settings.pool_probe_interval_s)
         try:
-            ready = await asyncio.wait_for(pool.clients[0].is_server_ready(), timeout)
+            ready = await asyncio.wait_for(self._serves(pool), timeout)
         except Exception:
             ready = False
         if ready and pool.spec.metrics_url:
@@ -472,6 +472,21 @@ class Router:
         if pool.ready != ready:
             log.warning("pool %s is %s", pool.name, "ready" if ready else "NOT ready")
         pool.ready = bool(ready)
+
+    async def _serves(self, pool: Pool) -> bool:
+        """Whether the pool's Triton serves: ready, or (its strict readiness is false while
+        any model is missing) live with at least one of the pool's tools ready. A missing
+        model is that tool's failure, not the pool's; a Triton that is exiting unloads every
+        model first, and one that is starting has none ready yet."""
+        client = pool.clients[0]
+        if await client.is_server_ready():
+            return True
+        if not await client.is_server_live():
+            return False
+        for tool in (self.directory.tools_of(pool.name) if self.directory else ()):
+            if tool in CATALOG and await client.is_model_ready(self.settings.ensemble_of(tool)):
+                return True
+        return False
 
     async def _pending(self, pool: Pool, timeout: float) -> float:
         """Requests waiting in the pool's Triton for its tools (``nv_inference_pending_request_count``
