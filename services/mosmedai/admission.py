@@ -38,6 +38,8 @@ WAIT_SHARE = 0.5
 #: batches (a full batch forms behind the one in Triton); more only adds waiting in Triton,
 #: and the CPU a quiet tenant's study then waits for.
 HEADROOM = 2.0
+#: how much of the highest recent throughput the capacity estimate keeps after a second
+CAPACITY_FADE = 0.99
 
 
 class Throughput:
@@ -73,6 +75,7 @@ class AdmissionGate:
         self.waiting: OrderedDict[str, deque[asyncio.Future]] = OrderedDict()  # per tenant, in turn
         self.finished = Throughput()
         self.latencies: deque[float] = deque(maxlen=latencies)
+        self._capacity, self._capacity_at = 0.0, time.monotonic()
 
     def base_latency_s(self) -> float:
         """The shortest recent latency: what one study takes with little ahead of it. (A
@@ -90,7 +93,16 @@ class AdmissionGate:
         base = self.base_latency_s()
         if base <= 0:
             return 1 << 30  # nothing measured yet: no limit
-        return max(self.min_limit, math.ceil(self.finished.rate() * HEADROOM * base))
+        return max(self.min_limit, math.ceil(self.capacity() * HEADROOM * base))
+
+    def capacity(self) -> float:
+        """Studies per second the platform has shown it can finish: the highest recent rate,
+        fading by CAPACITY_FADE a second. (The current rate alone would follow the limit down:
+        fewer let in, fewer finished, a lower limit.)"""
+        now, rate = time.monotonic(), self.finished.rate()
+        faded = self._capacity * CAPACITY_FADE ** (now - self._capacity_at)
+        self._capacity, self._capacity_at = max(rate, faded), now
+        return self._capacity
 
     def queued(self) -> int:
         return sum(len(futures) for futures in self.waiting.values())
