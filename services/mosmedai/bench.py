@@ -296,26 +296,33 @@ def through_stow(body: bytes, settings: Settings, seconds: float, concurrency: i
     return Run("STOW-RS (drained)", concurrency, len(latencies), elapsed, latencies)
 
 
-def platform_memory(settings: Settings) -> tuple[float, float, int]:
-    """PSS and RSS (MiB) summed over the platform's processes, and their count.
+def platform_memory(settings: Settings) -> tuple[float, float, int, dict[str, float]]:
+    """PSS and RSS (MiB) summed over the platform's processes, their count, and PSS by part.
 
     `make up` starts each group in a session of its own; Triton's stubs and Ray's
     processes stay in their group's session. PSS shares shared pages out fairly.
+    The parts are the groups `make up` names (triton, triton-RU-TA, serve, ...), with
+    Triton's Python-backend stubs counted apart from the server that spawned them.
     """
-    sessions = {pid for pid in local.status(settings).values() if pid}
+    groups = {pid: name for name, pid in local.status(settings).items() if pid}
     pss = rss = 0.0
     count = 0
+    parts: dict[str, float] = {}
     for process in psutil.process_iter():
         try:
-            if os.getsid(process.pid) not in sessions:
+            group = groups.get(os.getsid(process.pid))
+            if group is None:
                 continue
             info = process.memory_full_info()
+            stub = "python_backend_stub" in process.name() or "python_backend_stub" in " ".join(process.cmdline()[:1])
         except (psutil.Error, OSError):
             continue
+        part = f"{group} (python-backend stubs)" if stub else group
+        parts[part] = parts.get(part, 0.0) + info.pss / 2**20
         pss += info.pss / 2**20
         rss += info.rss / 2**20
         count += 1
-    return pss, rss, count
+    return pss, rss, count, parts
 
 
 SYNTAXES = {
@@ -455,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"== {name} ({SYNTAXES[name].name}): {len(body) / 2**20:.1f} MiB")
             figures[name] = measure(body, settings, args.seconds)
         figures["ct"] = ct_study(settings)
-        pss, rss, processes = platform_memory(settings)
+        pss, rss, processes, memory_parts = platform_memory(settings)
         if "triton-RU-TA" in local.local_pools(settings):
             figures["overload"] = bench_national.overload_row(settings)
             figures["national"] = bench_national.national_row(settings)
@@ -466,9 +473,11 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"platform memory: {pss:.0f} MiB PSS ({rss:.0f} MiB RSS summed) in {processes} processes, "
           f"{len(settings.enabled_tools)} tools loaded (target: all 18 and the second pool within 5 GB)")
+    for part, mib in sorted(memory_parts.items(), key=lambda item: -item[1]):
+        print(f"  {part:40s} {mib:8.0f} MiB")
     if up_seconds is not None:
         print(f"make up (installed, cold processes): ready in {up_seconds:.1f} s (target <= 60)")
-    figures.update(pss_mib=pss, rss_mib=rss, up_seconds=up_seconds)
+    figures.update(pss_mib=pss, rss_mib=rss, pss_parts_mib=memory_parts, up_seconds=up_seconds)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(figures, indent=2))
     print(f"figures: {args.json}")

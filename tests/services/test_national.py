@@ -3,6 +3,7 @@ Triton process. Home routing by tenant region, the pools endpoint, failover when
 Triton is SIGKILLed under synchronous and asynchronous load, and its return home."""
 
 import concurrent.futures
+import os
 import signal
 import threading
 import time
@@ -165,10 +166,17 @@ def assert_done_exactly_once(gateway: httpx.Client, store: ObjectStore, settings
         assert len(commits) == 1, (uid, commits)
 
 
-def _kill_group(settings, group: str) -> None:
+def _kill_group(settings, group: str) -> set[str]:
+    """SIGKILL a group; the Python backend's shared-memory regions its processes mapped."""
     pid = local.running_pid(settings, group)
     assert pid is not None, f"{group} is not running"
-    local._signal_all(local._session_members(pid), signal.SIGKILL)
+    members = local._session_members(pid)
+    regions = set()
+    for member in members:
+        with open(f"/proc/{member}/maps") as maps:
+            regions.update(line.split()[-1] for line in maps if "triton_python_backend_shm_region_" in line)
+    local._signal_all(members, signal.SIGKILL)
+    return regions
 
 
 def test_a_killed_pool_fails_over_loses_nothing_and_its_region_returns_home(platform, platform_settings, gateway):
@@ -193,7 +201,7 @@ def test_a_killed_pool_fails_over_loses_nothing_and_its_region_returns_home(plat
             if i == 3:
                 time.sleep(1.0)
                 killed_at = time.monotonic()
-                _kill_group(platform_settings, "triton-RU-TA")
+                left_behind = _kill_group(platform_settings, "triton-RU-TA")
             answer = gateway.post("/v1/studies", content=chest(5000 + i),
                                   headers={**DICOM, **TATARSTAN, "Prefer": "respond-async"})
             assert answer.status_code == 202, answer.text
@@ -217,8 +225,10 @@ def test_a_killed_pool_fails_over_loses_nothing_and_its_region_returns_home(plat
     assert_done_exactly_once(gateway, store, platform_settings, "demo-tatarstan", TATARSTAN, accepted)
 
     # RU-TA comes back: its region's traffic returns home within RETURN_HOME_S of Triton being ready.
+    assert left_behind and all(os.path.exists(region) for region in left_behind)  # SIGKILL unlinks nothing
     local.start_tritons(platform_settings, ["triton-RU-TA"])
     ready_at = time.monotonic()
+    assert not any(os.path.exists(region) for region in left_behind), "the killed Triton's shared memory is still there"
     while True:
         answer = gateway.post("/v1/studies", content=chest(9000), headers={**DICOM, **TATARSTAN})
         assert answer.status_code == 200, answer.text
@@ -231,3 +241,16 @@ def test_a_killed_pool_fails_over_loses_nothing_and_its_region_returns_home(plat
 
 #: Probe interval (1 s) plus the first ejection (5 s), with room for a loaded machine.
 RETURN_HOME_S = 15.0
+
+
+def test_every_local_process_runs_with_two_malloc_arenas(platform, platform_settings):
+    """glibc's default arenas keep each thread's high-water mark (the PSS target, make bench)."""
+    groups = {group: pid for group, pid in local.status(platform_settings).items() if pid}
+    assert {"triton", "triton-RU-TA", "serve", "grpc", "dimse", "s3"} <= set(groups)
+    for group, leader in groups.items():
+        for member in local._session_members(leader):
+            try:
+                environ = open(f"/proc/{member}/environ", "rb").read().split(b"\0")
+            except FileNotFoundError:  # ended meanwhile
+                continue
+            assert b"MALLOC_ARENA_MAX=" + local.MALLOC_ARENAS.encode() in environ, (group, member)
