@@ -30,6 +30,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import importlib
+import itertools
 import json
 import math
 import re
@@ -412,6 +413,8 @@ def admit(tool: str, version: int, client, records: AdmissionRecords, repository
     AdmissionError when nothing could be decided."""
     from mosmedai.training import HELD_OUT_SEED
 
+    if n is not None and n < 1:
+        raise AdmissionError(f"-n must be at least 1, not {n}")
     pre = preflight(tool, version, repository)
     platform = str(client.base_url)
     if pre.missing:
@@ -419,8 +422,6 @@ def admit(tool: str, version: int, client, records: AdmissionRecords, repository
         records.record(decision)
         return decision
     n = n or pre.card_n or DEFAULT_N
-    if n < 1:
-        raise AdmissionError(f"-n must be at least 1, not {n}")
     ready = client.get(f"/v2/models/{tool}/versions/{version}/ready")
     if ready.status_code != 200:
         raise AdmissionError(
@@ -428,14 +429,12 @@ def admit(tool: str, version: int, client, records: AdmissionRecords, repository
             f"platform at {platform} (HTTP {ready.status_code}): load it in the pool's Triton first")
     started = clock()
     cases = pre.module.cases(tool, HELD_OUT_SEED, n)
-    done = 0
+    answered = itertools.count(1)  # next() is atomic under the GIL: a progress counter for the threads
 
     def one(case):
-        nonlocal done
         result = run_case(client, tool, version, case)
-        done += 1
         if progress is not None:
-            progress(done, len(cases))
+            progress(next(answered), len(cases))
         return served_output(result)
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
