@@ -47,7 +47,8 @@ from pathlib import Path
 import numpy as np
 
 from mosmedai.storage import ObjectStore
-from mosmedai.tools import CATALOG
+from mosmedai import byo
+from mosmedai.tools import CATALOG, family_module
 
 CARD = "MODEL_CARD.md"
 EVALUATION = "evaluation.json"
@@ -306,8 +307,10 @@ def preflight(tool: str, version: int, repository: Path) -> Preflight:
                 missing.append(f"admission thresholds: {card_path} has no '## {SECTION}' section")
     module = reference_module(tool)
     if module is None:
-        missing.append(f"reference set: family {CATALOG[tool].family.name!r} of {tool} has no held-out case "
-                       f"generator (mosmedai.training.{CATALOG[tool].family.name}.cases and .score)")
+        family = CATALOG[tool].family.name
+        missing.append(f"reference set: no held-out case generator for {tool} (family {family!r} has no "
+                       f"mosmedai.training.{family} with cases() and score()"
+                       + ("; a tool package brings none" if family_module(tool) is byo else "") + ")")
     card_n = None
     evaluation = folder / EVALUATION
     if evaluation.is_file():
