@@ -295,8 +295,8 @@ class Gateway:
         "StudyResults). Instances are grouped by series; CT tools read a whole series ordered by Image "
         "Position (Patient). Optional query `tools=a,b` restricts the run to those tools; `versions=a:2` runs "
         "version 2 of tool a instead of the deployment's (any version the tool has and Triton has loaded; "
-        "`mosmedai tools admit` runs a candidate version this way).",
-        responses={code: {"model": ErrorBody} for code in (400, 413, 415, 422, 429, 502, 503, 504)},
+        "`mosmedai tools admit` runs a candidate version this way; 409 when that version is not loaded).",
+        responses={code: {"model": ErrorBody} for code in (400, 409, 413, 415, 422, 429, 502, 503, 504)},
         openapi_extra={"requestBody": {"required": True, "content": {
             DICOM_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
             MULTIPART_RELATED: {"schema": {"type": "string", "format": "binary"}}}}},
@@ -322,6 +322,8 @@ class Gateway:
                 raise InputError(422, "unknown_tool", f"tools not enabled here: {unknown}; "
                                  f"enabled: {self.settings.enabled_tools}")
         pinned = self._pinned_versions(versions, wanted) if versions else None
+        if pinned:
+            await self._pinned_loaded(pinned)
         asynchronous = "respond-async" in [token.strip().lower()
                                            for token in request.headers.get("prefer", "").split(",")]
         if asynchronous and (wanted is not None or pinned):
@@ -427,6 +429,21 @@ class Gateway:
                                  f"its versions: {list(CATALOG[tool].versions)}")
             pinned[tool] = int(number)
         return pinned
+
+    async def _pinned_loaded(self, pinned: dict[str, int]) -> None:
+        """InputError 409 when a chosen version that is not the deployment's has no ensemble
+        ready in Triton: the router would answer 503 and retry, as for a model reloading."""
+        for tool, version in pinned.items():
+            if version == self.settings.tool_version(tool):
+                continue
+            ensemble = CATALOG[tool].ensemble(version)
+            try:
+                ready = (await self.triton.get(f"/v2/models/{ensemble}/ready")).status_code == 200
+            except httpx.HTTPError:
+                ready = True  # Triton unreachable: the router's own failover and answer apply
+            if not ready:
+                raise InputError(409, "version_not_loaded", f"versions: {tool} version {version} (Triton ensemble "
+                                 f"{ensemble}) is not loaded here; load it first")
 
     async def _note_answered(self, tenant, items, results) -> None:
         """Remember (in the background) which tool versions answered the tenant's studies."""

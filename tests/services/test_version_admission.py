@@ -202,6 +202,11 @@ def test_the_versions_query_names_what_is_wrong(platform):
         pinned = client.post("/v1/studies", content=body, params={"tools": "cxr_opacity", "versions": "cxr_opacity:1"},
                              headers={"Content-Type": "application/dicom"})
         assert pinned.status_code == 200 and pinned.json()["tools"][0]["model_version"] == "1", pinned.text
+        # version 2 is in the catalog, but this platform has not loaded it: a clear 409, not a 503 to retry
+        unloaded = client.post("/v1/studies", content=body, params={"versions": "cxr_opacity:2"},
+                               headers={"Content-Type": "application/dicom"})
+        assert unloaded.status_code == 409 and unloaded.json()["error"] == "version_not_loaded", unloaded.text
+        assert "cxr_opacity version 2 (Triton ensemble cxr_opacity_v2) is not loaded" in unloaded.json()["detail"]
 
 
 def test_a_version_the_platform_has_not_loaded_is_an_error(platform, platform_settings):
