@@ -427,9 +427,11 @@ def admit(tool: str, version: int, client, records: AdmissionRecords, repository
     n = n or pre.card_n or DEFAULT_N
     ready = client.get(f"/v2/models/{tool}/versions/{version}/ready")
     if ready.status_code != 200:
+        said = f": {ready.text.strip()[:200]}" if ready.text.strip() else ""
         raise AdmissionError(
             f"{tool} version {version} (Triton ensemble {CATALOG[tool].ensemble(version)}) is not ready on the "
-            f"platform at {platform} (HTTP {ready.status_code}): load it in the pool's Triton first")
+            f"platform at {platform} (HTTP {ready.status_code}{said}): enable the tool and load the version's "
+            "ensemble in the pool's Triton first")
     started = clock()
     cases = pre.module.cases(tool, HELD_OUT_SEED, n)
     answered = itertools.count(1)  # next() is atomic under the GIL: a progress counter for the threads
