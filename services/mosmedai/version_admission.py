@@ -223,7 +223,8 @@ class AdmissionRecords:
                               content_type="application/json") is not None:
                 decision.key = key
                 return key
-        raise RuntimeError(f"could not create a new admission record under {version_prefix(decision.tool, decision.version)}")
+        prefix = version_prefix(decision.tool, decision.version)
+        raise RuntimeError(f"could not create a new admission record under {prefix}")
 
     def history(self, tool: str, version: int | None = None) -> list[Decision]:
         """The tool's decisions (one version's, if named), newest first."""

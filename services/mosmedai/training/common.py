@@ -231,7 +231,8 @@ def admission_thresholds(result: dict, metrics: Sequence[str]):
         n = {"sensitivity": result.get("n_positive"), "specificity": result.get("n_negative")}.get(metric)
         n = n or min(result.get("n_positive") or result["n"], result.get("n_negative") or result["n"])
         margin = max(ADMISSION_MIN_MARGIN, ADMISSION_STANDARD_ERRORS * math.sqrt(value * (1 - value) / max(n, 1)))
-        thresholds.append(Threshold(metric, ">=", max(0.0, round(math.floor((value - margin) / 0.05 + 1e-9) * 0.05, 2))))
+        bound = round(math.floor((value - margin) / 0.05 + 1e-9) * 0.05, 2)
+        thresholds.append(Threshold(metric, ">=", max(0.0, bound)))
     return thresholds
 
 
