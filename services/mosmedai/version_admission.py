@@ -1,5 +1,6 @@
 """The admission gate of tool versions: a version goes live only after its held-out reference
-set, run through the real platform, clears the thresholds its model card declares.
+set, run through the real platform, clears the thresholds its model card declares. (Not
+``mosmedai.admission``: that is the gateway's admission control under load.)
 
 This module owns:
 
@@ -46,8 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mosmedai.storage import ObjectStore
 from mosmedai import byo
+from mosmedai.storage import ObjectStore
 from mosmedai.tools import CATALOG, family_module
 
 CARD = "MODEL_CARD.md"
@@ -61,7 +62,6 @@ DEFAULT_BUCKET = "mosmedai-results"
 DEFAULT_N = 100
 #: How often one case is sent again when the platform is busy (429/503 with Retry-After) or slow (504).
 RETRIES = 4
-OPERATORS = {">=": "lower bound", "<=": "upper bound"}
 _ROW = re.compile(r"^\|\s*`?(?P<metric>[A-Za-z0-9_]+)`?\s*\|\s*(?P<op>>=|<=|≥|≤)\s*(?P<bound>[-+0-9.eE]+)\s*\|")
 
 
