@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -228,7 +229,13 @@ def version_2_loaded(platform):
     try:
         yield
     finally:
-        httpx.post(f"{triton}/v2/repository/models/cxr_opacity_v2/unload", timeout=60.0)
+        # the session platform runs version 1 only again (test_versions relies on it)
+        unloaded = httpx.post(f"{triton}/v2/repository/models/cxr_opacity_v2/unload", timeout=60.0)
+        assert unloaded.status_code == 200, unloaded.text
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{triton}/v2/models/cxr_opacity_v2/ready", timeout=10.0).status_code == 200:
+            assert time.monotonic() < deadline, "cxr_opacity_v2 is still loaded"
+            time.sleep(0.2)
 
 
 def test_admit_runs_the_reference_set_through_the_platform_and_keeps_each_decision(
