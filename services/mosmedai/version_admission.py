@@ -173,7 +173,7 @@ class Decision:
     thresholds: list | None = None  # [{"metric", "op", "bound"}]
     checks: list | None = None  # [{"metric", "op", "bound", "value", "passed"}]
     missing: list | None = None  # what a refusal before sending lacked
-    model_card: dict | None = None  # {"path", "sha256"}
+    model_card: dict | None = None  # {"path", "sha256", "evaluated_model_sha256"}
     platform: str = ""
     operator: str = ""
     host: str = ""
@@ -265,6 +265,13 @@ class Preflight:
     module: object | None  # the family's training module (cases, score)
     card_n: int | None  # the evaluation's n: the default reference-set size
     missing: list[str]
+    model_sha256: str | None = None  # of the network the card's evaluation measured
+
+    def card(self) -> dict | None:
+        """What the decision keeps of the card: which text was read, which weights it describes."""
+        if self.card_sha256 is None:
+            return None
+        return {"path": str(self.card_path), "sha256": self.card_sha256, "evaluated_model_sha256": self.model_sha256}
 
 
 def check_version(tool: str, version: int) -> None:
@@ -312,14 +319,15 @@ def preflight(tool: str, version: int, repository: Path) -> Preflight:
         missing.append(f"reference set: no held-out case generator for {tool} (family {family!r} has no "
                        f"mosmedai.training.{family} with cases() and score()"
                        + ("; a tool package brings none" if family_module(tool) is byo else "") + ")")
-    card_n = None
+    card_n, model_sha = None, None
     evaluation = folder / EVALUATION
     if evaluation.is_file():
         try:
-            card_n = int(json.loads(evaluation.read_text())["n"])
+            record = json.loads(evaluation.read_text())
+            card_n, model_sha = int(record["n"]), record.get("model_sha256")
         except (ValueError, KeyError, TypeError):
             card_n = None
-    return Preflight(tool, version, card_path, sha, thresholds, module, card_n, missing)
+    return Preflight(tool, version, card_path, sha, thresholds, module, card_n, missing, model_sha)
 
 
 def served_output(tool_result: dict):
@@ -405,7 +413,7 @@ def refusal_before_sending(pre: Preflight, platform: str, clock: Callable[[], fl
     return Decision(
         pre.tool, pre.version, REFUSED, "missing " + "; ".join(pre.missing), clock(), missing=list(pre.missing),
         thresholds=[asdict(t) for t in pre.thresholds] or None,
-        model_card={"path": str(pre.card_path), "sha256": pre.card_sha256} if pre.card_sha256 else None,
+        model_card=pre.card(),
         platform=platform, operator=user, host=host)
 
 
@@ -463,7 +471,7 @@ def admit(tool: str, version: int, client, records: AdmissionRecords, repository
         tool, version, REFUSED if failed else ADMITTED, reason, clock(), n=len(cases), seed=HELD_OUT_SEED,
         reference_set=f"{pre.module.__name__}.cases({tool!r}, seed={HELD_OUT_SEED}, n={len(cases)})",
         figures=figures, thresholds=[asdict(t) for t in pre.thresholds], checks=checks,
-        model_card={"path": str(pre.card_path), "sha256": pre.card_sha256}, platform=platform,
+        model_card=pre.card(), platform=platform,
         operator=user, host=host, seconds=round(clock() - started, 1))
     records.record(decision)
     return decision

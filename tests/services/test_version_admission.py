@@ -254,6 +254,8 @@ def test_admit_runs_the_reference_set_through_the_platform_and_keeps_each_decisi
     assert all(check["passed"] for check in decision.checks)
     assert decision.figures["sensitivity"] < 0.97, decision.figures  # what the refusal below relies on
     assert decision.model_card["path"] == str(REPOSITORY / "cxr_opacity_v2" / "MODEL_CARD.md")
+    evaluation = json.loads((REPOSITORY / "cxr_opacity_v2" / "evaluation.json").read_text())
+    assert decision.model_card["evaluated_model_sha256"] == evaluation["model_sha256"]
     assert decision.platform.rstrip("/") == platform["gateway"] and decision.operator and decision.seconds > 0
     assert is_admitted(store, "cxr_opacity", 2, platform_settings.results_bucket)
 
