@@ -417,7 +417,7 @@ class Gateway:
             if not entry:
                 continue
             tool, _, number = entry.partition(":")
-            if not (number.isascii() and number.isdigit()):
+            if not (number.isascii() and number.isdigit() and len(number) <= 6):  # int() of 4,300+ digits raises
                 raise InputError(422, "bad_versions", f"versions: {entry!r} is not TOOL:VERSION (e.g. cxr_opacity:2)")
             if tool not in self.settings.enabled_tools:
                 raise InputError(422, "unknown_tool", f"versions: tool {tool!r} is not enabled here; "
