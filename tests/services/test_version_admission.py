@@ -194,6 +194,7 @@ def test_the_versions_query_names_what_is_wrong(platform):
     with httpx.Client(base_url=platform["gateway"], timeout=120.0, headers=auth_headers()) as client:
         for versions, code, named in (("cxr_opacity:3", "unknown_version", "has no version 3; its versions: [1, 2]"),
                                       ("cxr_opacity", "bad_versions", "'cxr_opacity' is not TOOL:VERSION"),
+                                      ("cxr_opacity:" + "9" * 5000, "bad_versions", "is not TOOL:VERSION"),
                                       ("cxr_opacty:2", "unknown_tool", "'cxr_opacty' is not enabled"),
                                       ("cxr_nodule:1", "bad_versions", "cxr_nodule is not among the tools")):
             answer = client.post("/v1/studies", content=body, params={"tools": "cxr_opacity", "versions": versions},
