@@ -1,4 +1,5 @@
-"""The `mosmedai` command: run the local platform and submit studies to it."""
+"""The `mosmedai` command: run the local platform, submit studies to it, and manage its tools
+(packages; the admission gate of tool versions: ``mosmedai.version_admission``)."""
 
 from __future__ import annotations
 
@@ -199,6 +200,88 @@ def cmd_tools(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admission_records(settings: Settings):
+    from mosmedai.version_admission import AdmissionRecords
+    from mosmedai.worker import object_store
+
+    return AdmissionRecords(object_store(settings), settings.results_bucket)
+
+
+def format_decision(decision) -> str:
+    """A decision as the operator reads it: the verdict, then each figure against its bound."""
+    head = f"{decision.tool} version {decision.version}: {decision.decision.upper()}"
+    if decision.missing:
+        return "\n".join([f"{head} before sending anything; missing:", *(f"  - {m}" for m in decision.missing)])
+    lines = [f"{head} ({decision.n} cases of the held-out reference set, seed {decision.seed}, through "
+             f"{decision.platform}, {decision.seconds:g} s)",
+             f"  {'metric':24s} {'figure':>8s}  {'threshold':12s} result"]
+    for check in decision.checks or []:
+        figure = "n/a" if check["value"] is None else f"{check['value']:.4f}"
+        lines.append(f"  {check['metric']:24s} {figure:>8s}  {check['op'] + ' ' + format(check['bound'], 'g'):12s} "
+                     f"{'pass' if check['passed'] else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def cmd_admit(args: argparse.Namespace) -> int:
+    from mosmedai.storage import StorageError
+    from mosmedai.version_admission import AdmissionError, admit
+
+    settings = _settings()
+    url = args.url or f"http://{settings.bind_host}:{settings.gateway_http_port}"
+    repository = args.repository or settings.model_repository
+
+    def progress(done: int, total: int) -> None:
+        if done % 10 == 0 or done == total:
+            print(f"  {done}/{total} cases answered", file=sys.stderr, flush=True)
+
+    try:
+        with httpx.Client(base_url=url, timeout=args.timeout, headers=auth_headers(args.token)) as client:
+            decision = admit(args.tool, args.version, client, _admission_records(settings), Path(repository),
+                             n=args.n, concurrency=args.concurrency, progress=progress)
+    except AdmissionError as error:
+        print(f"mosmedai tools admit: {error}; nothing decided, nothing recorded", file=sys.stderr)
+        return 2
+    except httpx.HTTPError as error:
+        print(f"mosmedai tools admit: gateway at {url} unreachable ({error}); nothing decided", file=sys.stderr)
+        return 2
+    except StorageError as error:
+        print(f"mosmedai tools admit: the decision could not be recorded: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(json.loads(decision.to_json())) if args.json else format_decision(decision))
+    print(f"recorded as s3://{settings.results_bucket}/{decision.key}", file=sys.stderr)
+    return 0 if decision.admitted else 1
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from mosmedai.storage import StorageError
+    from mosmedai.tools import CATALOG
+
+    if args.tool not in CATALOG:
+        print(f"mosmedai tools history: unknown tool {args.tool!r}; known: {sorted(CATALOG)}", file=sys.stderr)
+        return 2
+    if args.version is not None and args.version not in CATALOG[args.tool].versions:
+        print(f"mosmedai tools history: tool {args.tool} has no version {args.version}; its versions: "
+              f"{list(CATALOG[args.tool].versions)}", file=sys.stderr)
+        return 2
+    settings = _settings()
+    try:
+        decisions = _admission_records(settings).history(args.tool, args.version)
+    except StorageError as error:
+        print(f"mosmedai tools history: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([{**json.loads(d.to_json()), "key": d.key} for d in decisions], indent=1))
+        return 0
+    if not decisions:
+        print(f"no admission decisions for {args.tool}" + (f" version {args.version}" if args.version else ""))
+        return 0
+    print(f"{'when (UTC)':27s} {'version':>7s}  {'decision':8s} {'cases':>5s}  {'operator':16s} why")
+    for d in decisions:
+        print(f"{d.when:27s} {d.version:>7d}  {d.decision:8s} {d.n:>5d}  {(d.operator + '@' + d.host)[:16]:16s} "
+              f"{d.reason}")
+    return 0
+
+
 #: Subcommands with parsers of their own (the capacity planner in load_tests/mosmedai_load).
 DELEGATED = {
     "capacity": ("mosmedai_load.capacity", "plan GPUs per region pool for a quarter of national volume"),
@@ -239,11 +322,40 @@ def main(argv: list[str] | None = None) -> None:
                          + " (default: the first; `none` for a clean example)")
     example.add_argument("--seed", type=int, default=7)
     example.set_defaults(run=cmd_example)
-    tools = commands.add_parser("tools", help="tool packages (model.onnx + manifest.yaml): check or install one")
-    tools.add_argument("action", choices=["check", "install"])
-    tools.add_argument("package", metavar="DIR")
-    tools.add_argument("--repository", type=Path, help="Triton model repository (default: model_repository/)")
-    tools.set_defaults(run=cmd_tools)
+    tools = commands.add_parser("tools", help="tool packages (check, install) and the admission gate of tool "
+                                "versions (admit, history)")
+    actions = tools.add_subparsers(dest="action", required=True)
+    for action, summary in (("check", "validate a tool package (model.onnx + manifest.yaml)"),
+                            ("install", "add a tool package to a Triton model repository")):
+        package = actions.add_parser(action, help=summary)
+        package.add_argument("package", metavar="DIR")
+        package.add_argument("--repository", type=Path, help="Triton model repository (default: model_repository/)")
+        package.set_defaults(run=cmd_tools)
+    admit = actions.add_parser(
+        "admit", help="run a tool version's held-out reference set through the platform; admit it only if it "
+        "clears its model card's thresholds (the decision is recorded)",
+        description="Runs the held-out reference set of TOOL (its family's cases at the evaluation's seed) through "
+        "the running platform's POST /v1/studies pinned to VERSION, scores the answers as the evaluation does and "
+        "compares each figure with the '## Admission thresholds' of the version's MODEL_CARD.md. The decision "
+        "(admitted or refused, with the figures) is recorded in the object store; `mosmedai tools history` shows "
+        "it. Exit status: 0 admitted, 1 refused, 2 nothing decided (an error).")
+    admit.add_argument("tool", metavar="TOOL")
+    admit.add_argument("version", metavar="VERSION", type=int)
+    admit.add_argument("-n", type=int, default=None, help="reference cases (default: as many as the version's "
+                       "evaluation.json; fewer is quicker and noisier)")
+    admit.add_argument("--url", help="gateway URL (default: the local one)")
+    admit.add_argument("--token", help="a tenant's bearer token (default: MOSMEDAI_TOKEN, else the local demo one)")
+    admit.add_argument("--repository", type=Path, help="where the model cards are (default: the configured "
+                       "model repository)")
+    admit.add_argument("--concurrency", type=int, default=2, help="cases in flight at once")
+    admit.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
+    admit.add_argument("--json", action="store_true", help="print the decision record as JSON")
+    admit.set_defaults(run=cmd_admit)
+    history = actions.add_parser("history", help="the admission decisions of a tool, newest first")
+    history.add_argument("tool", metavar="TOOL")
+    history.add_argument("--version", type=int, help="only this version's decisions")
+    history.add_argument("--json", action="store_true", help="the decision records as JSON")
+    history.set_defaults(run=cmd_history)
     for name, (_, summary) in DELEGATED.items():
         commands.add_parser(name, help=f"{summary} (`mosmedai {name} --help`)", add_help=False)
     parsed = parser.parse_args(args)

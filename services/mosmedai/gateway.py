@@ -227,8 +227,9 @@ class Gateway:
         log.warning("gateway replica stopped: %d unfinished jobs given back", len(released))
         await self.triton.aclose()
 
-    async def _infer(self, context: StudyContext, tools: list[str], tensors) -> dict:
-        outputs = await self.router.infer_image.remote(tools, tensors, context)
+    async def _infer(self, context: StudyContext, tools: list[str], tensors,
+                     versions: dict[str, int] | None = None) -> dict:
+        outputs = await self.router.infer_image.remote(tools, tensors, context, versions or None)
         for tool, out in outputs.items():
             if "model_version" in out:
                 self.metrics.feedback_possible(context.region, tool, version_label(str(out["model_version"])))
@@ -292,13 +293,16 @@ class Gateway:
         description="Body: one DICOM Part-10 file (`Content-Type: application/dicom`; answer: StudyResult), "
         "or several (`multipart/related; type=\"application/dicom\"`, as DICOMweb STOW-RS; answer: "
         "StudyResults). Instances are grouped by series; CT tools read a whole series ordered by Image "
-        "Position (Patient). Optional query `tools=a,b` restricts the run to those tools.",
-        responses={code: {"model": ErrorBody} for code in (400, 413, 415, 422, 429, 502, 503, 504)},
+        "Position (Patient). Optional query `tools=a,b` restricts the run to those tools; `versions=a:2` runs "
+        "version 2 of tool a instead of the deployment's (any version the tool has and Triton has loaded; "
+        "`mosmedai tools admit` runs a candidate version this way; 409 when that version is not loaded).",
+        responses={code: {"model": ErrorBody} for code in (400, 409, 413, 415, 422, 429, 502, 503, 504)},
         openapi_extra={"requestBody": {"required": True, "content": {
             DICOM_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
             MULTIPART_RELATED: {"schema": {"type": "string", "format": "binary"}}}}},
     )
-    async def submit_study(self, request: Request, tools: str | None = None) -> JSONResponse:
+    async def submit_study(self, request: Request, tools: str | None = None,
+                           versions: str | None = None) -> JSONResponse:
         received = time.perf_counter()
         tenant = tenant_of(request)
         self._keep_going()
@@ -317,11 +321,14 @@ class Gateway:
             if unknown:
                 raise InputError(422, "unknown_tool", f"tools not enabled here: {unknown}; "
                                  f"enabled: {self.settings.enabled_tools}")
+        pinned = self._pinned_versions(versions, wanted) if versions else None
+        if pinned:
+            await self._pinned_loaded(pinned)
         asynchronous = "respond-async" in [token.strip().lower()
                                            for token in request.headers.get("prefer", "").split(",")]
-        if asynchronous and wanted is not None:
-            raise InputError(422, "tools_with_async", "the `tools` query is not offered with Prefer: respond-async: "
-                             "an accepted study runs every enabled tool that reads it")
+        if asynchronous and (wanted is not None or pinned):
+            raise InputError(422, "tools_with_async", "the `tools` and `versions` queries are not offered with "
+                             "Prefer: respond-async: an accepted study runs every enabled tool that reads it")
         if self.draining and not asynchronous:
             # Refused at once, so the drain ends: another replica (pod) takes the retry. An
             # asynchronous study is still accepted: it is durable once accepted, and another
@@ -359,7 +366,7 @@ class Gateway:
                 if refused is not None:
                     return refused
                 admitted = time.monotonic()
-            answers = await infer_items(functools.partial(self._infer, context), items)
+            answers = await infer_items(functools.partial(self._infer, context, versions=pinned), items)
         finally:
             if admitted is not None:
                 self.gate.leave(tenant.id, admitted, answered=bool(answers) and not failures_of(answers))
@@ -402,6 +409,41 @@ class Gateway:
             result = StudyResults(study_instance_uid=images[0].study_instance_uid, results=results,
                                   timings_ms=timings)
         return JSONResponse(result.model_dump(mode="json"))
+
+    def _pinned_versions(self, versions: str, wanted: list[str] | None) -> dict[str, int]:
+        """The `versions` query (``tool:N[,tool:N]``) -> {tool: N}; InputError 422 naming the entry."""
+        pinned: dict[str, int] = {}
+        for entry in (part.strip() for part in versions.split(",")):
+            if not entry:
+                continue
+            tool, _, number = entry.partition(":")
+            if not (number.isascii() and number.isdigit() and len(number) <= 6):  # int() of 4,300+ digits raises
+                raise InputError(422, "bad_versions", f"versions: {entry!r} is not TOOL:VERSION (e.g. cxr_opacity:2)")
+            if tool not in self.settings.enabled_tools:
+                raise InputError(422, "unknown_tool", f"versions: tool {tool!r} is not enabled here; "
+                                 f"enabled: {self.settings.enabled_tools}")
+            if wanted is not None and tool not in wanted:
+                raise InputError(422, "bad_versions", f"versions: {tool} is not among the tools of this call {wanted}")
+            if int(number) not in CATALOG[tool].versions:
+                raise InputError(422, "unknown_version", f"versions: tool {tool} has no version {number}; "
+                                 f"its versions: {list(CATALOG[tool].versions)}")
+            pinned[tool] = int(number)
+        return pinned
+
+    async def _pinned_loaded(self, pinned: dict[str, int]) -> None:
+        """InputError 409 when a chosen version that is not the deployment's has no ensemble
+        ready in Triton: the router would answer 503 and retry, as for a model reloading."""
+        for tool, version in pinned.items():
+            if version == self.settings.tool_version(tool):
+                continue
+            ensemble = CATALOG[tool].ensemble(version)
+            try:
+                ready = (await self.triton.get(f"/v2/models/{ensemble}/ready")).status_code == 200
+            except httpx.HTTPError:
+                ready = True  # Triton unreachable: the router's own failover and answer apply
+            if not ready:
+                raise InputError(409, "version_not_loaded", f"versions: {tool} version {version} (Triton ensemble "
+                                 f"{ensemble}) is not loaded here; load it first")
 
     async def _note_answered(self, tenant, items, results) -> None:
         """Remember (in the background) which tool versions answered the tenant's studies."""

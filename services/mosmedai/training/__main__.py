@@ -1,11 +1,13 @@
-"""``python -m mosmedai.training train|evaluate [--tool NAME|all] [--version N]``: every family's tools.
+"""``python -m mosmedai.training train|evaluate|cards [--tool NAME|all] [--version N]``: every family's tools.
 
 ``make models`` runs ``train`` then ``evaluate``: each family module
 (``mosmedai.training.<family>``) trains its networks on its phantoms with fixed seeds and
 writes its model cards from held-out phantoms. ``--version N`` trains or evaluates one
 version of the tools (``ToolSpec.versions``; weights in the version folders of
 ``<tool>_net`` and ``<tool>_post``, card and evaluation in the version's ensemble folder);
-families whose training has no versions yet refuse any but 1.
+families whose training has no versions yet refuse any but 1. ``cards`` rewrites the model
+cards of every version from their ``evaluation.json`` through the same card writers, without
+evaluating again (after a change to the cards' text, such as their admission thresholds).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
 import time
 from pathlib import Path
 
@@ -25,13 +28,21 @@ def training_module(tool: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("train", "evaluate"))
+    parser.add_argument("command", choices=("train", "evaluate", "cards"))
     parser.add_argument("--tool", default="all", choices=("all", *CATALOG))
     parser.add_argument("--n", type=int, default=None, help="held-out cases (default: each family's)")
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--version", type=int, default=1, help="the tool version (default 1)")
     args = parser.parse_args(argv)
     tools = list(CATALOG) if args.tool == "all" else [args.tool]
+    if args.command == "cards":
+        for tool in tools:
+            module = training_module(tool)
+            for version in CATALOG[tool].versions:
+                evaluation = args.repository / CATALOG[tool].ensemble(version) / "evaluation.json"
+                module.write_card(tool, json.loads(evaluation.read_text()), args.repository)
+                print(f"{tool} version {version}: card rewritten from {evaluation}", flush=True)
+        return 0
     if args.version != 1:
         if args.tool == "all":
             parser.error("--version other than 1 needs --tool NAME")

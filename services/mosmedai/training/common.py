@@ -191,6 +191,61 @@ def model_facts(repository: Path, tool: str, version: int = 1) -> dict[str, str]
     return facts
 
 
+# --------------------------------------------------------------------------------------
+# admission thresholds of the model cards (read by mosmedai.version_admission)
+
+#: Lower bounds (rates, AUC) sit at least this far below the held-out figure...
+ADMISSION_MIN_MARGIN = 0.05
+#: ...or this many of its binomial standard errors, whichever is more, rounded down to a 0.05 step.
+ADMISSION_STANDARD_ERRORS = 2.0
+#: Upper bounds (mean absolute errors) sit this share above the held-out figure, rounded up.
+ADMISSION_ERROR_HEADROOM = 0.3
+ADMISSION_RULE = (
+    f"Lower bounds sit below the held-out figure by {ADMISSION_MIN_MARGIN} or "
+    f"{ADMISSION_STANDARD_ERRORS:g} binomial standard errors at the held-out size, whichever is more, "
+    f"rounded down to a 0.05 step; upper bounds (mean absolute errors) sit "
+    f"{ADMISSION_ERROR_HEADROOM * 100:.0f} % above it, rounded up. They are set for the whole reference set: "
+    "a run on fewer cases (`-n`) is noisier."
+)
+
+
+def _upper_bound(value: float) -> float:
+    target = value * (1 + ADMISSION_ERROR_HEADROOM)
+    step = 10 ** math.floor(math.log10(target)) / 2 if target > 0 else 0.05  # 1.44 -> 1.5, 32.9 -> 35
+    return round(math.ceil(target / step - 1e-9) * step, 6)
+
+
+def admission_thresholds(result: dict, metrics: Sequence[str]):
+    """Bounds for the named headline metrics of a held-out result (those it measured):
+    ``<=`` for mean absolute errors (names with ``mae``), ``>=`` for rates and AUC."""
+    from mosmedai.version_admission import Threshold
+
+    thresholds = []
+    for metric in metrics:
+        value = result.get(metric)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            continue
+        if "mae" in metric:
+            thresholds.append(Threshold(metric, "<=", _upper_bound(float(value))))
+            continue
+        n = {"sensitivity": result.get("n_positive"), "specificity": result.get("n_negative")}.get(metric)
+        n = n or min(result.get("n_positive") or result["n"], result.get("n_negative") or result["n"])
+        margin = max(ADMISSION_MIN_MARGIN, ADMISSION_STANDARD_ERRORS * math.sqrt(value * (1 - value) / max(n, 1)))
+        bound = round(math.floor((value - margin) / 0.05 + 1e-9) * 0.05, 2)
+        thresholds.append(Threshold(metric, ">=", max(0.0, bound)))
+    return thresholds
+
+
+def with_admission_thresholds(card: str, tool: str, result: dict, metrics: Sequence[str]) -> str:
+    """The card text with its ``## Admission thresholds`` section (mosmedai.version_admission)."""
+    from mosmedai.version_admission import replace_section, thresholds_section
+
+    thresholds = admission_thresholds(result, metrics)
+    section = thresholds_section(tool, int(result.get("version", 1)), thresholds,
+                                 {t.metric: result[t.metric] for t in thresholds}, ADMISSION_RULE)
+    return replace_section(card, section)
+
+
 def pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f} %"
 

@@ -45,7 +45,8 @@ import numpy as np
 from mosmedai.families import ToolOutput
 from mosmedai.families import ct_brain as family
 from mosmedai.training import CALIBRATION_SEED, HELD_OUT_SEED, TEST_SEED, TRAIN_SEED, common
-from mosmedai.training.common import Case, minibatches, one_cycle, optimise, training_summary
+from mosmedai.training.common import (Case, minibatches, one_cycle, optimise, training_summary,
+                                      with_admission_thresholds)
 from mosmedai.volumes import VolumeGeometry, sample_indices, window
 
 TOOLS = tuple(spec.name for spec in family.TOOLS)
@@ -1163,7 +1164,7 @@ family's `postprocess`; the same numbers are in `evaluation.json`).
   so the key slice is accurate to about one grid slice.
 - The metrics have the sampling uncertainty shown; they were measured once, on one seed.
 """
-    (folder / "MODEL_CARD.md").write_text(card)
+    (folder / "MODEL_CARD.md").write_text(with_admission_thresholds(card, tool, result, TOLERANCE))
 
 
 if __name__ == "__main__":

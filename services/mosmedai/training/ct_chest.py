@@ -49,7 +49,8 @@ from mosmedai.families import ct_chest as family
 from mosmedai.families import ToolOutput
 from mosmedai.families.ct_chest import GRID, HEAD, HEADS, TOOL_NAMES, WINDOW
 from mosmedai.training import CALIBRATION_SEED, HELD_OUT_SEED, TEST_SEED, TRAIN_SEED, common
-from mosmedai.training.common import Case, minibatches, one_cycle, optimise, training_summary
+from mosmedai.training.common import (Case, minibatches, one_cycle, optimise, training_summary,
+                                      with_admission_thresholds)
 from mosmedai.training.evaluate import (
     auc_score,
     auc_standard_error,
@@ -1065,7 +1066,7 @@ Hanley-McNeil for AUC.
     folder = repository / tool
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "evaluation.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    (folder / "MODEL_CARD.md").write_text(text)
+    (folder / "MODEL_CARD.md").write_text(with_admission_thresholds(text, tool, result, HEADLINE[tool]))
 
 
 def main(argv: list[str] | None = None) -> int:

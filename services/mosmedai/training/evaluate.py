@@ -29,7 +29,7 @@ import numpy as np
 
 from mosmedai.postprocess import Calibration, postprocess
 from mosmedai.training import CALIBRATION_SEED, HELD_OUT_SEED, TRAIN_SEED
-from mosmedai.training.common import frozen, model_facts, pct, run_onnx
+from mosmedai.training.common import frozen, model_facts, pct, run_onnx, with_admission_thresholds
 from mosmedai.training.phantoms import TOOLS, network_arrays
 
 #: Threshold when the postprocess config does not exist yet.
@@ -37,6 +37,8 @@ DEFAULT_THRESHOLD = 0.5
 #: A predicted box "hits" when its centre lies in the true box grown by this share (about its centre).
 HIT_ENLARGEMENT = 0.25
 ECE_BINS = 10
+#: The figures `mosmedai tools admit` checks (chest_xray.score measures them from served answers).
+ADMISSION_METRICS = ("auc", "sensitivity", "specificity", "localisation_hit_rate")
 #: Size bands (mm) for sensitivity by size: diameter (opacity, nodule), apical depth (pneumothorax).
 #: The last band is open-ended. Opacity size is the diameter of a disc of the mask's area
 #: (a blob cut by the lung edge can be under 30 mm).
@@ -448,7 +450,8 @@ def write_card(result: dict, repository: Path) -> Path:
     folder = Path(repository) / CATALOG[result["tool"]].ensemble(int(result.get("version", 1)))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-    (folder / "MODEL_CARD.md").write_text(model_card(result, Path(repository)))
+    card = model_card(result, Path(repository))
+    (folder / "MODEL_CARD.md").write_text(with_admission_thresholds(card, result["tool"], result, ADMISSION_METRICS))
     return folder
 
 

@@ -42,7 +42,7 @@ from mosmedai.families import ToolOutput
 from mosmedai.imaging import GrayscaleParams, Letterbox, VoiFunction, preprocess
 from mosmedai.training import CALIBRATION_SEED, HELD_OUT_SEED, TEST_SEED, TRAIN_SEED
 from mosmedai.training import phantoms as cxr
-from mosmedai.training.common import Case, apply_overrides, model_facts, pct
+from mosmedai.training.common import Case, apply_overrides, model_facts, pct, with_admission_thresholds
 from mosmedai.training.evaluate import (
     auc_score,
     auc_standard_error,
@@ -667,7 +667,7 @@ def write_card(tool: str, result: dict, repository: Path = Path("model_repositor
     folder = repository / tool
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-    (folder / "MODEL_CARD.md").write_text(f"""# Model card: `{tool}`
+    (folder / "MODEL_CARD.md").write_text(with_admission_thresholds(f"""# Model card: `{tool}`
 
 > **Reference model trained on synthetic data; not for clinical use.** It has never seen a
 > real fluorogram; the numbers below describe synthetic phantoms only.
@@ -758,7 +758,7 @@ NPV and PPV depend on prevalence: real screening prevalence is far lower than he
 - The location is a box around the heatmap peak region at 1/8 input resolution (about 8 input
   pixels, ~12 mm): it marks where, not the outline.
 - The metrics have the sampling uncertainty shown; measured once, on one seed.
-""")
+""", tool, result, TOLERANCE))
 
 
 def main(argv: list[str] | None = None) -> int:

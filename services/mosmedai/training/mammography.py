@@ -51,7 +51,7 @@ from mosmedai.training.common import (
     Case, count_macs as _count_macs, export_onnx, frozen, map_items, minibatches, model_facts as _model_facts, one_cycle, optimise,
     pct as _pct, platt_operating_point, run_onnx, stack_columns, threshold_rule, training_summary, write_calibration,
 )
-from mosmedai.training.common import block2d
+from mosmedai.training.common import block2d, with_admission_thresholds
 from mosmedai.training.phantoms import _bbox, _blur, _smoothstep, _to_stored, heatmap_target
 
 TOOLS = tuple(spec.name for spec in SPECS)
@@ -1012,7 +1012,7 @@ Produced by `python -m mosmedai.training.mammography evaluate --tool {tool} --n 
     folder = repository / tool
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-    (folder / "MODEL_CARD.md").write_text(card)
+    (folder / "MODEL_CARD.md").write_text(with_admission_thresholds(card, tool, result, HEADLINE[tool]))
 
 
 # --------------------------------------------------------------------------------------

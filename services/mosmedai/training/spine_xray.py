@@ -49,7 +49,8 @@ from mosmedai.families.spine_xray import (
 from mosmedai.imaging import NETWORK_SIZE, GrayscaleParams, Letterbox, VoiFunction, preprocess
 from mosmedai.training import CALIBRATION_SEED, HELD_OUT_SEED, TEST_SEED, TRAIN_SEED
 from mosmedai.training import phantoms as cxr
-from mosmedai.training.common import Case, apply_overrides, model_facts, pct, run_onnx, write_calibration
+from mosmedai.training.common import (Case, apply_overrides, model_facts, pct, run_onnx, write_calibration,
+                                      with_admission_thresholds)
 from mosmedai.training.common import export_onnx as common_export_onnx
 from mosmedai.training.evaluate import box_hit, sensitivity_specificity, wilson_interval
 
@@ -653,7 +654,7 @@ def write_card(tool: str, result: dict, repository: Path = Path("model_repositor
     folder = repository / tool
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-    (folder / "MODEL_CARD.md").write_text(f"""# Model card: `{tool}`
+    (folder / "MODEL_CARD.md").write_text(with_admission_thresholds(f"""# Model card: `{tool}`
 
 > **Reference model trained on synthetic data; not for clinical use.** It has never seen a
 > real radiograph; the numbers below describe synthetic phantoms only.
@@ -762,7 +763,7 @@ the max - min of 17 tilts about 2-3 deg.
   vertebrae are taken as the most tilted rows, not by vertebra labelling, and are not named.
 - Square pixels assumed; angles are in pixel space.
 - The metrics have the sampling uncertainty shown; measured once, on one seed.
-""")
+""", tool, result, TOLERANCE))
 
 
 def main(argv: list[str] | None = None) -> int:
