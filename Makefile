@@ -62,7 +62,7 @@ test-integration: install
 	$(BIN)/python -m pytest -q -m integration
 
 bench: install
-	$(BIN)/python -m mosmedai.bench
+	$(BIN)/python -m mosmedai.bench $(BENCH_ARGS)
 
 loadtest: install
 	$(BIN)/python -m mosmedai_load.loadtest --out .run/loadtest

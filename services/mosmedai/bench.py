@@ -24,8 +24,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import math
 import os
+import shutil
+import subprocess
+import sys
 import statistics
 import time
 from dataclasses import dataclass
@@ -191,25 +196,105 @@ async def through_triton(body: bytes, settings: Settings, seconds: float) -> lis
     return runs
 
 
-async def through_gateway(body: bytes, url: str, seconds: float) -> tuple[list[Run], list[float]]:
+#: the gateway's timings of a study (``timings_ms``), in the order the path spends them
+STAGES = ("receive", "decode", "router hop", "triton", "rest of the gateway")
+
+
+def stages_of(timings: list[dict], client_ms: list[float]) -> dict[str, float]:
+    """Where the milliseconds of a study go (medians): outside the handler (the client's send
+    and the HTTP server before the handler runs), then the gateway's own stages."""
+    median = {key: statistics.median(t[key] for t in timings) for key in timings[0]}
+    shares = {
+        "client and HTTP server": statistics.median(client_ms) - median["total"],
+        "receive": median["receive"],
+        "decode": median["decode"],
+        "router hop": median["inference"] - median["triton"],
+        "triton": median["triton"],
+    }
+    shares["rest of the gateway"] = median["total"] - median["receive"] - median["decode"] - median["inference"]
+    return shares
+
+
+async def through_gateway(body: bytes, url: str, seconds: float,
+                          profile: "Profiler | None" = None) -> tuple[list[Run], list[float], dict[str, float]]:
+    """(c) at each concurrency; the realised mean batch of each; where the milliseconds go at
+    the lowest concurrency. ``profile`` samples the gateway and router during the highest."""
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     batch_sizes = []
+    timings: list[dict] = []
+    client_ms: list[float] = []
     async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits, headers=auth_headers()) as client:
-        async def send():
+        async def send(record: bool = False):
+            started = time.perf_counter()
             answer = await client.post("/v1/studies", params={"tools": TOOL}, content=body,
                                        headers={"Content-Type": "application/dicom"})
             if answer.status_code in (429, 503) and "retry-after" in answer.headers:
                 return False
             if answer.status_code != 200:
                 raise RuntimeError(f"gateway answered {answer.status_code}: {answer.text}")
+            if record:
+                client_ms.append((time.perf_counter() - started) * 1000)
+                timings.append(answer.json()["timings_ms"])
             return True
 
         runs = []
         for concurrency in CONCURRENCIES:
             await client.post("/v1/router/batches/reset")
-            runs.append(await _closed_loop(send, concurrency, seconds, "(c) full path"))
+            first, last = concurrency == CONCURRENCIES[0], concurrency == CONCURRENCIES[-1]
+            if profile and last:
+                profile.start(seconds)
+            runs.append(await _closed_loop(functools.partial(send, record=first), concurrency, seconds,
+                                           "(c) full path"))
             batch_sizes.append((await client.get("/v1/router/batches")).json()[TOOL]["mean_batch_size"])
-    return runs, batch_sizes
+    return runs, batch_sizes, stages_of(timings, client_ms)
+
+
+class Profiler:
+    """py-spy on the gateway and router replicas while a row runs (``make bench
+    BENCH_ARGS=--profile``): the share of the time each holds the GIL (Python on a core),
+    and the functions it runs most, by samples taken while it does."""
+
+    REPLICAS = {"gateway": "ServeReplica:mosmedai:Gateway", "router": "ServeReplica:mosmedai:Router"}
+
+    def __init__(self, out: Path, rate: int = 200):
+        self.out, self.rate = out, rate
+        self.spies: dict[str, tuple[subprocess.Popen, Path]] = {}
+        self.seconds = 0.0
+
+    def start(self, seconds: float) -> None:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.seconds = seconds
+        for name, marker in self.REPLICAS.items():
+            pids = [p.pid for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+            if not pids:
+                raise RuntimeError(f"profile: no {name} replica ({marker}) is running")
+            raw = self.out / f"{name}.txt"
+            command = [spy, "record", "--pid", str(pids[0]), "--duration", str(math.ceil(seconds)),
+                       "--rate", str(self.rate), "--gil", "--format", "raw", "--output", str(raw)]
+            self.spies[name] = (subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), raw)
+
+    def report(self, top: int = 12) -> dict[str, dict]:
+        figures = {}
+        for name, (spy, raw) in self.spies.items():
+            _, error = spy.communicate(timeout=self.seconds + 60)
+            if spy.returncode != 0 or not raw.exists():
+                raise RuntimeError(f"profile: py-spy on the {name} failed: {error.decode()[-500:]}")
+            leaves: dict[str, int] = {}
+            samples = 0
+            for line in raw.read_text().splitlines():
+                stack, _, count = line.rpartition(" ")
+                leaves[stack.rsplit(";", 1)[-1]] = leaves.get(stack.rsplit(";", 1)[-1], 0) + int(count)
+                samples += int(count)
+            gil = samples / (self.rate * self.seconds)
+            print(f"   {name}: holds the GIL {100 * gil:.0f} % of the time; by samples with the GIL:")
+            ranked = sorted(leaves.items(), key=lambda item: -item[1])[:top]
+            for frame, count in ranked:
+                print(f"     {100 * count / samples:5.1f} %  {frame[:110]}")
+            figures[name] = {"gil_share": gil, "top": [[frame, count / samples] for frame, count in ranked],
+                             "raw": str(raw)}
+        self.spies.clear()
+        return figures
 
 
 async def through_grpc_studies(body: bytes, settings: Settings, seconds: float) -> list[Run]:
@@ -340,12 +425,12 @@ def _row(run: Run, base: float | None = None, batch: float | None = None, note: 
             f"{run.percentile(99):8.1f} {ratio} {size}{note}")
 
 
-def measure(body: bytes, settings: Settings, seconds: float) -> dict:
+def measure(body: bytes, settings: Settings, seconds: float, profile: Profiler | None = None) -> dict:
     """Every row for one image, printed as a table; returns the figures."""
     a = in_process(body, settings, seconds)
     limit = machine_limit(body, settings, seconds)
     b = asyncio.run(through_triton(body, settings, seconds))
-    c, batch_sizes = asyncio.run(through_gateway(body, local.endpoints(settings)["gateway"], seconds))
+    c, batch_sizes, stages = asyncio.run(through_gateway(body, local.endpoints(settings)["gateway"], seconds, profile))
     grpc_runs = asyncio.run(through_grpc_studies(body, settings, seconds))
     stow = through_stow(body, settings, seconds)
 
@@ -369,12 +454,20 @@ def measure(body: bytes, settings: Settings, seconds: float) -> dict:
           f"(target >= 0.7), b/limit = {b_best / limit.rate:.2f}; best (c) at concurrency {c[saturated].concurrency}")
     print(f"added latency of (c) over (b) at concurrency 1: p50 {added_p50:+.1f} ms (target <= 3), "
           f"p99 {added_p99:+.1f} ms (target <= 10); batch fill at concurrency {c[-1].concurrency}: "
-          f"{batch_fill:.2f} (target >= 0.8)\n")
+          f"{batch_fill:.2f} (target >= 0.8)")
+    print(f"where the {sum(stages.values()):.1f} ms of (c) at concurrency {c[0].concurrency} go (medians; (b) "
+          f"takes {b[0].percentile(50):.1f}): " + ", ".join(f"{name} {ms:.1f}" for name, ms in stages.items()))
+    profiled = {}
+    if profile:
+        print(f"profile of (c) at concurrency {c[-1].concurrency} (py-spy, {profile.rate} samples/s):")
+        profiled = profile.report()
+    print()
     summary = lambda run: {"concurrency": run.concurrency, "rate": run.rate,  # noqa: E731
                            "p50_ms": run.percentile(50), "p99_ms": run.percentile(99)}
     return {
         "limit_img_s": limit.rate, "triton_img_s": b_best, "full_img_s": c_best,
         "added_p50_ms": added_p50, "added_p99_ms": added_p99, "batch_fill": batch_fill,
+        "stages_ms": stages, "profile": profiled,
         "rows": {
             "a": summary(a), "limit": {"processes": limit.concurrency, "rate": limit.rate},
             "b": [summary(run) for run in b],
@@ -438,6 +531,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--syntaxes", default="uncompressed,rle",
                         help=f"transfer syntaxes of the image, comma-separated, from {sorted(SYNTAXES)}")
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"where the figures go (default {RESULTS})")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample the gateway and router with py-spy during (c) at the highest concurrency "
+                        "(raw stacks beside the results file)")
     args = parser.parse_args(argv)
     syntaxes = [name.strip() for name in args.syntaxes.split(",") if name.strip()]
     unknown = [name for name in syntaxes if name not in SYNTAXES]
@@ -460,7 +556,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in syntaxes:
             body = to_bytes(dataset, SYNTAXES[name])
             print(f"== {name} ({SYNTAXES[name].name}): {len(body) / 2**20:.1f} MiB")
-            figures[name] = measure(body, settings, args.seconds)
+            profile = Profiler(args.json.parent / f"profile-{name}") if args.profile else None
+            figures[name] = measure(body, settings, args.seconds, profile)
         figures["ct"] = ct_study(settings)
         pss, rss, processes, memory_parts = platform_memory(settings)
         if "triton-RU-TA" in local.local_pools(settings):
