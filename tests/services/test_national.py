@@ -243,7 +243,7 @@ def test_a_killed_pool_fails_over_loses_nothing_and_its_region_returns_home(plat
 RETURN_HOME_S = 15.0
 
 
-def test_every_local_process_runs_with_two_malloc_arenas(platform, platform_settings):
+def test_every_local_process_runs_with_the_malloc_settings_that_keep_its_memory_down(platform, platform_settings):
     """glibc's default arenas keep each thread's high-water mark (the PSS target, make bench)."""
     groups = {group: pid for group, pid in local.status(platform_settings).items() if pid}
     assert {"triton", "triton-RU-TA", "serve", "grpc", "dimse", "s3"} <= set(groups)
@@ -254,3 +254,5 @@ def test_every_local_process_runs_with_two_malloc_arenas(platform, platform_sett
             except FileNotFoundError:  # ended meanwhile
                 continue
             assert b"MALLOC_ARENA_MAX=" + local.MALLOC_ARENAS.encode() in environ, (group, member)
+            if group in local.MMAP_THRESHOLD_GROUPS:
+                assert b"MALLOC_MMAP_THRESHOLD_=" + local.MMAP_THRESHOLD_GROUPS[group].encode() in environ, group
