@@ -170,3 +170,29 @@ class ToolQuality(BaseModel):
     region: str
     versions: list[VersionQuality]
     shadow_agreement_status: str = Field(description="Why shadow_agreement is null")
+
+
+class ToolVersionInfo(BaseModel):
+    version: int = Field(description="The tool version (its ensemble: `<tool>` for 1, `<tool>_v<N>` after)")
+    ensemble: str = Field(description="The Triton ensemble that runs it")
+    in_repository: bool = Field(description="Whether the model repository holds its ensemble")
+    model_card: str | None = Field(description="Path of its model card in the model repository; null when absent")
+    evaluation: dict | None = Field(
+        description="Its held-out evaluation summary (n, auc, sensitivity, specificity at the threshold, ...); "
+        "null when the repository has none")
+
+
+class ToolInfo(BaseModel):
+    tool: str
+    title: str
+    versions: list[ToolVersionInfo] = Field(description="Every version the catalog and repository hold")
+    enabled: bool = Field(description="Whether the caller (its region, or its own override) gets this tool's results")
+    live_version: int | None = Field(description="The version that answers the caller; null when not enabled")
+
+
+class ToolsAnswer(BaseModel):
+    """GET /v1/tools: every tool, its versions, and what is enabled and live for the caller."""
+
+    tenant: str
+    region: str
+    tools: list[ToolInfo]

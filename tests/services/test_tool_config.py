@@ -1,0 +1,308 @@
+"""Per-region tool choice (mosmedai.tool_config) on a real platform of this module's own:
+two Tritons (RU-MOW and RU-TA, the chest X-ray tools), the Ray Serve gateway and router, the
+local S3 server. The tool configuration is a file: RU-MOW runs cxr_opacity version 2, RU-TA
+version 1 without cxr_pneumothorax. Nothing of ours is mocked; a change is made by rewriting
+the file while studies run.
+
+The unit tests at the top check what is refused (at start and at a reload), naming the field."""
+
+import json
+import os
+import threading
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mosmedai import local, tool_config
+from mosmedai.config import Settings
+from mosmedai.pools import directory_for
+from mosmedai.tenants import DEMO_TOKENS, auth_headers
+from mosmedai.training.phantoms import dicom_bytes, make_phantom
+
+PORT_OFFSET = int(os.environ.get("MOSMEDAI_TEST_PORT_OFFSET", "0"))
+BASE = 28600 + PORT_OFFSET
+PORTS = {"gateway_http_port": BASE, "triton_http_port": BASE + 10, "triton_grpc_port": BASE + 11,
+         "triton_metrics_port": BASE + 12, "second_pool_http_port": BASE + 20, "serve_proxy_port": BASE + 30,
+         "gateway_direct_grpc_port": BASE + 40, "router_metrics_port": BASE + 50, "prometheus_port": BASE + 60,
+         "s3_port": BASE + 70, "grpc_port": BASE + 80, "dimse_port": BASE + 90}
+CHEST = ["cxr_opacity", "cxr_nodule", "cxr_pneumothorax"]
+TENANTS = {"demo-moscow": "RU-MOW", "demo-tatarstan": "RU-TA"}
+DICOM = {"Content-Type": "application/dicom"}
+TEST_SEED = 7_400_001  # phantom seeds apart from the training and other tests' seeds
+
+FIRST = """
+regions:
+  RU-MOW:
+    versions: {cxr_opacity: 2}
+  RU-TA:
+    tools: [cxr_opacity, cxr_nodule]
+"""
+
+
+def settings_with(tmp_path, **changes) -> Settings:
+    return Settings(**{"run_dir": tmp_path, "enabled_tools": CHEST, "second_pool_tools": CHEST, **changes})
+
+
+# --- what is refused, naming the field -----------------------------------------------------------
+@pytest.mark.parametrize("text,named", [
+    ("regions: {RU-XX: {}}", "regions.RU-XX: 'RU-XX' is not an ISO 3166-2:RU subdivision code"),
+    ("regions: {RU-MOW: {versions: {cxr_opacity: 3}}}",
+     "regions.RU-MOW.versions.cxr_opacity: tool cxr_opacity has no version 3; its versions: [1, 2]"),
+    ("regions: {RU-TA: {tools: [cxr_opacty]}}", "regions.RU-TA: unknown tool 'cxr_opacty'"),
+    ("defaults: {tools: [ctc_covid]}", "defaults: tool 'ctc_covid' is not served by this deployment"),
+    ("tenants: {kazan-nobody: {tools: all}}", "tenants.kazan-nobody: unknown tenant"),
+    ("tenants: {demo-tatarstan: {versions: {cxr_nodule: 2}}}",
+     "tenants.demo-tatarstan.versions.cxr_nodule: tool cxr_nodule has no version 2"),
+    ("regions: {RU-MOW: {tools: [], versions: {}}}", "regions.RU-MOW.tools: empty"),
+    ("regions: {RU-MOW: {tool: all}}", "regions.RU-MOW.tool: Extra inputs are not permitted"),
+    ("regions: [RU-MOW]", "regions: Input should be a valid dictionary"),
+])
+def test_a_bad_configuration_is_refused_naming_the_field(tmp_path, text, named):
+    settings = settings_with(tmp_path)
+    with pytest.raises(tool_config.ToolsConfigError) as refused:
+        tool_config.parse_text(text, settings, TENANTS, directory_for(settings))
+    assert named in str(refused.value)
+
+
+def test_a_region_no_pool_serves_and_a_version_missing_from_the_repository_are_refused(tmp_path):
+    settings = settings_with(tmp_path, second_pool_tools=[])
+    pools = [{"name": "RU-MOW", "regions": ["RU-MOW"], "endpoints": ["127.0.0.1:1"]}]
+    directory = directory_for(settings.model_copy(update={"pools_file": json.dumps(pools)}))
+    with pytest.raises(tool_config.ToolsConfigError, match="regions.RU-TA: no pool serves region RU-TA"):
+        tool_config.parse_text("regions: {RU-TA: {}}", settings, {}, directory)
+    repository = tmp_path / "repository"
+    (repository / "cxr_opacity").mkdir(parents=True)
+    (repository / "cxr_opacity" / "config.pbtxt").write_text("")
+    with pytest.raises(tool_config.ToolsConfigError,
+                       match=r"defaults.versions.cxr_opacity: version 2 \(cxr_opacity_v2\) is not in the model repository"):
+        tool_config.parse_text("defaults: {versions: {cxr_opacity: 2}}",
+                               settings.model_copy(update={"model_repository": repository}), {})
+
+
+def test_the_default_is_every_served_tool_at_the_settings_version(tmp_path):
+    choices = tool_config.load(settings_with(tmp_path, tool_versions={"cxr_opacity": 2}), TENANTS)
+    for tenant, region in TENANTS.items():
+        view = choices.view(region, tenant)
+        assert view.enabled == tuple(CHEST)
+        assert view.versions == {"cxr_opacity": 2, "cxr_nodule": 1, "cxr_pneumothorax": 1}
+
+
+def test_precedence_tenant_over_region_over_defaults(tmp_path):
+    text = FIRST + """
+defaults:
+  versions: {cxr_opacity: 2}
+tenants:
+  demo-tatarstan:
+    tools: all
+"""
+    choices = tool_config.parse_text(text, settings_with(tmp_path), TENANTS)
+    tatarstan = choices.view("RU-TA", "demo-tatarstan")
+    assert tatarstan.enabled == tuple(CHEST)  # the tenant's `tools` replaces the region's
+    assert tatarstan.versions["cxr_opacity"] == 2  # the region names no version: the defaults'
+    assert choices.view("RU-TA").enabled == ("cxr_opacity", "cxr_nodule")
+    assert choices.view("RU-SPE").versions["cxr_opacity"] == 2  # a region not listed: the defaults
+    assert choices.live()["cxr_opacity"] == [2]
+
+
+def test_an_invalid_file_is_refused_before_anything_starts(tmp_path):
+    path = tmp_path / "tools.yaml"
+    path.write_text("regions:\n  RU-TA:\n    versions: {cxr_opacity: 9}\n")
+    settings = settings_with(tmp_path, tools_config=str(path), **PORTS)
+    with pytest.raises(tool_config.ToolsConfigError, match="regions.RU-TA.versions.cxr_opacity: .* no version 9"):
+        local.up(settings)
+    assert all(pid is None for pid in local.status(settings).values())
+
+
+# --- the real platform --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def regional(tmp_path_factory):
+    run = tmp_path_factory.mktemp("regional")
+    path = run / "tools.yaml"
+    path.write_text(FIRST)
+    settings = settings_with(run, tools_config=str(path), tools_config_poll_s=0.5, tools_unload_grace_s=3.0,
+                             prometheus_binary=str(run / "no-prometheus"), router_batch_wait_ms=2.0, **PORTS)
+    try:
+        urls = local.up(settings)
+    except Exception:
+        for name in ("triton.log", "triton-RU-TA.log", "serve.log"):
+            log_path = settings.log_dir / name
+            if log_path.exists():
+                print(f"--- {name} ---\n" + "\n".join(log_path.read_text(errors="replace").splitlines()[-60:]))
+        local.down(settings)
+        raise
+    clients = {tenant: httpx.Client(base_url=urls["gateway"], timeout=120.0, headers=auth_headers(DEMO_TOKENS[tenant]))
+               for tenant in TENANTS}
+    try:
+        yield {"settings": settings, "path": path, "urls": urls, **clients}
+    finally:
+        for client in clients.values():
+            client.close()
+        local.down(settings)
+
+
+def chest(index: int) -> bytes:
+    return dicom_bytes(make_phantom((TEST_SEED, index), shape=(700, 600), findings=["cxr_opacity"]))
+
+
+def tools_of(answer: httpx.Response) -> dict[str, str]:
+    assert answer.status_code == 200, answer.text
+    return {tool["tool"]: tool["model_version"] for tool in answer.json()["tools"]}
+
+
+def listing(client) -> dict[str, tuple[bool, int | None]]:
+    answer = client.get("/v1/tools")
+    assert answer.status_code == 200, answer.text
+    return {tool["tool"]: (tool["enabled"], tool["live_version"]) for tool in answer.json()["tools"]}
+
+
+def triton_ready(settings: Settings, port: int, model: str) -> bool:
+    return httpx.get(f"http://{settings.bind_host}:{port}/v2/models/{model}/ready", timeout=5).status_code == 200
+
+
+def reloads(client, outcome: str) -> float:
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "mosmedai_tools_config_reloads_total" and sample.labels == {"outcome": outcome}:
+                return sample.value
+    raise AssertionError("mosmedai_tools_config_reloads_total is not exported")
+
+
+def gauge(client, name: str) -> float:
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise AssertionError(f"{name} is not exported")
+
+
+def wait_for(check, what: str, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.25)
+
+
+def test_tools_lists_versions_and_what_is_live_for_the_caller(regional):
+    moscow, tatarstan = listing(regional["demo-moscow"]), listing(regional["demo-tatarstan"])
+    assert moscow["cxr_opacity"] == (True, 2) and moscow["cxr_pneumothorax"] == (True, 1)
+    assert tatarstan["cxr_opacity"] == (True, 1) and tatarstan["cxr_pneumothorax"] == (False, None)
+    assert moscow["ctc_covid"] == (False, None)  # not served by this deployment at all
+    entry = next(t for t in regional["demo-moscow"].get("/v1/tools").json()["tools"] if t["tool"] == "cxr_opacity")
+    assert [v["version"] for v in entry["versions"]] == [1, 2]
+    assert entry["versions"][1]["ensemble"] == "cxr_opacity_v2" and entry["versions"][1]["in_repository"]
+    assert entry["versions"][1]["model_card"] == "cxr_opacity_v2/MODEL_CARD.md"
+    assert entry["versions"][1]["evaluation"]["split"] == "held-out" and entry["versions"][1]["evaluation"]["auc"] > 0.5
+
+
+def test_two_regions_get_their_own_live_version_and_only_their_tools(regional):
+    body = chest(1)
+    assert tools_of(regional["demo-moscow"].post("/v1/studies", content=body, headers=DICOM)) == {
+        "cxr_opacity": "2", "cxr_nodule": "1", "cxr_pneumothorax": "1"}
+    assert tools_of(regional["demo-tatarstan"].post("/v1/studies", content=body, headers=DICOM)) == {
+        "cxr_opacity": "1", "cxr_nodule": "1"}
+    # asking for a tool the region has not enabled is refused, naming it
+    refused = regional["demo-tatarstan"].post("/v1/studies", params={"tools": "cxr_pneumothorax"}, content=body,
+                                             headers=DICOM)
+    assert refused.status_code == 422 and "cxr_pneumothorax" in refused.json()["detail"]
+    # the raw Open Inference Protocol path: the tool is unknown to that tenant
+    assert regional["demo-tatarstan"].get("/v2/models/cxr_pneumothorax/ready").status_code == 404
+    assert regional["demo-moscow"].get("/v2/models/cxr_pneumothorax/ready").status_code == 200
+
+
+def test_an_accepted_study_runs_the_regions_tools_and_versions(regional):
+    client = regional["demo-tatarstan"]
+    body = chest(2)
+    accepted = client.post("/v1/studies", content=body, headers={**DICOM, "Prefer": "respond-async"})
+    assert accepted.status_code == 202, accepted.text
+    location = accepted.headers["location"]
+    done = wait_for(lambda: (lambda s: s if s["status"] in ("done", "failed") else None)(client.get(location).json()),
+                    "the job ends", 120.0)
+    assert done["status"] == "done", done
+    assert {t["tool"]: t["model_version"] for t in done["results"]["results"][0]["tools"]} == {
+        "cxr_opacity": "1", "cxr_nodule": "1"}
+
+
+class Sender(threading.Thread):
+    """Sends studies of one tenant one after another and keeps every answer."""
+
+    def __init__(self, client: httpx.Client, bodies: list[bytes]):
+        super().__init__(daemon=True)
+        self.client, self.bodies = client, bodies
+        self.answers: list[tuple[int, dict]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        index = 0
+        while not self.stop.is_set():
+            answer = self.client.post("/v1/studies", content=self.bodies[index % len(self.bodies)], headers=DICOM)
+            self.answers.append((answer.status_code, answer.json()))
+            index += 1
+
+
+def test_a_change_applies_without_restart_while_studies_run_and_none_is_lost(regional):
+    settings, path = regional["settings"], regional["path"]
+    tatarstan = regional["demo-tatarstan"]
+    ta_http = settings.second_pool_ports["http"]
+    bodies = [chest(10 + i) for i in range(3)]
+    sender = Sender(tatarstan, bodies)
+    sender.start()
+    try:
+        wait_for(lambda: len(sender.answers) >= 3, "studies before the change", 60.0)
+        applied = reloads(tatarstan, "applied")
+        # 1. RU-TA moves to version 2 and enables cxr_pneumothorax; RU-MOW goes back to version 1
+        path.write_text("regions:\n  RU-MOW: {}\n  RU-TA:\n    versions: {cxr_opacity: 2}\n")
+        wait_for(lambda: listing(tatarstan)["cxr_opacity"] == (True, 2), "RU-TA's new live version")
+        assert listing(tatarstan)["cxr_pneumothorax"] == (True, 1)
+        assert listing(regional["demo-moscow"])["cxr_opacity"] == (True, 1)
+        assert reloads(tatarstan, "applied") == applied + 1
+        count = len(sender.answers)
+        wait_for(lambda: len(sender.answers) >= count + 3, "studies after the change", 60.0)
+        # 2. version 2 is live nowhere: after the grace time it is unloaded from both pools
+        path.write_text("regions: {}\n")
+        wait_for(lambda: listing(tatarstan)["cxr_opacity"] == (True, 1), "version 1 everywhere")
+        wait_for(lambda: not triton_ready(settings, settings.triton_http_port, "cxr_opacity_v2")
+                 and not triton_ready(settings, ta_http, "cxr_opacity_v2"), "version 2 unloaded", 60.0)
+        count = len(sender.answers)
+        wait_for(lambda: len(sender.answers) >= count + 2, "studies on version 1", 60.0)
+        # 3. live again: loaded in both pools' Tritons before the gateway switches to it
+        path.write_text("regions:\n  RU-TA:\n    versions: {cxr_opacity: 2}\n")
+        wait_for(lambda: listing(tatarstan)["cxr_opacity"] == (True, 2), "version 2 live again", 60.0)
+        assert triton_ready(settings, ta_http, "cxr_opacity_v2") and triton_ready(
+            settings, settings.triton_http_port, "cxr_opacity_v2")
+        count = len(sender.answers)
+        wait_for(lambda: len(sender.answers) >= count + 3, "studies after it is live again", 60.0)
+    finally:
+        sender.stop.set()
+        sender.join(120)
+    failed = [(status, body) for status, body in sender.answers if status != 200]
+    assert not failed, failed[:3]  # no study was lost or failed across the changes
+    seen = [{t["tool"]: t["model_version"] for t in body["tools"]} for _, body in sender.answers]
+    assert seen[0] == {"cxr_opacity": "1", "cxr_nodule": "1"}
+    assert seen[-1] == {"cxr_opacity": "2", "cxr_nodule": "1", "cxr_pneumothorax": "1"}
+    # each answer is whole: one configuration per study, never a mix
+    allowed = [{"cxr_opacity": "1", "cxr_nodule": "1"},
+               {"cxr_opacity": "2", "cxr_nodule": "1", "cxr_pneumothorax": "1"},
+               {"cxr_opacity": "1", "cxr_nodule": "1", "cxr_pneumothorax": "1"}]
+    assert all(entry in allowed for entry in seen), [entry for entry in seen if entry not in allowed][:3]
+
+
+def test_a_bad_new_file_is_refused_and_the_previous_configuration_stays(regional):
+    path, tatarstan = regional["path"], regional["demo-tatarstan"]
+    before = listing(tatarstan)
+    refused = reloads(tatarstan, "refused")
+    path.write_text("regions:\n  RU-TA:\n    versions: {cxr_opacity: 7}\n")
+    wait_for(lambda: reloads(tatarstan, "refused") == refused + 1, "the refusal counted")
+    assert listing(tatarstan) == before
+    answer = tatarstan.post("/v1/studies", content=chest(3), headers=DICOM)
+    assert tools_of(answer)["cxr_opacity"] == str(before["cxr_opacity"][1])
+    failed_at = gauge(tatarstan, "mosmedai_tools_config_last_failure_timestamp_seconds")
+    assert time.time() - 60 < failed_at <= time.time()
+    assert gauge(tatarstan, "mosmedai_tools_config_last_success_timestamp_seconds") < failed_at
+    # a good file after a bad one is taken again
+    path.write_text("regions:\n  RU-TA:\n    versions: {cxr_opacity: 1}\n")
+    wait_for(lambda: listing(tatarstan)["cxr_opacity"] == (True, 1), "the good file applied")
