@@ -214,6 +214,21 @@ def test_two_regions_get_their_own_live_version_and_only_their_tools(regional):
     assert regional["demo-moscow"].get("/v2/models/cxr_pneumothorax/ready").status_code == 200
 
 
+def test_grpc_open_inference_protocol_follows_the_callers_choice(regional):
+    import tritonclient.grpc as triton_grpc
+    from tritonclient.utils import InferenceServerException
+
+    client = triton_grpc.InferenceServerClient(regional["urls"]["grpc"])
+    moscow = {k.lower(): v for k, v in auth_headers(DEMO_TOKENS["demo-moscow"]).items()}
+    tatarstan = {k.lower(): v for k, v in auth_headers(DEMO_TOKENS["demo-tatarstan"]).items()}
+    assert client.is_model_ready("cxr_pneumothorax", headers=moscow)
+    with pytest.raises(InferenceServerException, match="unknown model 'cxr_pneumothorax'"):
+        client.is_model_ready("cxr_pneumothorax", headers=tatarstan)
+    # the live version answers: Moscow's cxr_opacity is version 2's ensemble
+    assert client.get_model_config("cxr_opacity", headers=moscow).config.name == "cxr_opacity_v2"
+    assert client.get_model_config("cxr_opacity", headers=tatarstan).config.name == "cxr_opacity"
+
+
 def test_an_accepted_study_runs_the_regions_tools_and_versions(regional):
     client = regional["demo-tatarstan"]
     body = chest(2)
