@@ -180,8 +180,40 @@ def cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tools_compare(args: argparse.Namespace) -> int:
+    """`mosmedai tools compare TOOL --version V`: agreement of V's shadow runs with the live
+    version, per region, from the object store (mosmedai.shadow)."""
+    import json
+
+    from mosmedai import shadow
+    from mosmedai.tools import CATALOG
+    from mosmedai.worker import object_store
+
+    tool = args.package
+    if tool not in CATALOG:
+        print(f"tools compare: unknown tool {tool!r}; known: {sorted(CATALOG)}", file=sys.stderr)
+        return 2
+    if args.version is None or args.version not in CATALOG[tool].versions:
+        print(f"tools compare: --version: tool {tool} has versions {list(CATALOG[tool].versions)}; name one",
+              file=sys.stderr)
+        return 2
+    settings = _settings()
+    records = shadow.read_records(object_store(settings), settings.results_bucket, tool, version=args.version)
+    groups = {key: figures for key, figures in shadow.by_version_and_region(records).items()
+              if args.region is None or key[1] == args.region}
+    if args.json:
+        print(json.dumps({"tool": tool, "version": args.version,
+                          "regions": {region: figures for (_, region), figures in groups.items()}}, indent=2))
+    else:
+        print(shadow.format_comparison(tool, args.version, groups))
+    return 0
+
+
 def cmd_tools(args: argparse.Namespace) -> int:
     from mosmedai import byo, model_repo
+
+    if args.action == "compare":
+        return cmd_tools_compare(args)
 
     try:
         if args.action == "check":
@@ -239,9 +271,13 @@ def main(argv: list[str] | None = None) -> None:
                          + " (default: the first; `none` for a clean example)")
     example.add_argument("--seed", type=int, default=7)
     example.set_defaults(run=cmd_example)
-    tools = commands.add_parser("tools", help="tool packages (model.onnx + manifest.yaml): check or install one")
-    tools.add_argument("action", choices=["check", "install"])
-    tools.add_argument("package", metavar="DIR")
+    tools = commands.add_parser("tools", help="tool packages (model.onnx + manifest.yaml): check or install one; "
+                                "compare TOOL --version V: a shadow version's agreement with the live one")
+    tools.add_argument("action", choices=["check", "install", "compare"])
+    tools.add_argument("package", metavar="DIR|TOOL", help="the package folder (check, install) or the tool (compare)")
+    tools.add_argument("--version", type=int, help="compare: the version that ran in shadow")
+    tools.add_argument("--region", help="compare: only this region (ISO 3166-2:RU)")
+    tools.add_argument("--json", action="store_true", help="compare: the figures as JSON")
     tools.add_argument("--repository", type=Path, help="Triton model repository (default: model_repository/)")
     tools.set_defaults(run=cmd_tools)
     for name, (_, summary) in DELEGATED.items():

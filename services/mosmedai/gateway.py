@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from mosmedai import __version__, dicomweb, feedback, tool_config
+from mosmedai import __version__, dicomweb, feedback, shadow, tool_config
 from mosmedai.admission import AdmissionGate
 from mosmedai.answered import StudyRecords, StudyRecordWriter, tools_of, version_label
 from mosmedai.config import Settings
@@ -204,8 +204,14 @@ class Gateway:
         # Whether a single image can be urgent work (an urgent tool that reads images).
         self._urgent_images = any(priority_of(CATALOG[tool]) == URGENT and CATALOG[tool].kind == IMAGE
                                   for tool in self.settings.enabled_tools)
+        # Shadow runs of candidate versions (mosmedai.shadow): after the live answer, in the background.
+        self.shadow = shadow.ShadowRunner(
+            self._shadow_infer,
+            lambda key, body: self.jobs.store.put(self.settings.results_bucket, key, body,
+                                                  content_type="application/json"),
+            shadow.ShadowMetrics(self.metrics.registry))
         self.runner = JobRunner(self.jobs, self.settings, self._infer_job, on_backlog=self._backlog,
-                                choice=self._view_of_id)
+                                choice=self._view_of_id, on_done=self._job_done)
         dicomweb.install(self.jobs, self.runner, self.settings, lambda tenant: self.view(tenant).enabled)
         # Graceful drain (mosmedai.drain): once Serve stops this replica, readiness is 503,
         # new synchronous studies get 503 `draining` with Retry-After, the job runner takes
@@ -229,6 +235,16 @@ class Gateway:
     def view(self, tenant) -> tool_config.ToolView:
         """The tools a tenant gets and their live versions, now (a study keeps the view it started with)."""
         return self.tool_choice.current.view_of(tenant)
+
+    async def _shadow_infer(self, tenant_id: str, region: str, tool: str, version: int, tensors) -> dict:
+        context = StudyContext(tenant_id, region, self.settings.time_to_result_slo_s, synchronous=False, shadow=True)
+        outputs = await self.router.infer_image.remote([tool], tensors, context, {tool: version})
+        return outputs[tool]
+
+    def _job_done(self, tenant_id: str, view, items, item_results) -> None:
+        tenant = self.tenants.get(tenant_id)
+        if tenant is not None:
+            self.shadow.offer(tenant, view, items, item_results)
 
     def _view_of_id(self, tenant_id: str) -> tool_config.ToolView | None:
         tenant = self.tenants.get(tenant_id)
@@ -419,6 +435,8 @@ class Gateway:
             "total": (finished - received) * 1000.0,
         }
         results = [item_result(item, outputs) for item, outputs in zip(items, answers)]
+        # The live answer is decided: candidate versions may now run in shadow (never waited for).
+        self.shadow.offer(tenant, view, items, results)
         await self._note_answered(tenant, items, results)
         if media_type == DICOM_MEDIA_TYPE:
             image, = images
@@ -560,18 +578,24 @@ class Gateway:
     @app.get("/v1/tools/{tool}/quality", response_model=ToolQuality,
              summary="The tenant's feedback on a tool, per model version",
              description="Counts of the caller tenant's feedback on the tool per model version (in the "
-             "tenant's region) and the disagreement rate. `shadow_agreement` is null: shadow runs are not "
-             "built yet.", responses={404: {"model": ErrorBody}})
+             "tenant's region) and the disagreement rate; for a version that ran in shadow on the tenant's "
+             "studies, its agreement with the live version (`shadow_agreement`).", responses={404: {"model": ErrorBody}})
     async def tool_quality(self, tool: str, request: Request) -> JSONResponse:
         tenant = tenant_of(request)
         if tool not in self.settings.enabled_tools:
             raise InputError(404, "unknown_tool", f"{tool[:80]!r} is not a tool enabled here; "
                              f"enabled: {self.settings.enabled_tools}")
-        counts = await asyncio.to_thread(self.feedback.summary, tenant.id, tool)
-        versions = [{"model_version": version, "region": tenant.region, "feedback": counts[version],
-                     "shadow_agreement": None} for version in sorted(counts, key=lambda v: (len(v), v))]
+        counts, records = await asyncio.gather(
+            asyncio.to_thread(self.feedback.summary, tenant.id, tool),
+            asyncio.to_thread(shadow.read_records, self.jobs.store, self.settings.results_bucket, tool, tenant.id))
+        agreements = {version: figures for (version, region), figures in shadow.by_version_and_region(records).items()
+                      if region == tenant.region}
+        versions = [{"model_version": version, "region": tenant.region,
+                     "feedback": counts.get(version) or feedback.no_feedback(),
+                     "shadow_agreement": agreements.get(version)}
+                    for version in sorted(set(counts) | set(agreements), key=lambda v: (len(v), v))]
         answer = ToolQuality(tool=tool, tenant=tenant.id, region=tenant.region, versions=versions,
-                             shadow_agreement_status=feedback.SHADOW_NOT_BUILT)
+                             shadow_agreement_status=shadow.AGREEMENT_STATUS)
         return JSONResponse(answer.model_dump(mode="json"))
 
     @app.get("/v1/tools", response_model=ToolsAnswer,

@@ -81,6 +81,9 @@ class StudyContext:
     region: str
     deadline_s: float  # seconds from ``received`` within which the answer is due
     synchronous: bool = True  # False: accepted durably (job API, STOW-RS, DIMSE); never shed
+    # A shadow run (mosmedai.shadow): behind every live image (the lowest priority class),
+    # outside the tenants' fair shares; its result is never an answer.
+    shadow: bool = False
     # wall-clock time of arrival: gateway and router may be on different nodes (NTP-synced)
     received: float = field(default_factory=time.time)
 
@@ -296,7 +299,8 @@ class ToolQueue:
         self.classes[entry.priority].setdefault(entry.context.tenant, deque()).append(entry)
         self.waiting += 1
         self.pool.queued[entry.priority] += 1
-        self.pool.hold(entry.context.tenant, 1)
+        if not entry.context.shadow:  # a shadow run is no tenant's load
+            self.pool.hold(entry.context.tenant, 1)
         self.router.metrics.queue_depth[self.tool].inc()
         self.pump()
 
@@ -352,7 +356,8 @@ class ToolQueue:
                                    for group in groups.values()))
         finally:
             for entry in batch:
-                self.pool.hold(entry.context.tenant, -1)
+                if not entry.context.shadow:
+                    self.pool.hold(entry.context.tenant, -1)
             self.running -= 1
             self.pump()
 
@@ -578,7 +583,7 @@ class Router:
         self.requests.append(time.monotonic())
         plans = []
         for tool in tools:
-            priority = priority_of(CATALOG[tool])
+            priority = len(PRIORITY_NAMES) - 1 if context.shadow else priority_of(CATALOG[tool])
             pool, kind, wait = self._decide(context.region, tool, context, priority)
             if pool is None:
                 detail = (f"no pool of region {context.region} can run {tool} within the deadline "
@@ -608,7 +613,7 @@ class Router:
         Contended: the pool's expected wait is past the spill threshold. A tenant's fair share
         is the images the pool can finish within the deadline, split evenly among the tenants
         with work there."""
-        if not context.synchronous or priority == URGENT:
+        if not context.synchronous or priority == URGENT or context.shadow:
             return None
         budget = context.deadline_s
         if wait <= self.settings.spill_wait_fraction * budget:

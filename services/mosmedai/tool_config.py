@@ -19,13 +19,16 @@ when it changes) or the text itself (fixed)::
         versions: {cxr_opacity: 2}
       RU-TA:
         tools: [cxr_opacity, cxr_nodule, cxr_pneumothorax]
+        shadow:                  # shadow runs (mosmedai.shadow): a candidate version runs beside
+          cxr_opacity: {version: 2, share: 0.25}   # the live one on this share of the region's
+                                                   # images; never returned, only compared
     tenants:                     # per-tenant overrides, over the tenant's region
       demo-tatarstan:
         tools: [cxr_opacity]     # replaces the region's list
         versions: {cxr_opacity: 1}   # merged over the region's versions
 
 Precedence: tenant over region over ``defaults`` over Settings.tool_versions; ``tools`` is
-replaced whole, ``versions`` merged per tool. No file: every served tool enabled everywhere at
+replaced whole, ``versions`` and ``shadow`` merged per tool (``share: 0`` turns a shadow off). No file: every served tool enabled everywhere at
 the Settings version, as before per-region choice existed.
 
 Refused (at start, and at a reload, where the previous configuration stays), naming the field:
@@ -60,6 +63,15 @@ class ToolsConfigError(ValueError):
     ``regions.RU-TA.versions.cxr_opacity``)."""
 
 
+class Shadow(BaseModel):
+    """A candidate version run in shadow beside the live one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int = Field(description="The candidate tool version (not the live one).")
+    share: float = Field(ge=0.0, le=1.0, description="Share of the scope's images it also runs on (0 to 1).")
+
+
 class Choice(BaseModel):
     """What one scope (the defaults, a region, a tenant) chooses."""
 
@@ -69,6 +81,8 @@ class Choice(BaseModel):
         None, description="`all` (every served tool) or the enabled tools; null: the next scope's.")
     versions: dict[str, int] = Field(
         default_factory=dict, description="tool -> live version, merged over the next scope's.")
+    shadow: dict[str, Shadow] = Field(
+        default_factory=dict, description="tool -> its shadow run, merged over the next scope's.")
 
 
 class ToolsConfig(BaseModel):
@@ -89,6 +103,7 @@ class ToolView:
     enabled: tuple[str, ...]  # in the deployment's order (Settings.enabled_tools)
     versions: dict[str, int]  # every enabled tool -> its live version
     tenant: str | None = None
+    shadow: dict[str, Shadow] | None = None  # enabled tool -> its shadow run (share > 0)
 
     def version(self, tool: str) -> int:
         return self.versions[tool]
@@ -125,9 +140,12 @@ class ToolChoices:
             wanted = set(self.served) if tools == "all" else set(tools)
             enabled = tuple(tool for tool in self.served if tool in wanted)
             versions = {tool: self.base_versions.get(tool, 1) for tool in enabled}
+            shadow: dict[str, Shadow] = {}
             for scope in reversed(scopes):  # the most specific last: it wins
                 versions.update({tool: v for tool, v in scope.versions.items() if tool in versions})
-            found = self._views[key] = ToolView(region, enabled, versions, tenant)
+                shadow.update({tool: s for tool, s in scope.shadow.items() if tool in versions})
+            shadow = {tool: s for tool, s in shadow.items() if s.share > 0 and s.version != versions[tool]}
+            found = self._views[key] = ToolView(region, enabled, versions, tenant, shadow)
         return found
 
     def view_of(self, tenant) -> ToolView:
@@ -142,11 +160,13 @@ class ToolChoices:
         return views
 
     def live(self) -> dict[str, list[int]]:
-        """tool -> the versions live somewhere (ascending): what Triton must hold loaded."""
+        """tool -> the versions live or in shadow somewhere (ascending): what Triton must hold loaded."""
         found: dict[str, set[int]] = {}
         for view in self.scopes():
             for tool, version in view.versions.items():
                 found.setdefault(tool, set()).add(version)
+            for tool, shadow in (view.shadow or {}).items():
+                found.setdefault(tool, set()).add(shadow.version)
         return {tool: sorted(versions) for tool, versions in found.items()}
 
 
@@ -178,16 +198,18 @@ def check_live_versions(choices: ToolChoices, model_repository: Path | None) -> 
     admission gate (issue 14 part 4) adds its decision here."""
     problems = []
     for field, scope in _scope_fields(choices.config):
-        for tool, version in scope.versions.items():
+        named = [(f"{field}.versions.{tool}", tool, version) for tool, version in scope.versions.items()]
+        named += [(f"{field}.shadow.{tool}.version", tool, s.version) for tool, s in scope.shadow.items()]
+        for where, tool, version in named:
             spec = CATALOG.get(tool)
             if spec is None:
                 continue  # reported as an unknown tool
             if version not in spec.versions:
-                problems.append(f"{field}.versions.{tool}: tool {tool} has no version {version}; "
+                problems.append(f"{where}: tool {tool} has no version {version}; "
                                 f"its versions: {list(spec.versions)}")
             elif model_repository is not None and model_repository.is_dir() and \
                     not (model_repository / spec.ensemble(version) / "config.pbtxt").is_file():
-                problems.append(f"{field}.versions.{tool}: version {version} ({spec.ensemble(version)}) is not in "
+                problems.append(f"{where}: version {version} ({spec.ensemble(version)}) is not in "
                                 f"the model repository {model_repository}")
     if problems:
         raise ToolsConfigError("; ".join(problems))
@@ -224,7 +246,7 @@ def parse_text(text: str, settings, tenant_regions: dict[str, str], directory=No
     served = list(settings.enabled_tools)
     problems = []
     for field, scope in _scope_fields(config):
-        named = list(scope.versions) + (list(scope.tools) if isinstance(scope.tools, list) else [])
+        named = list(scope.versions) + list(scope.shadow) + (list(scope.tools) if isinstance(scope.tools, list) else [])
         for tool in dict.fromkeys(named):
             if tool not in CATALOG:
                 problems.append(f"{field}: unknown tool {tool!r}; known: {sorted(CATALOG)}")
@@ -249,6 +271,13 @@ def parse_text(text: str, settings, tenant_regions: dict[str, str], directory=No
                         getattr(settings, "model_repository", None))
     choices = ToolChoices(config, served, settings.tool_versions, tenant_regions,
                           hashlib.sha256(text.encode()).hexdigest())
+    for field, scope in _scope_fields(config):
+        region, tenant = _scope_of(field, tenant_regions)
+        view = choices.view(region, tenant)
+        for tool, shadow in scope.shadow.items():
+            if shadow.share > 0 and tool in view.versions and shadow.version == view.versions[tool]:
+                raise ToolsConfigError(f"{field}.shadow.{tool}.version: version {shadow.version} is the live version "
+                                       f"there; a shadow run compares another version with it")
     if directory is not None:  # every enabled tool must run somewhere for the region
         for view in choices.scopes():
             if not view.region:
@@ -258,6 +287,16 @@ def parse_text(text: str, settings, tenant_regions: dict[str, str], directory=No
                 field = f"tenants.{view.tenant}" if view.tenant in config.tenants else f"regions.{view.region}"
                 raise ToolsConfigError(f"{field}.tools: no pool of region {view.region} loads {missing}")
     return choices
+
+
+def _scope_of(field: str, tenant_regions: dict[str, str]) -> tuple[str, str | None]:
+    """(region, tenant) of a scope's field name (``defaults``, ``regions.X``, ``tenants.Y``)."""
+    kind, _, name = field.partition(".")
+    if kind == "regions":
+        return name, None
+    if kind == "tenants":
+        return tenant_regions[name], name
+    return "", None
 
 
 def load(settings, tenant_regions: dict[str, str], directory=None) -> ToolChoices:

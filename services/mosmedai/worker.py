@@ -126,8 +126,10 @@ class JobRunner:
     as asynchronous work (never shed); ``on_backlog({tenant_id: unfinished jobs})`` hears the
     backlog at every poll."""
 
-    def __init__(self, jobs: JobStore, settings: Settings, infer, on_backlog=None, choice=None):
+    def __init__(self, jobs: JobStore, settings: Settings, infer, on_backlog=None, choice=None, on_done=None):
         self.jobs, self.settings, self.infer, self.on_backlog = jobs, settings, infer, on_backlog
+        # on_done(tenant id, view, items, item results): after a job's result is committed (shadow runs)
+        self.on_done = on_done
         # tenant id -> its ToolView (mosmedai.tool_config): the tools it gets, their live versions
         self.choice = choice
         self.active: set[str] = set()
@@ -268,3 +270,5 @@ class JobRunner:
                 delay = min(2 * delay, MAX_RETRY_DELAY_S)
         objects = await asyncio.to_thread(result_objects, list(bodies), items, results)
         await asyncio.to_thread(self.jobs.complete, job, results.model_dump(mode="json"), objects)
+        if self.on_done is not None and view is not None:
+            self.on_done(job.tenant, view, items, results.results)

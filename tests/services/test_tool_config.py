@@ -22,7 +22,7 @@ from mosmedai.tenants import DEMO_TOKENS, auth_headers
 from mosmedai.training.phantoms import dicom_bytes, make_phantom
 
 PORT_OFFSET = int(os.environ.get("MOSMEDAI_TEST_PORT_OFFSET", "0"))
-BASE = 28600 + PORT_OFFSET
+BASE = 22600 + PORT_OFFSET  # below the ephemeral range (32768+): no clash with a random port
 PORTS = {"gateway_http_port": BASE, "triton_http_port": BASE + 10, "triton_grpc_port": BASE + 11,
          "triton_metrics_port": BASE + 12, "second_pool_http_port": BASE + 20, "serve_proxy_port": BASE + 30,
          "gateway_direct_grpc_port": BASE + 40, "router_metrics_port": BASE + 50, "prometheus_port": BASE + 60,
@@ -321,3 +321,105 @@ def test_a_bad_new_file_is_refused_and_the_previous_configuration_stays(regional
     # a good file after a bad one is taken again
     path.write_text("regions:\n  RU-TA:\n    versions: {cxr_opacity: 1}\n")
     wait_for(lambda: listing(tatarstan)["cxr_opacity"] == (True, 1), "the good file applied")
+
+
+# --- shadow runs (mosmedai.shadow) -------------------------------------------------------------
+def comparable(answer: dict) -> dict:
+    """What a tenant is told about each tool (timings, and which pool ran it, vary run to run)."""
+    return {tool["tool"]: {key: tool[key] for key in ("model_version", "findings", "scores", "measurements")}
+            for tool in answer["tools"]}
+
+
+def apply(regional, text: str) -> None:
+    client = regional["demo-tatarstan"]
+    applied = reloads(client, "applied")
+    regional["path"].write_text(text)
+    wait_for(lambda: reloads(client, "applied") > applied, "the new configuration applied")
+
+
+def test_shadow_runs_never_change_a_live_result_and_their_agreement_is_counted(regional):
+    import subprocess
+    import sys
+
+    from mosmedai import shadow
+    from mosmedai.storage import ObjectStore
+
+    settings, tatarstan, moscow = regional["settings"], regional["demo-tatarstan"], regional["demo-moscow"]
+    store = ObjectStore.local(settings.s3_endpoint)
+    bodies = [dicom_bytes(make_phantom((TEST_SEED, 100 + i), shape=(700, 600),
+                                       findings=["cxr_opacity"] if i % 2 == 0 else []))
+              for i in range(6)]
+    apply(regional, "regions:\n  RU-TA:\n    tools: [cxr_opacity, cxr_nodule]\n")
+    off = [tatarstan.post("/v1/studies", content=body, headers=DICOM) for body in bodies]
+    # the candidate, version 2, runs in shadow on every RU-TA image
+    apply(regional, "regions:\n  RU-TA:\n    tools: [cxr_opacity, cxr_nodule]\n"
+                    "    shadow: {cxr_opacity: {version: 2, share: 1.0}}\n")
+    assert listing(tatarstan)["cxr_opacity"] == (True, 1)  # the live version is unchanged
+    on = [tatarstan.post("/v1/studies", content=body, headers=DICOM) for body in bodies]
+    for before, after in zip(off, on):
+        assert before.status_code == after.status_code == 200, (before.text, after.text)
+        assert comparable(after.json()) == comparable(before.json())  # identical, shadow on or off
+        assert {tool["model_version"] for tool in after.json()["tools"]} == {"1"}
+    # an accepted study is shadowed too, after its result is committed; its result is the live one
+    job_body = dicom_bytes(make_phantom((TEST_SEED, 200), shape=(700, 600), findings=["cxr_opacity"]))
+    accepted = tatarstan.post("/v1/studies", content=job_body, headers={**DICOM, "Prefer": "respond-async"})
+    assert accepted.status_code == 202, accepted.text
+    done = wait_for(lambda: (lambda s: s if s["status"] in ("done", "failed") else None)(
+        tatarstan.get(accepted.headers["location"]).json()), "the job ends", 120.0)
+    assert done["status"] == "done", done
+    assert {t["tool"]: t["model_version"] for t in done["results"]["results"][0]["tools"]} == {
+        "cxr_opacity": "1", "cxr_nodule": "1"}
+    sr = tatarstan.get(f"{accepted.headers['location']}/sr")
+    assert sr.status_code == 200 and b"cxr_opacity_v2" not in sr.content
+    studies = {answer.json()["study_instance_uid"] for answer in on} | {done["study_instance_uid"]}
+
+    def stored() -> list[dict]:
+        return shadow.read_records(store, settings.results_bucket, "cxr_opacity", "demo-tatarstan", version=2)
+
+    records = wait_for(lambda: (lambda r: r if len({x["study_instance_uid"] for x in r}) >= len(studies) else None)(
+        stored()), "a shadow record of every study", 60.0)
+    assert {r["study_instance_uid"] for r in records} == studies  # the job's study is one of them
+    assert all(r["region"] == "RU-TA" and r["live_version"] == "1" and r["shadow_version"] == "2" for r in records)
+    live = {answer.json()["study_instance_uid"]: answer.json()["tools"] for answer in on}
+    live[done["study_instance_uid"]] = done["results"]["results"][0]["tools"]
+    for record in records:  # what was compared is what the tenant was told
+        (told,) = [t for t in live[record["study_instance_uid"]] if t["tool"] == "cxr_opacity"]
+        assert record["live"]["positive"] == bool(told["findings"])
+        assert record["live"]["probability"] == told["scores"]["probability"]
+        assert record["shadow"]["probability"] != record["live"]["probability"]  # another network answered
+    # the tenant's quality summary: version 2's agreement with version 1, in its region
+    quality = tatarstan.get("/v1/tools/cxr_opacity/quality").json()
+    (v2,) = [entry for entry in quality["versions"] if entry["model_version"] == "2"]
+    figures = v2["shadow_agreement"]
+    assert figures["n"] == len(records) and v2["region"] == "RU-TA" and figures["live_versions"] == ["1"]
+    assert figures == shadow.agreement(records) | {"categories": {}, "measurements": {}}
+    assert figures["both_positive"] + figures["both_negative"] + figures["live_only_positive"] \
+        + figures["shadow_only_positive"] == len(records)
+    assert figures["positive_agreement"] is not None and figures["probability_mean_absolute_difference"] > 0
+    assert v2["feedback"]["total"] == 0
+    assert not [e for e in moscow.get("/v1/tools/cxr_opacity/quality").json()["versions"] if e["shadow_agreement"]]
+    # the shadow runs counted on the gateway's /metrics
+    counted = 0.0
+    for family in text_string_to_metric_families(tatarstan.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "mosmedai_shadow_runs_total" and sample.labels.get("tool") == "cxr_opacity" \
+                    and sample.labels.get("outcome") in ("agree", "disagree"):
+                assert sample.labels["version"] == "2" and sample.labels["region"] == "RU-TA"
+                counted += sample.value
+    assert counted == len(records)
+    # mosmedai tools compare TOOL --version V reads the same records
+    env = {**os.environ, **settings.as_env()}
+    compared = subprocess.run([sys.executable, "-c", "from mosmedai.cli import main; main()", "tools", "compare",
+                               "cxr_opacity", "--version", "2", "--json"], env=env, capture_output=True, text=True,
+                              timeout=120)
+    assert compared.returncode == 0, compared.stderr
+    report = json.loads(compared.stdout)
+    assert report["regions"]["RU-TA"]["n"] == len(records)
+    assert report["regions"]["RU-TA"]["positive_agreement"] == figures["positive_agreement"]
+    table = subprocess.run([sys.executable, "-c", "from mosmedai.cli import main; main()", "tools", "compare",
+                            "cxr_opacity", "--version", "2"], env=env, capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0 and "RU-TA" in table.stdout and "pos.agr" in table.stdout, table.stdout + table.stderr
+    bad = subprocess.run([sys.executable, "-c", "from mosmedai.cli import main; main()", "tools", "compare",
+                          "cxr_opacity", "--version", "5"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--version" in bad.stderr
+    apply(regional, "regions:\n  RU-TA:\n    tools: [cxr_opacity, cxr_nodule]\n")
