@@ -2,7 +2,8 @@
 
 - ``POST /v1/studies``: one DICOM Part-10 file -> every enabled tool that reads it.
 - ``POST /v1/studies/{uid}/feedback``: a radiologist's verdict on a tool's result
-  (``mosmedai.feedback``); ``GET /v1/tools/{tool}/quality``: the tenant's feedback per version.
+  (``mosmedai.feedback``); ``GET /v1/tools/{tool}/quality``: the tenant's feedback per version,
+  and the agreement of versions run in shadow (``mosmedai.shadow``) with the live one.
 - ``GET /v1/tools``: every tool, its versions, and what is enabled and live for the caller
   (``mosmedai.tool_config``: per-region and per-tenant choice, re-read when its file changes).
 - ``GET /healthz``, ``GET /readyz``; ``GET /metrics`` (Prometheus text format, not in OpenAPI).

@@ -17,7 +17,11 @@ Versions: each tool runs the version ``settings.tool_versions`` names (1 when no
 a call may name another per tool (``infer_image(..., versions=)``). A version is its own
 Triton ensemble (``ToolSpec.ensemble``: ``<tool>`` for 1, ``<tool>_v<N>`` after) with its
 own queue, so a batch never mixes versions; each result's ``model_version`` is the tool
-version that produced it (the ensemble's own Triton version is always 1).
+version that produced it (the ensemble's own Triton version is always 1). The gateway names
+each caller's live version per call (``mosmedai.tool_config``); ``load_versions`` loads the
+versions live anywhere in every pool that serves the tool before the gateway switches to them,
+and unloads those this router loaded once they are live nowhere and idle. A shadow run
+(``StudyContext.shadow``, ``mosmedai.shadow``) waits in the lowest priority class.
 
 Health (outlier detection): a pool is out of rotation while its readiness probe fails, and
 for ``pool_ejection_s`` (doubling per ejection in a row) after ``pool_eject_after``

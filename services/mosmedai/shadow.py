@@ -36,6 +36,8 @@ import random
 import time
 from collections import Counter as Tally
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from types import SimpleNamespace
 from typing import Awaitable, Callable, Iterable
 
 from mosmedai.families import IMAGE
@@ -51,6 +53,14 @@ AGREEMENT_STATUS = ("shadow_agreement of a version counts its shadow runs on the
 
 def record_key(tenant: str, tool: str, version: int, study_uid: str, item_uid: str) -> str:
     return f"{PREFIX}{tenant}/{tool}/{version}/{study_uid}/{item_uid}.json"
+
+
+def slim(item):
+    """The work item without its decoded source pixels (a radiograph's are 10 MB): a queued
+    shadow run keeps only the transport tensors and the UIDs its result names."""
+    images = [SimpleNamespace(sop_instance_uid=image.sop_instance_uid, series_instance_uid=image.series_instance_uid,
+                              study_instance_uid=image.study_instance_uid) for image in item.images]
+    return replace(item, images=images)
 
 
 def summary(result) -> dict:
@@ -80,7 +90,7 @@ class ShadowRunner:
     run in a thread). At most ``max_queued`` items wait and ``concurrency`` run at once."""
 
     def __init__(self, infer: Callable[..., Awaitable[dict]], put: Callable[[str, bytes], None],
-                 metrics: ShadowMetrics | None = None, *, max_queued: int = 64, concurrency: int = 1,
+                 metrics: ShadowMetrics | None = None, *, max_queued: int = 32, concurrency: int = 1,
                  draw: Callable[[], float] = random.random):
         self.infer, self.put, self.metrics, self.draw = infer, put, metrics, draw
         self.max_queued, self.concurrency = max_queued, concurrency
@@ -111,7 +121,7 @@ class ShadowRunner:
                 if live is None:
                     continue
                 try:
-                    self.queue.put_nowait((tenant.id, view.region, tool, run.version, item, live, time.time()))
+                    self.queue.put_nowait((tenant.id, view.region, tool, run.version, slim(item), live, time.time()))
                     queued += 1
                 except asyncio.QueueFull:  # a shadow run never makes live work wait
                     self._count(tool, run.version, view.region, "dropped")
