@@ -242,6 +242,30 @@ def test_an_accepted_study_runs_the_regions_tools_and_versions(regional):
         "cxr_opacity": "1", "cxr_nodule": "1"}
 
 
+def test_stow_runs_only_the_regions_tools(regional):
+    """DICOMweb STOW-RS: the stored study's job runs the tenant's tools at its live versions."""
+    from mosmedai.pipeline import multipart_body
+
+    client = regional["demo-tatarstan"]
+    body, content_type = multipart_body([chest(4)])
+    stored = client.post("/dicomweb/studies", content=body, headers={"Content-Type": content_type})
+    assert stored.status_code == 200, stored.text
+    study = stored.json()["00081190"]["Value"][0].rsplit("/", 1)[-1]  # Retrieve URL of the study
+    done = wait_for(lambda: (lambda s: s if s["status"] in ("done", "failed") else None)(
+        client.get(f"/v1/studies/{study}").json()), "the STOW job ends", 120.0)
+    assert done["status"] == "done", done
+    assert {t["tool"]: t["model_version"] for t in done["results"]["results"][0]["tools"]} == {
+        "cxr_opacity": "1", "cxr_nodule": "1"}
+    # the same instances from Moscow: its tools, its version
+    moscow = regional["demo-moscow"]
+    stored = moscow.post("/dicomweb/studies", content=body, headers={"Content-Type": content_type})
+    assert stored.status_code == 200, stored.text
+    done = wait_for(lambda: (lambda s: s if s["status"] in ("done", "failed") else None)(
+        moscow.get(f"/v1/studies/{study}").json()), "Moscow's STOW job ends", 120.0)
+    assert {t["tool"]: t["model_version"] for t in done["results"]["results"][0]["tools"]} == {
+        "cxr_opacity": "2", "cxr_nodule": "1", "cxr_pneumothorax": "1"}
+
+
 class Sender(threading.Thread):
     """Sends studies of one tenant one after another and keeps every answer."""
 
@@ -419,6 +443,7 @@ def test_shadow_runs_never_change_a_live_result_and_their_agreement_is_counted(r
     table = subprocess.run([sys.executable, "-c", "from mosmedai.cli import main; main()", "tools", "compare",
                             "cxr_opacity", "--version", "2"], env=env, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0 and "RU-TA" in table.stdout and "pos.agr" in table.stdout, table.stdout + table.stderr
+    print(table.stdout)
     bad = subprocess.run([sys.executable, "-c", "from mosmedai.cli import main; main()", "tools", "compare",
                           "cxr_opacity", "--version", "5"], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--version" in bad.stderr
