@@ -122,7 +122,8 @@ def regional(tmp_path_factory):
     path = run / "tools.yaml"
     path.write_text(FIRST)
     settings = settings_with(run, tools_config=str(path), tools_config_poll_s=0.5, tools_unload_grace_s=3.0,
-                             prometheus_binary=str(run / "no-prometheus"), router_batch_wait_ms=2.0, **PORTS)
+                             prometheus_binary=str(run / "no-prometheus"), router_batch_wait_ms=2.0,
+                             dimse_series_quiet_s=2.0, **PORTS)
     try:
         urls = local.up(settings)
     except Exception:
@@ -264,6 +265,34 @@ def test_stow_runs_only_the_regions_tools(regional):
         moscow.get(f"/v1/studies/{study}").json()), "Moscow's STOW job ends", 120.0)
     assert {t["tool"]: t["model_version"] for t in done["results"]["results"][0]["tools"]} == {
         "cxr_opacity": "2", "cxr_nodule": "1", "cxr_pneumothorax": "1"}
+
+
+def test_a_study_from_a_pacs_runs_only_the_regions_tools(regional):
+    """DIMSE C-STORE to RU-TA's called AE: the job runs RU-TA's tools at its live versions."""
+    import io
+
+    import pydicom
+    from pynetdicom import AE
+
+    dataset = pydicom.dcmread(io.BytesIO(chest(5)))
+    ae = AE(ae_title="STORESCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", regional["settings"].dimse_port, ae_title="MOSMEDAI_TA")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(dataset)
+        assert status.Status == 0x0000, status
+    finally:
+        assoc.release()
+    client = regional["demo-tatarstan"]
+    study = str(dataset.StudyInstanceUID)
+    done = wait_for(lambda: (lambda answer: answer.json() if answer.status_code == 200 and answer.json()["status"]
+                             in ("done", "failed") else None)(client.get(f"/v1/studies/{study}")),
+                    "the DIMSE job ends", 120.0)
+    assert done["status"] == "done", done
+    assert {t["tool"]: t["model_version"] for t in done["results"]["results"][0]["tools"]} == {
+        "cxr_opacity": "1", "cxr_nodule": "1"}
 
 
 class Sender(threading.Thread):
