@@ -347,7 +347,8 @@ class ConfigWatcher:
         self.parse_source, self.prepare, self.poll_s, self.metrics = parse_source, prepare, poll_s, metrics
         self.prepared = False  # the configuration at start: its versions are loaded once, before ready
         self.last_error: str | None = None
-        self._stat: tuple[float, int] | None = self._stat_now()
+        # None: the first poll reads the file (a change between the start's read and now is not missed)
+        self._stat: tuple[float, int] | None = None
         self._refused_digest: str | None = None
         self._task: asyncio.Task | None = None
         metrics.last_success.set(time.time())
@@ -377,7 +378,12 @@ class ConfigWatcher:
     async def check(self) -> bool:
         """One poll: whether a new configuration was applied."""
         if not self.prepared:
-            await self.prepare(self.current)
+            try:
+                await self.prepare(self.current)
+            except Exception as error:  # the router or a pool not up yet: not ready, tried next poll
+                log.warning("tool configuration: loading the live versions at start failed (%s); trying again",
+                            error)
+                return False
             self.prepared = True
         if self.path is None:
             return False
