@@ -106,6 +106,53 @@ tenants:
     assert choices.live()["cxr_opacity"] == [2]
 
 
+def test_the_watcher_switches_only_after_the_new_versions_are_loaded(tmp_path):
+    """ConfigWatcher on a real file: a change applies once its versions are loaded; a failed
+    load keeps the previous choice and is tried again; an invalid file is refused once."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    settings = settings_with(tmp_path)
+    path = tmp_path / "tools.yaml"
+    path.write_text(FIRST)
+    loaded: list[dict] = []
+    failing = {"now": False}
+
+    async def prepare(choices):
+        if failing["now"]:
+            raise RuntimeError("pool RU-TA: cxr_opacity_v2: failed to load")
+        loaded.append(choices.live())
+
+    metrics = tool_config.ReloadMetrics(CollectorRegistry())
+    watcher = tool_config.ConfigWatcher(str(path), tool_config.parse(str(path), settings, TENANTS),
+                                        lambda text: tool_config.parse_text(text, settings, TENANTS), prepare,
+                                        0.01, metrics)
+
+    def count(outcome: str) -> float:
+        return metrics.reloads.labels(outcome)._value.get()
+
+    async def scenario():
+        assert not await watcher.check() and watcher.prepared and loaded == [{**{t: [1] for t in CHEST},
+                                                                             "cxr_opacity": [1, 2]}]
+        assert watcher.current.view("RU-TA").versions["cxr_opacity"] == 1
+        failing["now"] = True
+        path.write_text("regions:\n  RU-TA:\n    versions: {cxr_opacity: 2}\n")
+        assert not await watcher.check()
+        assert count("load_failed") == 1 and "failed to load" in watcher.last_error
+        assert watcher.current.view("RU-TA").versions["cxr_opacity"] == 1  # the previous choice stays
+        failing["now"] = False
+        assert await watcher.check()  # the same file again, now that the versions load
+        assert watcher.current.view("RU-TA").versions["cxr_opacity"] == 2 and count("applied") == 1
+        path.write_text("regions:\n  RU-TA:\n    versions: {cxr_opacity: 9}\n")
+        assert not await watcher.check() and not await watcher.check()
+        assert count("refused") == 1  # refused once, not at every poll
+        assert watcher.last_error.startswith("regions.RU-TA.versions.cxr_opacity: tool cxr_opacity has no version 9")
+        assert watcher.current.view("RU-TA").versions["cxr_opacity"] == 2
+
+    asyncio.run(scenario())
+
+
 def test_an_invalid_file_is_refused_before_anything_starts(tmp_path):
     path = tmp_path / "tools.yaml"
     path.write_text("regions:\n  RU-TA:\n    versions: {cxr_opacity: 9}\n")
