@@ -608,7 +608,8 @@ class Gateway:
         tenant = tenant_of(request)
         view = self.view(tenant)
         tools = [{**tool_config.tool_versions_info(name, self.settings.model_repository),
-                  "enabled": name in view.enabled, "live_version": view.versions.get(name)}
+                  "enabled": name in view.enabled, "live_version": view.versions.get(name),
+                  "shadow": view.shadow[name].model_dump() if name in (view.shadow or {}) else None}
                  for name in CATALOG]
         answer = ToolsAnswer(tenant=tenant.id, region=tenant.region, tools=tools)
         return JSONResponse(answer.model_dump(mode="json"))

@@ -217,6 +217,9 @@ class ToolInfo(BaseModel):
     versions: list[ToolVersionInfo] = Field(description="Every version the catalog and repository hold")
     enabled: bool = Field(description="Whether the caller (its region, or its own override) gets this tool's results")
     live_version: int | None = Field(description="The version that answers the caller; null when not enabled")
+    shadow: dict | None = Field(
+        None, description="A candidate version run in shadow on a share of the caller's images ({version, share}); "
+        "its results are never returned, only compared with the live ones; null when none")
 
 
 class ToolsAnswer(BaseModel):

@@ -455,6 +455,8 @@ def test_shadow_runs_never_change_a_live_result_and_their_agreement_is_counted(r
     apply(regional, "regions:\n  RU-TA:\n    tools: [cxr_opacity, cxr_nodule]\n"
                     "    shadow: {cxr_opacity: {version: 2, share: 1.0}}\n")
     assert listing(tatarstan)["cxr_opacity"] == (True, 1)  # the live version is unchanged
+    (entry,) = [t for t in tatarstan.get("/v1/tools").json()["tools"] if t["tool"] == "cxr_opacity"]
+    assert entry["shadow"] == {"version": 2, "share": 1.0}
     on = [tatarstan.post("/v1/studies", content=body, headers=DICOM) for body in bodies]
     for before, after in zip(off, on):
         assert before.status_code == after.status_code == 200, (before.text, after.text)
