@@ -181,6 +181,35 @@ def cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tools_compare(args: argparse.Namespace) -> int:
+    """`mosmedai tools compare TOOL --version V`: agreement of V's shadow runs with the live
+    version, per region, from the object store (mosmedai.shadow)."""
+    import json
+
+    from mosmedai import shadow
+    from mosmedai.tools import CATALOG
+    from mosmedai.worker import object_store
+
+    tool = args.tool
+    if tool not in CATALOG:
+        print(f"tools compare: unknown tool {tool!r}; known: {sorted(CATALOG)}", file=sys.stderr)
+        return 2
+    if args.version is None or args.version not in CATALOG[tool].versions:
+        print(f"tools compare: --version: tool {tool} has versions {list(CATALOG[tool].versions)}; name one",
+              file=sys.stderr)
+        return 2
+    settings = _settings()
+    records = shadow.read_records(object_store(settings), settings.results_bucket, tool, version=args.version)
+    groups = {key: figures for key, figures in shadow.by_version_and_region(records).items()
+              if args.region is None or key[1] == args.region}
+    if args.json:
+        print(json.dumps({"tool": tool, "version": args.version,
+                          "regions": {region: figures for (_, region), figures in groups.items()}}, indent=2))
+    else:
+        print(shadow.format_comparison(tool, args.version, groups))
+    return 0
+
+
 def cmd_tools(args: argparse.Namespace) -> int:
     from mosmedai import byo, model_repo
 
@@ -322,8 +351,8 @@ def main(argv: list[str] | None = None) -> None:
                          + " (default: the first; `none` for a clean example)")
     example.add_argument("--seed", type=int, default=7)
     example.set_defaults(run=cmd_example)
-    tools = commands.add_parser("tools", help="tool packages (check, install) and the admission gate of tool "
-                                "versions (admit, history)")
+    tools = commands.add_parser("tools", help="tool packages (check, install), the admission gate of tool "
+                                "versions (admit, history) and shadow runs (compare)")
     actions = tools.add_subparsers(dest="action", required=True)
     for action, summary in (("check", "validate a tool package (model.onnx + manifest.yaml)"),
                             ("install", "add a tool package to a Triton model repository")):
@@ -356,6 +385,13 @@ def main(argv: list[str] | None = None) -> None:
     history.add_argument("--version", type=int, help="only this version's decisions")
     history.add_argument("--json", action="store_true", help="the decision records as JSON")
     history.set_defaults(run=cmd_history)
+    compare = actions.add_parser("compare", help="a version run in shadow: its agreement with the live version, "
+                                 "per region")
+    compare.add_argument("tool", metavar="TOOL")
+    compare.add_argument("--version", type=int, help="the version that ran in shadow")
+    compare.add_argument("--region", help="only this region (ISO 3166-2:RU)")
+    compare.add_argument("--json", action="store_true", help="the figures as JSON")
+    compare.set_defaults(run=cmd_tools_compare)
     for name, (_, summary) in DELEGATED.items():
         commands.add_parser(name, help=f"{summary} (`mosmedai {name} --help`)", add_help=False)
     parsed = parser.parse_args(args)

@@ -106,6 +106,23 @@ class Settings(BaseSettings):
         "catalog or the model repository does not hold, is refused at start.",
     )
 
+    tools_config: str = Field(
+        "",
+        description="Per-region tool choice (mosmedai.tool_config): which tools each region and tenant has "
+        "enabled and which version of each is live, and shadow runs. YAML/JSON text, or a path to it (then "
+        "re-read when it changes, without a restart). Empty: every enabled tool everywhere at tool_versions. "
+        "Invalid at start: the gateway refuses to start, naming the field.",
+    )
+    tools_config_poll_s: float = Field(
+        3.0, gt=0, le=3600,
+        description="How often the gateway looks whether the tools_config file changed (s).",
+    )
+    tools_unload_grace_s: float = Field(
+        60.0, ge=0, le=86400,
+        description="A version that is live nowhere any more is unloaded from Triton after this long without "
+        "a study on it (s): gateway replicas that have not re-read the file yet may still send some.",
+    )
+
     # --- router -----------------------------------------------------------------------
     router_max_batch_size: int = Field(
         8, ge=1, le=64, description="Most images per tool in one Triton request (images)."

@@ -64,6 +64,7 @@ class Backend:
     jobs: object  # JobStore
     runner: object  # JobRunner
     settings: object  # Settings
+    tools_of: object = None  # tenant -> the tools it gets (mosmedai.tool_config); None: every served tool
     index: "ResultIndex" = field(init=False)
 
     def __post_init__(self):
@@ -73,10 +74,11 @@ class Backend:
 _backend: Backend | None = None
 
 
-def install(jobs, runner, settings) -> None:
-    """Called by Gateway.__init__: the job store, runner and settings of this replica."""
+def install(jobs, runner, settings, tools_of=None) -> None:
+    """Called by Gateway.__init__: the job store, runner and settings of this replica, and
+    ``tools_of(tenant)``, the tools a tenant gets."""
     global _backend
-    _backend = Backend(jobs, runner, settings)
+    _backend = Backend(jobs, runner, settings, tools_of)
 
 
 def _require() -> Backend:
@@ -456,10 +458,12 @@ async def _store(request: Request, study: str | None) -> Response:
             part.fail("not_application_dicom", f"the part is {part_type or '(untyped)'}, not {DICOM_MEDIA_TYPE}")
         parts.append(part)
 
+    enabled = list(backend.tools_of(tenant)) if backend.tools_of else list(settings.enabled_tools)
+
     def decode_and_plan() -> dict[str, list[Part]]:
         for part in parts:
             check_part(part, study, settings.max_pixels)
-        return plan_studies(parts, settings.enabled_tools, settings.transport_max_side,
+        return plan_studies(parts, enabled, settings.transport_max_side,
                             settings.max_series_per_request)
 
     planned = await asyncio.to_thread(decode_and_plan)

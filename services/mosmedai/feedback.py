@@ -40,9 +40,11 @@ from mosmedai.storage import ObjectStore
 
 #: Largest feedback body accepted (bytes): a comment of 2,000 characters fits many times over.
 MAX_BODY_BYTES = 64 * 1024
-#: What the quality summary says instead of a shadow-agreement figure.
-SHADOW_NOT_BUILT = ("shadow runs are not built yet: shadow_agreement stays null until a tool version runs in "
-                    "shadow beside the served one")
+
+def no_feedback() -> dict:
+    """The counts of a version nobody judged yet."""
+    return {"total": 0, **{v: 0 for v in VERDICTS}, "reasons": {r: 0 for r in REASONS},
+            "disagreement_rate": None}
 
 
 def _json_type(value) -> str:
@@ -144,8 +146,7 @@ class FeedbackStore:
             if len(parts) != 5 or parts[1] not in VERDICTS:
                 continue
             version, verdict, reason = parts[0], parts[1], parts[2]
-            counts = versions.setdefault(version, {"total": 0, **{v: 0 for v in VERDICTS},
-                                                   "reasons": {r: 0 for r in REASONS}})
+            counts = versions.setdefault(version, no_feedback())
             counts["total"] += 1
             counts[verdict] += 1
             if verdict == "disagree" and reason in counts["reasons"]:

@@ -2,7 +2,10 @@
 
 - ``POST /v1/studies``: one DICOM Part-10 file -> every enabled tool that reads it.
 - ``POST /v1/studies/{uid}/feedback``: a radiologist's verdict on a tool's result
-  (``mosmedai.feedback``); ``GET /v1/tools/{tool}/quality``: the tenant's feedback per version.
+  (``mosmedai.feedback``); ``GET /v1/tools/{tool}/quality``: the tenant's feedback per version,
+  and the agreement of versions run in shadow (``mosmedai.shadow``) with the live one.
+- ``GET /v1/tools``: every tool, its versions, and what is enabled and live for the caller
+  (``mosmedai.tool_config``: per-region and per-tenant choice, re-read when its file changes).
 - ``GET /healthz``, ``GET /readyz``; ``GET /metrics`` (Prometheus text format, not in OpenAPI).
 - The Open Inference Protocol (KServe v2) REST endpoints for raw tensors, passed to
   Triton unchanged so a stock ``tritonclient.http`` client works, binary tensors included;
@@ -22,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from mosmedai import __version__, dicomweb, feedback
+from mosmedai import __version__, dicomweb, feedback, shadow, tool_config
 from mosmedai.admission import AdmissionGate
 from mosmedai.answered import StudyRecords, StudyRecordWriter, tools_of, version_label
 from mosmedai.config import Settings
@@ -39,7 +42,7 @@ from mosmedai.router import Router, StudyContext
 from mosmedai.routing import URGENT, priority_of
 from mosmedai.tools import CATALOG
 from mosmedai.schemas import (ErrorBody, Feedback, FeedbackIn, PoolsAnswer, StudyResult, StudyResults, StudyStatus,
-                              ToolQuality)
+                              ToolQuality, ToolsAnswer)
 from mosmedai.tenants import install_registry, installed_registry, load_tenants
 from mosmedai.worker import JobRunner, accept, job_store
 
@@ -181,10 +184,19 @@ class Gateway:
         self.tenants = load_tenants(self.settings.tenants_file or None, self.settings.profile,
                                     self.settings.demo_tenants)
         # A directory that leaves a tenant's region without a pool is refused at start.
+        directory = None
+        tenant_regions = {t.id: t.region for t in self.tenants.all()}
         if self.settings.pool_discovery == "config":
-            directory_for(self.settings).check_regions({t.id: t.region for t in self.tenants.all()})
+            directory = directory_for(self.settings)
+            directory.check_regions(tenant_regions)
         self.metrics = GatewayMetrics(self.tenants.all(), self.settings.enabled_tools)
         install_gateway_metrics(self.metrics)
+        # Per-region tool choice: an invalid configuration is refused here, at start.
+        self.tool_choice = tool_config.ConfigWatcher(
+            tool_config.source_path(self.settings.tools_config) if self.settings.tools_config.strip() else None,
+            tool_config.load(self.settings, tenant_regions, directory),
+            lambda text: tool_config.parse_text(text, self.settings, tenant_regions, directory),
+            self._load_versions, self.settings.tools_config_poll_s, tool_config.ReloadMetrics(self.metrics.registry))
         install_registry(self.tenants)
         self.jobs = job_store(self.settings)
         self.answered = StudyRecordWriter(StudyRecords(self.jobs.store, self.settings.results_bucket), self.jobs)
@@ -193,8 +205,15 @@ class Gateway:
         # Whether a single image can be urgent work (an urgent tool that reads images).
         self._urgent_images = any(priority_of(CATALOG[tool]) == URGENT and CATALOG[tool].kind == IMAGE
                                   for tool in self.settings.enabled_tools)
-        self.runner = JobRunner(self.jobs, self.settings, self._infer_job, on_backlog=self._backlog)
-        dicomweb.install(self.jobs, self.runner, self.settings)
+        # Shadow runs of candidate versions (mosmedai.shadow): after the live answer, in the background.
+        self.shadow = shadow.ShadowRunner(
+            self._shadow_infer,
+            lambda key, body: self.jobs.store.put(self.settings.results_bucket, key, body,
+                                                  content_type="application/json"),
+            shadow.ShadowMetrics(self.metrics.registry))
+        self.runner = JobRunner(self.jobs, self.settings, self._infer_job, on_backlog=self._backlog,
+                                choice=self._view_of_id, on_done=self._job_done)
+        dicomweb.install(self.jobs, self.runner, self.settings, lambda tenant: self.view(tenant).enabled)
         # Graceful drain (mosmedai.drain): once Serve stops this replica, readiness is 503,
         # new synchronous studies get 503 `draining` with Retry-After, the job runner takes
         # no more jobs; __del__ gives the unfinished ones back to the store.
@@ -208,6 +227,29 @@ class Gateway:
         """Start (once) the job runner and the drain watcher, on the replica's event loop."""
         self.drain.start()
         self.runner.start()
+        self.tool_choice.start()
+
+    async def _load_versions(self, choices: tool_config.ToolChoices) -> None:
+        """Before a configuration is in force: its live versions are loaded on every pool."""
+        await self.router.load_versions.remote(choices.live())
+
+    def view(self, tenant) -> tool_config.ToolView:
+        """The tools a tenant gets and their live versions, now (a study keeps the view it started with)."""
+        return self.tool_choice.current.view_of(tenant)
+
+    async def _shadow_infer(self, tenant_id: str, region: str, tool: str, version: int, tensors) -> dict:
+        context = StudyContext(tenant_id, region, self.settings.time_to_result_slo_s, synchronous=False, shadow=True)
+        outputs = await self.router.infer_image.remote([tool], tensors, context, {tool: version})
+        return outputs[tool]
+
+    def _job_done(self, tenant_id: str, view, items, item_results) -> None:
+        tenant = self.tenants.get(tenant_id)
+        if tenant is not None:
+            self.shadow.offer(tenant, view, items, item_results)
+
+    def _view_of_id(self, tenant_id: str) -> tool_config.ToolView | None:
+        tenant = self.tenants.get(tenant_id)
+        return None if tenant is None else self.view(tenant)
 
     @property
     def draining(self) -> bool:
@@ -235,12 +277,12 @@ class Gateway:
                 self.metrics.feedback_possible(context.region, tool, version_label(str(out["model_version"])))
         return outputs
 
-    async def _infer_job(self, tenant_id: str, tools: list[str], tensors) -> dict:
+    async def _infer_job(self, tenant_id: str, tools: list[str], tensors, versions: dict | None = None) -> dict:
         """An accepted (asynchronous) study's tools: routed by its tenant's region, never shed."""
         tenant = self.tenants.get(tenant_id)
         region = tenant.region if tenant is not None else "RU-MOW"
         context = StudyContext(tenant_id, region, self.settings.time_to_result_slo_s, synchronous=False)
-        return await self._infer(context, tools, tensors)
+        return await self._infer(context, tools, tensors, versions)
 
     def _backlog(self, per_tenant: dict[str, int]) -> None:
         per_region = {tenant.region: 0 for tenant in self.tenants.all()}
@@ -272,6 +314,8 @@ class Gateway:
         if self.draining:
             return JSONResponse({"error": "draining", "detail": "this gateway replica is shutting down"}, 503,
                                 headers=DRAINING_HEADERS)
+        if not self.tool_choice.prepared:
+            return JSONResponse({"error": "not_ready", "detail": "the live tool versions are being loaded"}, 503)
         try:
             states = await asyncio.wait_for(self.router.ready.remote(), timeout=5.0)
         except Exception as error:  # router not up (yet)
@@ -308,6 +352,7 @@ class Gateway:
         self._keep_going()
         context = StudyContext(tenant.id, tenant.region,
                                study_deadline_s(request.headers.get("prefer", ""), self.settings.sync_deadline_s))
+        view = self.view(tenant)  # the study keeps this view: its tools and their versions
         content_type = request.headers.get("content-type", "")
         media_type = content_type.split(";")[0].strip().lower()
         if media_type not in (DICOM_MEDIA_TYPE, MULTIPART_RELATED):
@@ -317,13 +362,13 @@ class Gateway:
         wanted = None
         if tools:
             wanted = [name.strip() for name in tools.split(",") if name.strip()]
-            unknown = [name for name in wanted if name not in self.settings.enabled_tools]
+            unknown = [name for name in wanted if name not in view.enabled]
             if unknown:
                 raise InputError(422, "unknown_tool", f"tools not enabled here: {unknown}; "
-                                 f"enabled: {self.settings.enabled_tools}")
-        pinned = self._pinned_versions(versions, wanted) if versions else None
+                                 f"enabled: {list(view.enabled)}")
+        pinned = self._pinned_versions(versions, wanted, view) if versions else None
         if pinned:
-            await self._pinned_loaded(pinned)
+            await self._pinned_loaded(pinned, view)
         asynchronous = "respond-async" in [token.strip().lower()
                                            for token in request.headers.get("prefer", "").split(",")]
         if asynchronous and (wanted is not None or pinned):
@@ -353,9 +398,9 @@ class Gateway:
                 bodies = [body]
             else:
                 bodies = self._instances(multipart_parts(body, content_type))
-            images, items, unmatched = await prepare_off_loop(bodies, self.settings, wanted)
+            images, items, unmatched = await prepare_off_loop(bodies, self.settings, wanted, view.enabled)
             if not items:
-                raise no_tool_error(len(bodies), unmatched, self.settings.enabled_tools)
+                raise no_tool_error(len(bodies), unmatched, list(view.enabled))
             if asynchronous:
                 return await self._accept(tenant_of(request), bodies, images, request.headers.get("idempotency-key"))
             decoded = time.perf_counter()
@@ -366,7 +411,8 @@ class Gateway:
                 if refused is not None:
                     return refused
                 admitted = time.monotonic()
-            answers = await infer_items(functools.partial(self._infer, context, versions=pinned), items)
+            answers = await infer_items(functools.partial(self._infer, context,
+                                                          versions={**view.versions, **(pinned or {})}), items)
         finally:
             if admitted is not None:
                 self.gate.leave(tenant.id, admitted, answered=bool(answers) and not failures_of(answers))
@@ -398,6 +444,8 @@ class Gateway:
             "total": (finished - received) * 1000.0,
         }
         results = [item_result(item, outputs) for item, outputs in zip(items, answers)]
+        # The live answer is decided: candidate versions may now run in shadow (never waited for).
+        self.shadow.offer(tenant, view, items, results)
         await self._note_answered(tenant, items, results)
         if media_type == DICOM_MEDIA_TYPE:
             image, = images
@@ -410,8 +458,9 @@ class Gateway:
                                   timings_ms=timings)
         return JSONResponse(result.model_dump(mode="json"))
 
-    def _pinned_versions(self, versions: str, wanted: list[str] | None) -> dict[str, int]:
-        """The `versions` query (``tool:N[,tool:N]``) -> {tool: N}; InputError 422 naming the entry."""
+    def _pinned_versions(self, versions: str, wanted: list[str] | None, view) -> dict[str, int]:
+        """The `versions` query (``tool:N[,tool:N]``) -> {tool: N}; InputError 422 naming the entry.
+        Only the caller's enabled tools (its tool choice) may be pinned."""
         pinned: dict[str, int] = {}
         for entry in (part.strip() for part in versions.split(",")):
             if not entry:
@@ -419,9 +468,9 @@ class Gateway:
             tool, _, number = entry.partition(":")
             if not (number.isascii() and number.isdigit() and len(number) <= 6):  # int() of 4,300+ digits raises
                 raise InputError(422, "bad_versions", f"versions: {entry!r} is not TOOL:VERSION (e.g. cxr_opacity:2)")
-            if tool not in self.settings.enabled_tools:
+            if tool not in view.enabled:
                 raise InputError(422, "unknown_tool", f"versions: tool {tool!r} is not enabled here; "
-                                 f"enabled: {self.settings.enabled_tools}")
+                                 f"enabled: {list(view.enabled)}")
             if wanted is not None and tool not in wanted:
                 raise InputError(422, "bad_versions", f"versions: {tool} is not among the tools of this call {wanted}")
             if int(number) not in CATALOG[tool].versions:
@@ -430,11 +479,11 @@ class Gateway:
             pinned[tool] = int(number)
         return pinned
 
-    async def _pinned_loaded(self, pinned: dict[str, int]) -> None:
+    async def _pinned_loaded(self, pinned: dict[str, int], view) -> None:
         """InputError 409 when a chosen version that is not the deployment's has no ensemble
         ready in Triton: the router would answer 503 and retry, as for a model reloading."""
         for tool, version in pinned.items():
-            if version == self.settings.tool_version(tool):
+            if version == view.versions.get(tool):
                 continue
             ensemble = CATALOG[tool].ensemble(version)
             try:
@@ -574,18 +623,39 @@ class Gateway:
     @app.get("/v1/tools/{tool}/quality", response_model=ToolQuality,
              summary="The tenant's feedback on a tool, per model version",
              description="Counts of the caller tenant's feedback on the tool per model version (in the "
-             "tenant's region) and the disagreement rate. `shadow_agreement` is null: shadow runs are not "
-             "built yet.", responses={404: {"model": ErrorBody}})
+             "tenant's region) and the disagreement rate; for a version that ran in shadow on the tenant's "
+             "studies, its agreement with the live version (`shadow_agreement`).", responses={404: {"model": ErrorBody}})
     async def tool_quality(self, tool: str, request: Request) -> JSONResponse:
         tenant = tenant_of(request)
         if tool not in self.settings.enabled_tools:
             raise InputError(404, "unknown_tool", f"{tool[:80]!r} is not a tool enabled here; "
                              f"enabled: {self.settings.enabled_tools}")
-        counts = await asyncio.to_thread(self.feedback.summary, tenant.id, tool)
-        versions = [{"model_version": version, "region": tenant.region, "feedback": counts[version],
-                     "shadow_agreement": None} for version in sorted(counts, key=lambda v: (len(v), v))]
+        counts, records = await asyncio.gather(
+            asyncio.to_thread(self.feedback.summary, tenant.id, tool),
+            asyncio.to_thread(shadow.read_records, self.jobs.store, self.settings.results_bucket, tool, tenant.id))
+        agreements = {version: figures for (version, region), figures in shadow.by_version_and_region(records).items()
+                      if region == tenant.region}
+        versions = [{"model_version": version, "region": tenant.region,
+                     "feedback": counts.get(version) or feedback.no_feedback(),
+                     "shadow_agreement": agreements.get(version)}
+                    for version in sorted(set(counts) | set(agreements), key=lambda v: (len(v), v))]
         answer = ToolQuality(tool=tool, tenant=tenant.id, region=tenant.region, versions=versions,
-                             shadow_agreement_status=feedback.SHADOW_NOT_BUILT)
+                             shadow_agreement_status=shadow.AGREEMENT_STATUS)
+        return JSONResponse(answer.model_dump(mode="json"))
+
+    @app.get("/v1/tools", response_model=ToolsAnswer,
+             summary="Every tool, its versions, and what is enabled and live for the caller",
+             description="`versions`: what the catalog and model repository hold, each with its model card and "
+             "held-out evaluation summary. `enabled` and `live_version`: for the caller tenant (its region's "
+             "choice, or its own override; mosmedai.tool_config), as of now.")
+    async def list_tools(self, request: Request) -> JSONResponse:
+        tenant = tenant_of(request)
+        view = self.view(tenant)
+        tools = [{**tool_config.tool_versions_info(name, self.settings.model_repository),
+                  "enabled": name in view.enabled, "live_version": view.versions.get(name),
+                  "shadow": view.shadow[name].model_dump() if name in (view.shadow or {}) else None}
+                 for name in CATALOG]
+        answer = ToolsAnswer(tenant=tenant.id, region=tenant.region, tools=tools)
         return JSONResponse(answer.model_dump(mode="json"))
 
     # --- pools and router statistics (SREs, benchmarks) ------------------------------------
@@ -618,11 +688,15 @@ class Gateway:
                   if key.lower() in ("content-type", "inference-header-content-length")}
         return Response(answer.content, status_code=answer.status_code, headers=passed)
 
-    def _known(self, tool: str) -> JSONResponse | None:
-        if tool not in self.settings.enabled_tools:
+    def _known(self, tool: str, request: Request) -> JSONResponse | None:
+        enabled = self.view(tenant_of(request)).enabled
+        if tool not in enabled:
             # KServe v2 error body: {"error": "..."}.
-            return JSONResponse({"error": f"unknown model '{tool}'; enabled: {self.settings.enabled_tools}"}, 404)
+            return JSONResponse({"error": f"unknown model '{tool}'; enabled: {list(enabled)}"}, 404)
         return None
+
+    def _live_ensemble(self, tool: str, request: Request) -> str:
+        return CATALOG[tool].ensemble(self.view(tenant_of(request)).version(tool))
 
     @app.get("/v2", summary="OIP server metadata")
     async def oip_server(self) -> dict:
@@ -639,22 +713,23 @@ class Gateway:
 
     @app.api_route("/v2/models/{tool}", methods=["GET"], summary="OIP model metadata")
     async def oip_model(self, tool: str, request: Request) -> Response:
-        return self._known(tool) or await self._to_triton(request, f"/v2/models/{self.settings.ensemble_of(tool)}")
+        return self._known(tool, request) or await self._to_triton(
+            request, f"/v2/models/{self._live_ensemble(tool, request)}")
 
     @app.api_route("/v2/models/{tool}/{action}", methods=["GET", "POST"],
                    summary="OIP model ready / config / infer")
     async def oip_action(self, tool: str, action: str, request: Request) -> Response:
         if action not in ("ready", "config", "infer", "stats"):
             return JSONResponse({"error": f"unknown endpoint '{action}'"}, 404)
-        return self._known(tool) or await self._to_triton(
-            request, f"/v2/models/{self.settings.ensemble_of(tool)}/{action}")
+        return self._known(tool, request) or await self._to_triton(
+            request, f"/v2/models/{self._live_ensemble(tool, request)}/{action}")
 
     @app.api_route("/v2/models/{tool}/versions/{version}/{action}", methods=["GET", "POST"],
                    summary="OIP versioned model ready / infer")
     async def oip_versioned(self, tool: str, version: str, action: str, request: Request) -> Response:
         if action not in ("ready", "config", "infer") or not (version.isascii() and version.isdigit()):
             return JSONResponse({"error": f"unknown endpoint '{version}/{action}'"}, 404)
-        refused = self._known(tool)
+        refused = self._known(tool, request)
         if refused:
             return refused
         if int(version) not in CATALOG[tool].versions:

@@ -2,7 +2,8 @@
 
 - ``inference.GRPCInferenceService`` (KServe v2 / Triton): passed through to the region's
   Triton pool as bytes, so a stock ``tritonclient.grpc`` client works unchanged, streaming
-  included. Only enabled tools are reachable; repository control, shared memory, trace and
+  included. Only the tools the caller's region (or tenant) has enabled are reachable, at their
+  live version (``mosmedai.tool_config``, re-read when its file changes); repository control, shared memory, trace and
   log settings are refused (clients do not manage the pool).
 - ``mosmedai.v1.Studies`` (``mosmedai/grpc_api/studies.proto``): DICOM bytes in, results
   out; a thin adapter over the gateway's HTTP study API, so limits, tenancy and
@@ -69,9 +70,10 @@ class OipProxy(grpc.GenericRpcHandler):
     ensemble (``ToolSpec.ensemble``), so the model name is rewritten to it."""
 
     def __init__(self, channel: grpc.aio.Channel, enabled: list[str], tenants: TenantRegistry,
-                 tool_versions: dict[str, int] | None = None):
+                 tool_versions: dict[str, int] | None = None, choices=None):
         self.channel, self.enabled, self.tenants = channel, set(enabled), tenants
         self.tool_versions = dict(tool_versions or {})
+        self.choices = choices  # () -> ToolChoices in force (mosmedai.tool_config); None: every served tool
 
     def service(self, details):
         if not details.method.startswith(OIP_SERVICE):
@@ -83,7 +85,8 @@ class OipProxy(grpc.GenericRpcHandler):
 
     async def _check(self, name: str, request: bytes | None, context) -> bytes | None:
         """The request to forward (the same bytes unless a tool version's ensemble is named)."""
-        if name not in UNAUTHENTICATED and self.tenants.by_token(bearer(context)) is None:
+        tenant = None if name in UNAUTHENTICATED else self.tenants.by_token(bearer(context))
+        if name not in UNAUTHENTICATED and tenant is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token "
                                 "(metadata `authorization: Bearer <tenant token>`)")
         if name in SERVER_METHODS:
@@ -97,16 +100,20 @@ class OipProxy(grpc.GenericRpcHandler):
             model = getattr(message, field)
         except Exception:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: the request does not parse")
-        if model not in self.enabled:
+        enabled, live = self.enabled, self.tool_versions
+        if self.choices is not None and tenant is not None:
+            view = self.choices().view_of(tenant)
+            enabled, live = set(view.enabled), view.versions
+        if model not in enabled:
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"unknown model '{model}'; enabled: {sorted(self.enabled)}")
+                                f"unknown model '{model}'; enabled: {sorted(enabled)}")
         version_field = VERSION_FIELDS.get(name, "version")
         asked = getattr(message, version_field)
         spec = CATALOG[model]
         if asked and (not (asked.isascii() and asked.isdigit()) or int(asked) not in spec.versions):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"model '{model}' has no version {asked}; versions: {list(spec.versions)}")
-        version = int(asked) if asked else self.tool_versions.get(model, 1)
+        version = int(asked) if asked else live.get(model, 1)
         if version == 1 and not asked:
             return request  # version 1's ensemble is the tool's name: forward the bytes as they came
         setattr(message, field, spec.ensemble(version))
@@ -193,6 +200,41 @@ class StudiesService(studies_pb2_grpc.StudiesServicer):
         return json_format.ParseDict(status, studies_pb2.StudyStatus(), ignore_unknown_fields=True)
 
 
+def tool_choice_watcher(settings: Settings, tenants: TenantRegistry):
+    """The per-region tool choice, re-read when its file changes. The gateway's router loads
+    newly live versions; this process only waits until its Triton has them before switching."""
+    from prometheus_client import CollectorRegistry
+
+    from mosmedai import tool_config
+    from mosmedai.pools import directory_for
+
+    regions = {t.id: t.region for t in tenants.all()}
+    directory = directory_for(settings) if settings.pool_discovery == "config" else None
+    client = None
+
+    async def loaded(choices) -> None:
+        nonlocal client
+        import tritonclient.grpc.aio as triton
+
+        if client is None:
+            client = triton.InferenceServerClient(settings.triton_grpc_target)
+        deadline = asyncio.get_running_loop().time() + 60.0
+        for tool, versions in choices.live().items():
+            if not await client.is_model_ready(CATALOG[tool].ensemble(settings.tool_version(tool))):
+                continue  # this Triton does not serve the tool at all
+            for version in versions:
+                while not await client.is_model_ready(CATALOG[tool].ensemble(version)):
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise RuntimeError(f"{CATALOG[tool].ensemble(version)} is not loaded in {settings.triton_grpc_target}")
+                    await asyncio.sleep(0.5)
+
+    return tool_config.ConfigWatcher(
+        tool_config.source_path(settings.tools_config) if settings.tools_config.strip() else None,
+        tool_config.load(settings, regions, directory),
+        lambda text: tool_config.parse_text(text, settings, regions, directory),
+        loaded, settings.tools_config_poll_s, tool_config.ReloadMetrics(CollectorRegistry()))
+
+
 async def serve(settings: Settings) -> None:
     tenants = load_tenants(settings.tenants_file or None, settings.profile, settings.demo_tenants)
     limits = [("grpc.max_receive_message_length", settings.max_body_bytes),
@@ -201,12 +243,15 @@ async def serve(settings: Settings) -> None:
     gateway = httpx.AsyncClient(base_url=settings.gateway_base,
                                 timeout=settings.study_timeout_s)
     server = grpc.aio.server(options=limits)
-    server.add_generic_rpc_handlers([OipProxy(channel, settings.enabled_tools, tenants, settings.tool_versions)])
+    watcher = tool_choice_watcher(settings, tenants)
+    server.add_generic_rpc_handlers([OipProxy(channel, settings.enabled_tools, tenants, settings.tool_versions,
+                                              choices=lambda: watcher.current)])
     studies_pb2_grpc.add_StudiesServicer_to_server(StudiesService(gateway), server)
     address = f"{settings.bind_host}:{settings.grpc_port}"
     if server.add_insecure_port(address) == 0:
         raise SystemExit(f"gRPC: cannot listen on {address}")
     await server.start()
+    watcher.start()
     log.info("gRPC listening on %s (Triton %s)", address, settings.triton_grpc_target)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -463,8 +463,23 @@ def start_tritons(settings: Settings, groups: list[str] | None = None) -> None:
               settings.startup_timeout_s, settings.log_dir / f"{group}.log", (settings, group))
 
 
+def check_tools_config(settings: Settings) -> None:
+    """Refuse an invalid tool configuration before anything starts (the gateway refuses it too,
+    but its message would only be in serve.log). Raises ToolsConfigError naming the field."""
+    if not settings.tools_config.strip():
+        return
+    from mosmedai import tool_config
+    from mosmedai.pools import directory_for
+    from mosmedai.tenants import load_tenants
+
+    tenants = load_tenants(settings.tenants_file or None, settings.profile, settings.demo_tenants)
+    directory = directory_for(settings) if settings.pool_discovery == "config" else None
+    tool_config.parse(settings.tools_config, settings, {t.id: t.region for t in tenants.all()}, directory)
+
+
 def up(settings: Settings) -> dict[str, str]:
     """Start what is not running, wait until the gateway is ready, return the endpoints."""
+    check_tools_config(settings)
     urls = endpoints(settings)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     settings.log_dir.mkdir(parents=True, exist_ok=True)

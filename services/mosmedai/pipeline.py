@@ -167,21 +167,23 @@ def plan(images: list[DecodedImage], enabled: list[str], wanted: list[str] | Non
     return items, unmatched
 
 
-def prepare(bodies: list[bytes], settings, wanted: list[str] | None = None):
-    """Decode the instances and plan their work: (images, items, unmatched); raises InputError."""
+def prepare(bodies: list[bytes], settings, wanted: list[str] | None = None, enabled=None):
+    """Decode the instances and plan their work: (images, items, unmatched); raises InputError.
+    ``enabled``: the caller's tools (mosmedai.tool_config; default: every served tool)."""
     images = decode_all(bodies, settings.max_pixels)
     check_series_limit(images, settings.max_series_per_request)
-    items, unmatched = plan(images, settings.enabled_tools, wanted, settings.transport_max_side)
+    items, unmatched = plan(images, list(settings.enabled_tools if enabled is None else enabled), wanted,
+                            settings.transport_max_side)
     return images, items, unmatched
 
 
-async def prepare_off_loop(bodies: list[bytes], settings, wanted: list[str] | None = None):
+async def prepare_off_loop(bodies: list[bytes], settings, wanted: list[str] | None = None, enabled=None):
     """`prepare`, inline for one uncompressed image (its pixels are a view of the body: a few
     ms, less than the hop to a thread); anything compressed, or several instances, in a thread
     so other uploads are received meanwhile (the decoders release the GIL)."""
     if len(bodies) == 1 and is_uncompressed(bodies[0]):
-        return prepare(bodies, settings, wanted)
-    return await asyncio.to_thread(prepare, bodies, settings, wanted)
+        return prepare(bodies, settings, wanted, enabled)
+    return await asyncio.to_thread(prepare, bodies, settings, wanted, enabled)
 
 
 # --- results --------------------------------------------------------------------------------

@@ -17,7 +17,11 @@ Versions: each tool runs the version ``settings.tool_versions`` names (1 when no
 a call may name another per tool (``infer_image(..., versions=)``). A version is its own
 Triton ensemble (``ToolSpec.ensemble``: ``<tool>`` for 1, ``<tool>_v<N>`` after) with its
 own queue, so a batch never mixes versions; each result's ``model_version`` is the tool
-version that produced it (the ensemble's own Triton version is always 1).
+version that produced it (the ensemble's own Triton version is always 1). The gateway names
+each caller's live version per call (``mosmedai.tool_config``); ``load_versions`` loads the
+versions live anywhere in every pool that serves the tool before the gateway switches to them,
+and unloads those this router loaded once they are live nowhere and idle. A shadow run
+(``StudyContext.shadow``, ``mosmedai.shadow``) waits in the lowest priority class.
 
 Health (outlier detection): a pool is out of rotation while its readiness probe fails, and
 for ``pool_ejection_s`` (doubling per ejection in a row) after ``pool_eject_after``
@@ -81,6 +85,9 @@ class StudyContext:
     region: str
     deadline_s: float  # seconds from ``received`` within which the answer is due
     synchronous: bool = True  # False: accepted durably (job API, STOW-RS, DIMSE); never shed
+    # A shadow run (mosmedai.shadow): behind every live image (the lowest priority class),
+    # outside the tenants' fair shares; its result is never an answer.
+    shadow: bool = False
     # wall-clock time of arrival: gateway and router may be on different nodes (NTP-synced)
     received: float = field(default_factory=time.time)
 
@@ -184,6 +191,9 @@ def channel_args(grpc) -> list[tuple[str, int]]:
         ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
     ]
 
+
+#: Probe rounds between two checks that every live tool version is loaded where it runs.
+VERSION_CHECK_ROUNDS = 5
 
 #: First and longest wait between two connection attempts to a pool's Triton (ms).
 RECONNECT_BACKOFF_MS = (500, 2000)
@@ -293,7 +303,8 @@ class ToolQueue:
         self.classes[entry.priority].setdefault(entry.context.tenant, deque()).append(entry)
         self.waiting += 1
         self.pool.queued[entry.priority] += 1
-        self.pool.hold(entry.context.tenant, 1)
+        if not entry.context.shadow:  # a shadow run is no tenant's load
+            self.pool.hold(entry.context.tenant, 1)
         self.router.metrics.queue_depth[self.tool].inc()
         self.pump()
 
@@ -349,7 +360,8 @@ class ToolQueue:
                                    for group in groups.values()))
         finally:
             for entry in batch:
-                self.pool.hold(entry.context.tenant, -1)
+                if not entry.context.shadow:
+                    self.pool.hold(entry.context.tenant, -1)
             self.running -= 1
             self.pump()
 
@@ -383,6 +395,11 @@ class Router:
         self._prober: asyncio.Task | None = None
         self._probing: set[str] = set()  # pools probed out of turn (_probe_soon)
         self._http = None  # httpx.AsyncClient for Triton's metrics, made on the loop
+        # Live tool versions (mosmedai.tool_config, from the gateway): what the pools must hold.
+        self.live_versions: set[tuple[str, int]] = set()
+        self.loaded_here: dict[tuple[str, str, int], float] = {}  # (pool, tool, version) we loaded -> when
+        self.last_used: dict[tuple[str, int], float] = {}  # (tool, version) -> last image queued (monotonic)
+        self._rounds = 0
 
     def _serve_metrics(self) -> bool:
         """Export metrics on a free port of the range, if not yet; whether it does."""
@@ -453,6 +470,12 @@ class Router:
             self._serve_metrics()
             await asyncio.gather(*(self._probe(pool) for pool in list(self.pools.values())))
             self.metrics.observe_pools(self.pools.values())
+            self._rounds += 1
+            if self.live_versions and self._rounds % VERSION_CHECK_ROUNDS == 0:
+                try:
+                    await self._keep_versions()
+                except Exception as error:  # a pool restarting: the next round tries again
+                    log.warning("live versions: %s", error)
             await asyncio.sleep(self.settings.pool_probe_interval_s)
 
     def _probe_soon(self, pool: Pool) -> None:
@@ -564,7 +587,7 @@ class Router:
         self.requests.append(time.monotonic())
         plans = []
         for tool in tools:
-            priority = priority_of(CATALOG[tool])
+            priority = len(PRIORITY_NAMES) - 1 if context.shadow else priority_of(CATALOG[tool])
             pool, kind, wait = self._decide(context.region, tool, context, priority)
             if pool is None:
                 detail = (f"no pool of region {context.region} can run {tool} within the deadline "
@@ -594,7 +617,7 @@ class Router:
         Contended: the pool's expected wait is past the spill threshold. A tenant's fair share
         is the images the pool can finish within the deadline, split evenly among the tenants
         with work there."""
-        if not context.synchronous or priority == URGENT:
+        if not context.synchronous or priority == URGENT or context.shadow:
             return None
         budget = context.deadline_s
         if wait <= self.settings.spill_wait_fraction * budget:
@@ -611,6 +634,7 @@ class Router:
 
     def _enqueue(self, pool: Pool, entry: Entry) -> None:
         key = (entry.tool, entry.version)
+        self.last_used[key] = time.monotonic()
         queue = pool.queues.get(key)
         if queue is None:
             queue = pool.queues[key] = ToolQueue(self, pool, entry.tool, entry.version)
@@ -702,6 +726,78 @@ class Router:
                                      "status": 503, "retry_after_s": math.ceil(self.settings.pool_ejection_s)})
             return
         entry.future.set_result({"error": message, "status": status})
+
+    # --- live versions (mosmedai.tool_config) ------------------------------------------------------
+    async def load_versions(self, live: dict[str, list[int]]) -> dict[str, list[str]]:
+        """Load every live tool version (``{tool: [versions]}``) in each up pool that serves the
+        tool, with Triton's repository API (explicit model control), and wait until each is
+        ready: the gateway switches to a configuration only after this returns. Raises naming
+        the pool and ensemble when one cannot be loaded. A pool that is down now gets them when
+        it is back (`_keep_versions`). Versions that this router loaded and that are live
+        nowhere any more are unloaded once unused for ``tools_unload_grace_s``.
+        Returns pool -> the ensembles loaded by this call."""
+        self._ensure_prober()
+        self.live_versions = {(tool, version) for tool, versions in live.items() if tool in CATALOG
+                              for version in versions}
+        return await self._keep_versions(strict=True)
+
+    async def _keep_versions(self, strict: bool = False) -> dict[str, list[str]]:
+        loaded: dict[str, list[str]] = {}
+        problems = []
+        now = time.monotonic()
+        for pool in list(self.pools.values()):
+            if not pool.up(now):
+                continue
+            tools = set(self.directory.tools_of(pool.name)) if self.directory else set()
+            for tool, version in sorted(self.live_versions):
+                if tool not in tools:
+                    continue
+                ensemble = CATALOG[tool].ensemble(version)
+                for client in pool.clients:
+                    try:
+                        if await client.is_model_ready(ensemble):
+                            continue
+                        log.warning("pool %s: loading %s (tool %s version %s is live)", pool.name, ensemble,
+                                    tool, version)
+                        await client.load_model(ensemble)
+                        if not await client.is_model_ready(ensemble):
+                            raise RuntimeError("loaded, yet not ready")
+                    except Exception as error:
+                        problems.append(f"pool {pool.name}: {ensemble}: {error}")
+                        continue
+                    loaded.setdefault(pool.name, []).append(ensemble)
+                    if version != self.settings.tool_version(tool):  # the base version is Triton's own
+                        self.loaded_here[(pool.name, tool, version)] = now
+        if problems and strict:
+            raise RuntimeError("; ".join(problems))
+        await self._unload_unused()
+        return loaded
+
+    async def _unload_unused(self) -> None:
+        """Unload what this router loaded for an earlier configuration, once it is live nowhere
+        and no image of it was queued for ``tools_unload_grace_s`` (gateway replicas re-read the
+        file at their own pace; a study keeps the version it started with)."""
+        now = time.monotonic()
+        for (pool_name, tool, version), loaded_at in list(self.loaded_here.items()):
+            if (tool, version) in self.live_versions:
+                continue
+            pool = self.pools.get(pool_name)
+            queue = pool.queues.get((tool, version)) if pool else None
+            busy = queue is not None and (queue.waiting or queue.running)
+            idle_since = max(loaded_at, self.last_used.get((tool, version), 0.0))
+            if busy or now - idle_since < self.settings.tools_unload_grace_s:
+                continue
+            if pool is not None:
+                ensemble = CATALOG[tool].ensemble(version)
+                try:
+                    for client in pool.clients:
+                        await client.unload_model(ensemble)
+                except Exception as error:
+                    log.warning("pool %s: unloading %s failed: %s", pool_name, ensemble, error)
+                    continue
+                log.warning("pool %s: unloaded %s (live nowhere since the configuration changed)", pool_name,
+                            ensemble)
+            del self.loaded_here[(pool_name, tool, version)]
 
     # --- what SREs and the gateway ask ------------------------------------------------------------
     async def pools_info(self) -> list[dict]:

@@ -153,13 +153,42 @@ class FeedbackCounts(BaseModel):
     reasons: dict[str, int] = Field(description="disagree verdicts by reason")
 
 
+class CategoryAgreement(BaseModel):
+    n: int
+    agreement: float | None
+    kappa: float | None = Field(description="Cohen's kappa of the category labels")
+
+
+class MeasurementAgreement(BaseModel):
+    n: int
+    mean_absolute_difference: float = Field(description="Mean |live - shadow|, in the measurement's unit")
+
+
+class ShadowAgreement(BaseModel):
+    """How a version's shadow runs agree with the live version's answers (mosmedai.shadow)."""
+
+    n: int = Field(description="Images (or CT series) run in shadow")
+    both_positive: int
+    both_negative: int
+    live_only_positive: int
+    shadow_only_positive: int
+    positive_agreement: float | None = Field(description="2a / (2a + b + c)")
+    negative_agreement: float | None = Field(description="2d / (2d + b + c)")
+    overall_agreement: float | None
+    kappa: float | None = Field(description="Cohen's kappa of positive/negative")
+    probability_mean_absolute_difference: float | None
+    categories: dict[str, CategoryAgreement]
+    measurements: dict[str, MeasurementAgreement]
+    live_versions: list[str] = Field(description="The live versions it was compared with")
+
+
 class VersionQuality(BaseModel):
     model_version: str
     region: str = Field(description="The caller tenant's region (ISO 3166-2:RU)")
     feedback: FeedbackCounts
-    shadow_agreement: None = Field(
-        None, description="Agreement with shadow runs of this version: not measured yet (shadow runs are not "
-        "built); always null until they are")
+    shadow_agreement: ShadowAgreement | None = Field(
+        None, description="Agreement of this version's shadow runs on the tenant's studies with the live "
+        "version; null when it ran in shadow on none")
 
 
 class ToolQuality(BaseModel):
@@ -170,3 +199,32 @@ class ToolQuality(BaseModel):
     region: str
     versions: list[VersionQuality]
     shadow_agreement_status: str = Field(description="Why shadow_agreement is null")
+
+
+class ToolVersionInfo(BaseModel):
+    version: int = Field(description="The tool version (its ensemble: `<tool>` for 1, `<tool>_v<N>` after)")
+    ensemble: str = Field(description="The Triton ensemble that runs it")
+    in_repository: bool = Field(description="Whether the model repository holds its ensemble")
+    model_card: str | None = Field(description="Path of its model card in the model repository; null when absent")
+    evaluation: dict | None = Field(
+        description="Its held-out evaluation summary (n, auc, sensitivity, specificity at the threshold, ...); "
+        "null when the repository has none")
+
+
+class ToolInfo(BaseModel):
+    tool: str
+    title: str
+    versions: list[ToolVersionInfo] = Field(description="Every version the catalog and repository hold")
+    enabled: bool = Field(description="Whether the caller (its region, or its own override) gets this tool's results")
+    live_version: int | None = Field(description="The version that answers the caller; null when not enabled")
+    shadow: dict | None = Field(
+        None, description="A candidate version run in shadow on a share of the caller's images ({version, share}); "
+        "its results are never returned, only compared with the live ones; null when none")
+
+
+class ToolsAnswer(BaseModel):
+    """GET /v1/tools: every tool, its versions, and what is enabled and live for the caller."""
+
+    tenant: str
+    region: str
+    tools: list[ToolInfo]

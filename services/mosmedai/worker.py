@@ -68,12 +68,14 @@ def result_objects(bodies: list[bytes], items, results: StudyResults) -> dict[st
     return objects
 
 
-async def analyse(settings: Settings, infer, bodies: list[bytes], wanted: list[str] | None = None):
-    """Instances -> (StudyResults, work items). Raises InputError (bad input) or ToolsFailed."""
+async def analyse(settings: Settings, infer, bodies: list[bytes], wanted: list[str] | None = None,
+                  enabled=None):
+    """Instances -> (StudyResults, work items). Raises InputError (bad input) or ToolsFailed.
+    ``enabled``: the tenant's tools (default: every served tool)."""
     started = time.perf_counter()
-    images, items, unmatched = await asyncio.to_thread(prepare, bodies, settings, wanted)
+    images, items, unmatched = await asyncio.to_thread(prepare, bodies, settings, wanted, enabled)
     if not items:
-        raise no_tool_error(len(bodies), unmatched, settings.enabled_tools)
+        raise no_tool_error(len(bodies), unmatched, list(settings.enabled_tools if enabled is None else enabled))
     decoded = time.perf_counter()
     answers = await infer_items(infer, items)
     failures = failures_of(answers)
@@ -124,8 +126,12 @@ class JobRunner:
     as asynchronous work (never shed); ``on_backlog({tenant_id: unfinished jobs})`` hears the
     backlog at every poll."""
 
-    def __init__(self, jobs: JobStore, settings: Settings, infer, on_backlog=None):
+    def __init__(self, jobs: JobStore, settings: Settings, infer, on_backlog=None, choice=None, on_done=None):
         self.jobs, self.settings, self.infer, self.on_backlog = jobs, settings, infer, on_backlog
+        # on_done(tenant id, view, items, item results): after a job's result is committed (shadow runs)
+        self.on_done = on_done
+        # tenant id -> its ToolView (mosmedai.tool_config): the tools it gets, their live versions
+        self.choice = choice
         self.active: set[str] = set()
         self.slots = asyncio.Semaphore(settings.job_concurrency)
         self.polling: asyncio.Task | None = None
@@ -242,8 +248,13 @@ class JobRunner:
         delay = self.settings.job_retry_s
         while True:
             try:
-                results, items = await analyse(self.settings, functools.partial(self.infer, job.tenant),
-                                               list(bodies))
+                # One view per attempt: the attempt runs on the versions live when it starts.
+                view = self.choice(job.tenant) if self.choice is not None else None
+                infer = functools.partial(self.infer, job.tenant)
+                if view is not None:
+                    infer = functools.partial(self.infer, job.tenant, versions=view.versions)
+                results, items = await analyse(self.settings, infer, list(bodies),
+                                               enabled=None if view is None else view.enabled)
                 break
             except InputError as error:
                 await asyncio.to_thread(self.jobs.fail, job, f"{error.code}: {error.message}")
@@ -259,3 +270,5 @@ class JobRunner:
                 delay = min(2 * delay, MAX_RETRY_DELAY_S)
         objects = await asyncio.to_thread(result_objects, list(bodies), items, results)
         await asyncio.to_thread(self.jobs.complete, job, results.model_dump(mode="json"), objects)
+        if self.on_done is not None and view is not None:
+            self.on_done(job.tenant, view, items, results.results)

@@ -562,7 +562,7 @@ def test_rules_and_dashboards_are_picked_up_from_files(tmp_path: Path) -> None:
                         "-f", str(CHART / "ci" / "monitoring-values.yaml")).stdout)
     (prometheus_rule,) = [d for d in out if d["kind"] == "PrometheusRule"]
     assert {"name": "zz-test", "rules": rule["groups"][0]["rules"]} in prometheus_rule["spec"]["groups"]
-    (dashboards,) = [d for d in out if d["kind"] == "ConfigMap"]
+    (dashboards,) = [d for d in out if d["kind"] == "ConfigMap" and "grafana_dashboard" in d["metadata"]["labels"]]
     assert json.loads(dashboards["data"]["zz-test.json"])["title"] == "zz test"
     assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
     for doc in (prometheus_rule, dashboards):
@@ -661,6 +661,10 @@ BAD_VALUES = [
     ("dimse-bad-service-type", {"dimse": {"service": {"type": "ExternalName"}}}, "dimse/service/type"),
     ("tensorrt-version-not-a-version", {"tensorrt": {"version": "latest"}}, "tensorrt/version"),
     ("half-credentials", {"objectStorage": {"accessKeyId": "AKIA"}}, "objectStorage.accessKeyId"),
+    ("tool-choice-region-not-iso", {"toolChoice": {"config": {"regions": {"Moscow": {}}}}}, "toolChoice/config/regions"),
+    ("tool-choice-version-zero", {"toolChoice": {"config": {"defaults": {"versions": {"cxr_opacity": 0}}}}},
+     "toolChoice/config/defaults/versions/cxr_opacity"),
+    ("tool-choice-unknown-key", {"toolChoice": {"config": {"region": {}}}}, "toolChoice/config"),
 ]
 
 
@@ -919,3 +923,51 @@ def test_dimse_service_types(tmp_path: Path) -> None:
     assert component(out, "PodDisruptionBudget", "dimse")
     (svc,) = component(out, "Service", "dimse")
     assert svc["spec"]["sessionAffinity"] == "ClientIP"
+
+
+def test_the_tool_choice_is_a_configmap_mounted_where_the_platform_reads_it(tmp_path: Path) -> None:
+    """values toolChoice.config -> a ConfigMap mounted (as a directory: the kubelet updates it in
+    place, and the gateway re-reads it) into the gateway pods and the KubeRay pods, named by
+    MOSMEDAI_TOOLS_CONFIG; what it holds is a configuration the platform's own parser accepts."""
+    from mosmedai import tool_config
+    from mosmedai.config import Settings
+
+    choice = {"defaults": {"tools": "all"},
+              "regions": {"RU-MOW": {"versions": {"cxr_opacity": 2}}, "RU-TA": {"tools": ["cxr_opacity", "cxr_nodule"]}},
+              "tenants": {"kazan-rkb": {"versions": {"cxr_opacity": 1}}}}
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"tenants": {"items": [tenant()]}, "toolChoice": {"config": choice, "pollSeconds": 5}}))
+    for extra in ([], ["--set", "ray.kuberay.enabled=true"]):
+        docs = load_all(helm("template", "mosmedai", str(CHART), "-n", NAMESPACE, "-f", str(values), *extra).stdout)
+        (configmap,) = component(docs, "ConfigMap", "tools")
+        text = configmap["data"]["tools.yaml"]
+        assert yaml.safe_load(text) == choice
+        seen = 0
+        for doc in docs:
+            if doc["kind"] not in ("Deployment", "RayService") or doc["metadata"]["labels"]["app.kubernetes.io/component"] != "gateway":
+                continue
+            for where, spec in pod_specs(doc):
+                (container,) = spec["containers"]
+                env = {e["name"]: e.get("value") for e in container["env"]}
+                mounts = {m["name"]: m for m in container["volumeMounts"]}
+                volumes = {v["name"]: v for v in spec["volumes"]}
+                assert env["MOSMEDAI_TOOLS_CONFIG"] == mounts["tools"]["mountPath"] + "/tools.yaml", where
+                assert env["MOSMEDAI_TOOLS_CONFIG_POLL_S"] == "5"
+                assert "subPath" not in mounts["tools"], where  # a subPath mount is never updated in place
+                assert volumes["tools"]["configMap"]["name"] == configmap["metadata"]["name"]
+                seen += 1
+        assert seen == (1 if not extra else 2)
+        # no checksum of the choice on the pods: a change must not restart them
+        (gateway,) = [d for d in docs if d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"
+                      and d["kind"] in ("Deployment", "RayService")]
+        assert "toolChoice" not in json.dumps(gateway) and "checksum/tools" not in json.dumps(gateway)
+    mounted = tmp_path / "tools.yaml"
+    mounted.write_text(text)
+    settings = Settings(enabled_tools=yaml.safe_load(CHART.joinpath("values.yaml").read_text())["gateway"]["enabledTools"])
+    choices = tool_config.parse(str(mounted), settings, {"kazan-rkb": "RU-TA"})
+    assert choices.view("RU-TA", "kazan-rkb").versions["cxr_opacity"] == 1
+    assert choices.view("RU-MOW").versions["cxr_opacity"] == 2
+    # the default renders an empty configuration: every enabled tool at version 1
+    docs = load_all(helm("template", "mosmedai", str(CHART), "-n", NAMESPACE).stdout)
+    (configmap,) = component(docs, "ConfigMap", "tools")
+    assert yaml.safe_load(configmap["data"]["tools.yaml"]) == {}

@@ -142,6 +142,12 @@ securityContext:
   value: {{ .Release.Namespace | quote }}
 - name: MOSMEDAI_ENABLED_TOOLS
   value: {{ toJson .Values.gateway.enabledTools | quote }}
+# Per-region tool choice: the toolChoice ConfigMap, re-read when it changes (no checksum
+# annotation on purpose: a change must not restart the pods).
+- name: MOSMEDAI_TOOLS_CONFIG
+  value: /etc/mosmedai/tools/tools.yaml
+- name: MOSMEDAI_TOOLS_CONFIG_POLL_S
+  value: {{ .Values.toolChoice.pollSeconds | quote }}
 - name: MOSMEDAI_ROUTER_MAX_BATCH_SIZE
   value: {{ .Values.gateway.routerMaxBatchSize | quote }}
 - name: MOSMEDAI_ROUTER_BATCH_WAIT_MS
@@ -385,6 +391,19 @@ envFrom:
 
 {{- define "mosmedai.tenantsMount" -}}
 - {name: tenants, mountPath: /etc/mosmedai/tenants, readOnly: true}
+{{- end -}}
+
+{{/* The per-region tool choice (values toolChoice; gateway and router pods). */}}
+{{- define "mosmedai.toolsVolume" -}}
+- name: tools
+  configMap:
+    name: {{ include "mosmedai.componentName" (dict "root" . "component" "tools") }}
+    items:
+      - {key: tools.yaml, path: tools.yaml}
+{{- end -}}
+
+{{- define "mosmedai.toolsMount" -}}
+- {name: tools, mountPath: /etc/mosmedai/tools, readOnly: true}
 {{- end -}}
 
 {{/* The gateway Service's in-cluster URL (MOSMEDAI_GATEWAY_URL of gRPC and DIMSE). */}}
