@@ -191,14 +191,16 @@ class Gateway:
             directory.check_regions(tenant_regions)
         self.metrics = GatewayMetrics(self.tenants.all(), self.settings.enabled_tools)
         install_gateway_metrics(self.metrics)
-        # Per-region tool choice: an invalid configuration is refused here, at start.
+        self.jobs = job_store(self.settings)
+        # Per-region tool choice: an invalid configuration is refused here, at start, and so is
+        # a live version the admission gate has not admitted (its decisions are in the store).
+        admitted = tool_config.admission_gate(self.jobs.store, self.settings.results_bucket)
         self.tool_choice = tool_config.ConfigWatcher(
             tool_config.source_path(self.settings.tools_config) if self.settings.tools_config.strip() else None,
-            tool_config.load(self.settings, tenant_regions, directory),
-            lambda text: tool_config.parse_text(text, self.settings, tenant_regions, directory),
+            tool_config.load(self.settings, tenant_regions, directory, admitted),
+            lambda text: tool_config.parse_text(text, self.settings, tenant_regions, directory, admitted),
             self._load_versions, self.settings.tools_config_poll_s, tool_config.ReloadMetrics(self.metrics.registry))
         install_registry(self.tenants)
-        self.jobs = job_store(self.settings)
         self.answered = StudyRecordWriter(StudyRecords(self.jobs.store, self.settings.results_bucket), self.jobs)
         self.feedback = feedback.FeedbackStore(self.jobs.store, self.settings.results_bucket)
         self.gate = AdmissionGate()

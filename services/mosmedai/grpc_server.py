@@ -207,8 +207,11 @@ def tool_choice_watcher(settings: Settings, tenants: TenantRegistry):
 
     from mosmedai import tool_config
     from mosmedai.pools import directory_for
+    from mosmedai.worker import object_store
 
     regions = {t.id: t.region for t in tenants.all()}
+    # the gateway's gate, so that this door never serves a version the gateway would refuse
+    admitted = tool_config.admission_gate(object_store(settings), settings.results_bucket)
     directory = directory_for(settings) if settings.pool_discovery == "config" else None
     client = None
 
@@ -230,8 +233,8 @@ def tool_choice_watcher(settings: Settings, tenants: TenantRegistry):
 
     return tool_config.ConfigWatcher(
         tool_config.source_path(settings.tools_config) if settings.tools_config.strip() else None,
-        tool_config.load(settings, regions, directory),
-        lambda text: tool_config.parse_text(text, settings, regions, directory),
+        tool_config.load(settings, regions, directory, admitted),
+        lambda text: tool_config.parse_text(text, settings, regions, directory, admitted),
         loaded, settings.tools_config_poll_s, tool_config.ReloadMetrics(CollectorRegistry()))
 
 

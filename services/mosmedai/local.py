@@ -463,18 +463,22 @@ def start_tritons(settings: Settings, groups: list[str] | None = None) -> None:
               settings.startup_timeout_s, settings.log_dir / f"{group}.log", (settings, group))
 
 
-def check_tools_config(settings: Settings) -> None:
+def check_tools_config(settings: Settings, with_admissions: bool = False) -> None:
     """Refuse an invalid tool configuration before anything starts (the gateway refuses it too,
-    but its message would only be in serve.log). Raises ToolsConfigError naming the field."""
+    but its message would only be in serve.log). Raises ToolsConfigError naming the field.
+    ``with_admissions``: also the admission gate, once the object store that keeps its
+    decisions is up."""
     if not settings.tools_config.strip():
         return
     from mosmedai import tool_config
     from mosmedai.pools import directory_for
     from mosmedai.tenants import load_tenants
+    from mosmedai.worker import object_store
 
     tenants = load_tenants(settings.tenants_file or None, settings.profile, settings.demo_tenants)
     directory = directory_for(settings) if settings.pool_discovery == "config" else None
-    tool_config.parse(settings.tools_config, settings, {t.id: t.region for t in tenants.all()}, directory)
+    admitted = tool_config.admission_gate(object_store(settings), settings.results_bucket) if with_admissions else None
+    tool_config.parse(settings.tools_config, settings, {t.id: t.region for t in tenants.all()}, directory, admitted)
 
 
 def up(settings: Settings) -> dict[str, str]:
@@ -484,6 +488,7 @@ def up(settings: Settings) -> dict[str, str]:
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     _start_s3(settings, urls["s3"])
+    check_tools_config(settings, with_admissions=True)
     start_tritons(settings)
     if running_pid(settings, "serve") is None:
         if not _port_usable(settings.bind_host, settings.gateway_http_port):

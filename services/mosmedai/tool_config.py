@@ -192,15 +192,44 @@ def _read(source: str) -> tuple[str, bool]:
     return path.read_text(), True
 
 
-def check_live_versions(choices: ToolChoices, model_repository: Path | None) -> None:
+#: Why a tool version may not go live (None: it may): the admission gate's verdict.
+AdmissionCheck = Callable[[str, int], "str | None"]
+
+
+def admission_gate(store, bucket: str) -> AdmissionCheck:
+    """The admission gate (mosmedai.version_admission) over the object store: a version may go
+    live once the newest decision about it admitted it."""
+    from mosmedai.storage import StorageError
+    from mosmedai.version_admission import latest_decision
+
+    def refusal(tool: str, version: int) -> str | None:
+        try:
+            decision = latest_decision(store, tool, version, bucket)
+        except StorageError as error:
+            if error.code != "NoSuchBucket":  # a store that cannot answer admits nothing
+                return f"its admission decisions cannot be read: {error}"
+            decision = None  # a new store: no decision yet
+        if decision is None:
+            return f"never admitted (run `mosmedai tools admit {tool} {version}` first)"
+        if not decision.admitted:
+            return f"refused by the admission gate at {decision.when}: {decision.reason}"
+        return None
+
+    return refusal
+
+
+def check_live_versions(choices: ToolChoices, model_repository: Path | None,
+                        admitted: AdmissionCheck | None = None) -> None:
     """Every live version exists: in the catalog, and (when the repository is at hand) as its
-    ensemble in the model repository. The one place where live versions are judged: the
-    admission gate (issue 14 part 4) adds its decision here."""
+    ensemble in the model repository; and, when ``admitted`` is given, a live version other
+    than the deployment's base version (Settings.tool_versions, else 1: what the deployment
+    ships) has passed the admission gate. The one place where live versions are judged. A
+    shadow version needs no admission: running in shadow is how a candidate is watched."""
     problems = []
     for field, scope in _scope_fields(choices.config):
-        named = [(f"{field}.versions.{tool}", tool, version) for tool, version in scope.versions.items()]
-        named += [(f"{field}.shadow.{tool}.version", tool, s.version) for tool, s in scope.shadow.items()]
-        for where, tool, version in named:
+        named = [(f"{field}.versions.{tool}", tool, version, True) for tool, version in scope.versions.items()]
+        named += [(f"{field}.shadow.{tool}.version", tool, s.version, False) for tool, s in scope.shadow.items()]
+        for where, tool, version, live in named:
             spec = CATALOG.get(tool)
             if spec is None:
                 continue  # reported as an unknown tool
@@ -211,6 +240,10 @@ def check_live_versions(choices: ToolChoices, model_repository: Path | None) -> 
                     not (model_repository / spec.ensemble(version) / "config.pbtxt").is_file():
                 problems.append(f"{where}: version {version} ({spec.ensemble(version)}) is not in "
                                 f"the model repository {model_repository}")
+            elif live and admitted is not None and version != choices.base_versions.get(tool, 1):
+                why = admitted(tool, version)
+                if why:
+                    problems.append(f"{where}: {tool} version {version} cannot go live: {why}")
     if problems:
         raise ToolsConfigError("; ".join(problems))
 
@@ -220,14 +253,17 @@ def _scope_fields(config: ToolsConfig) -> list[tuple[str, Choice]]:
             + [(f"tenants.{t}", c) for t, c in config.tenants.items()])
 
 
-def parse(source: str, settings, tenant_regions: dict[str, str], directory=None) -> ToolChoices:
+def parse(source: str, settings, tenant_regions: dict[str, str], directory=None,
+          admitted: AdmissionCheck | None = None) -> ToolChoices:
     """Validate a configuration (text, or a path to it) against this deployment: ``settings``
     (served tools, base versions, model repository), the tenants (``{id: region}``) and, when
-    known, the pool directory (``mosmedai.pools.PoolDirectory``). Raises ToolsConfigError."""
-    return parse_text(_read(source)[0], settings, tenant_regions, directory)
+    known, the pool directory (``mosmedai.pools.PoolDirectory``) and the admission gate
+    (`admission_gate`). Raises ToolsConfigError."""
+    return parse_text(_read(source)[0], settings, tenant_regions, directory, admitted)
 
 
-def parse_text(text: str, settings, tenant_regions: dict[str, str], directory=None) -> ToolChoices:
+def parse_text(text: str, settings, tenant_regions: dict[str, str], directory=None,
+               admitted: AdmissionCheck | None = None) -> ToolChoices:
     """`parse` of the file's content."""
     try:
         data = yaml.safe_load(text)
@@ -268,7 +304,7 @@ def parse_text(text: str, settings, tenant_regions: dict[str, str], directory=No
     if problems:
         raise ToolsConfigError("; ".join(problems))
     check_live_versions(ToolChoices(config, served, settings.tool_versions, tenant_regions),
-                        getattr(settings, "model_repository", None))
+                        getattr(settings, "model_repository", None), admitted)
     choices = ToolChoices(config, served, settings.tool_versions, tenant_regions,
                           hashlib.sha256(text.encode()).hexdigest())
     for field, scope in _scope_fields(config):
@@ -299,11 +335,12 @@ def _scope_of(field: str, tenant_regions: dict[str, str]) -> tuple[str, str | No
     return "", None
 
 
-def load(settings, tenant_regions: dict[str, str], directory=None) -> ToolChoices:
+def load(settings, tenant_regions: dict[str, str], directory=None,
+         admitted: AdmissionCheck | None = None) -> ToolChoices:
     """The configuration of Settings.tools_config, or the default when it is empty."""
     if not settings.tools_config.strip():
         return default_choices(settings, tenant_regions)
-    return parse(settings.tools_config, settings, tenant_regions, directory)
+    return parse(settings.tools_config, settings, tenant_regions, directory, admitted)
 
 
 class ReloadMetrics:

@@ -1,6 +1,7 @@
 """Per-region tool choice (mosmedai.tool_config) on a real platform of this module's own:
 two Tritons (RU-MOW and RU-TA, the chest X-ray tools), the Ray Serve gateway and router, the
-local S3 server. The tool configuration is a file: RU-MOW runs cxr_opacity version 2, RU-TA
+local S3 server. The tool configuration is a file: RU-MOW runs cxr_opacity version 2 (once the
+admission gate has admitted it, through the platform itself), RU-TA
 version 1 without cxr_pneumothorax. Nothing of ours is mocked; a change is made by rewriting
 the file while studies run.
 
@@ -15,9 +16,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mosmedai import local, tool_config
+from mosmedai import local, tool_config, version_admission
 from mosmedai.config import Settings
 from mosmedai.pools import directory_for
+from mosmedai.storage import ObjectStore
 from mosmedai.tenants import DEMO_TOKENS, auth_headers
 from mosmedai.training.phantoms import dicom_bytes, make_phantom
 
@@ -36,6 +38,14 @@ FIRST = """
 regions:
   RU-MOW:
     versions: {cxr_opacity: 2}
+  RU-TA:
+    tools: [cxr_opacity, cxr_nodule]
+"""
+
+
+#: FIRST before the admission gate has admitted cxr_opacity version 2: RU-MOW runs version 1.
+BEFORE_ADMISSION = """
+regions:
   RU-TA:
     tools: [cxr_opacity, cxr_nodule]
 """
@@ -79,6 +89,27 @@ def test_a_region_no_pool_serves_and_a_version_missing_from_the_repository_are_r
                        match=r"defaults.versions.cxr_opacity: version 2 \(cxr_opacity_v2\) is not in the model repository"):
         tool_config.parse_text("defaults: {versions: {cxr_opacity: 2}}",
                                settings.model_copy(update={"model_repository": repository}), {})
+
+
+def test_a_live_version_the_admission_gate_has_not_admitted_is_refused_naming_it(tmp_path):
+    asked = []
+
+    def gate(tool, version):
+        asked.append((tool, version))
+        return "never admitted (run `mosmedai tools admit cxr_opacity 2` first)"
+
+    settings = settings_with(tmp_path)
+    with pytest.raises(tool_config.ToolsConfigError, match=r"regions.RU-MOW.versions.cxr_opacity: cxr_opacity "
+                       r"version 2 cannot go live: never admitted \(run `mosmedai tools admit cxr_opacity 2` first\)"):
+        tool_config.parse_text(FIRST, settings, TENANTS, admitted=gate)
+    # The deployment's base version needs no decision, nor does a version run only in shadow.
+    asked.clear()
+    tool_config.parse_text("regions: {RU-MOW: {versions: {cxr_opacity: 1}, shadow: {cxr_opacity: {version: 2, "
+                           "share: 0.5}}}}", settings, TENANTS, admitted=gate)
+    assert asked == []
+    base_2 = settings_with(tmp_path, tool_versions={"cxr_opacity": 2})
+    tool_config.parse_text("regions: {RU-MOW: {versions: {cxr_opacity: 2}}}", base_2, TENANTS, admitted=gate)
+    assert asked == []
 
 
 def test_the_default_is_every_served_tool_at_the_settings_version(tmp_path):
@@ -167,7 +198,7 @@ def test_an_invalid_file_is_refused_before_anything_starts(tmp_path):
 def regional(tmp_path_factory):
     run = tmp_path_factory.mktemp("regional")
     path = run / "tools.yaml"
-    path.write_text(FIRST)
+    path.write_text(BEFORE_ADMISSION)
     settings = settings_with(run, tools_config=str(path), tools_config_poll_s=0.5, tools_unload_grace_s=3.0,
                              prometheus_binary=str(run / "no-prometheus"), router_batch_wait_ms=2.0,
                              dimse_series_quiet_s=2.0, **PORTS)
@@ -183,11 +214,34 @@ def regional(tmp_path_factory):
     clients = {tenant: httpx.Client(base_url=urls["gateway"], timeout=120.0, headers=auth_headers(DEMO_TOKENS[tenant]))
                for tenant in TENANTS}
     try:
+        admit_version_2(settings, path, clients["demo-moscow"])
         yield {"settings": settings, "path": path, "urls": urls, **clients}
     finally:
         for client in clients.values():
             client.close()
         local.down(settings)
+
+
+def admit_version_2(settings: Settings, path, moscow) -> None:
+    """cxr_opacity version 2 goes live in RU-MOW only through the admission gate: FIRST is
+    refused while version 2 has no decision, and applies once `admit` has admitted it."""
+    refused = reloads(moscow, "refused")
+    path.write_text(FIRST)
+    wait_for(lambda: reloads(moscow, "refused") > refused, "FIRST refused before version 2 is admitted")
+    assert listing(moscow)["cxr_opacity"] == (True, 1)
+    # The candidate is loaded by hand for its admission run, as an operator would.
+    triton = f"http://{settings.bind_host}:{settings.triton_http_port}"
+    assert httpx.post(f"{triton}/v2/repository/models/cxr_opacity_v2/load", timeout=300.0).status_code == 200
+    store = ObjectStore.local(settings.s3_endpoint)
+    decision = version_admission.admit("cxr_opacity", 2, moscow,
+                                       version_admission.AdmissionRecords(store, settings.results_bucket),
+                                       settings.model_repository, n=16)
+    assert decision.admitted, decision.reason
+    # Unloaded again: making it live is the router's to do (and then to unload when unused).
+    assert httpx.post(f"{triton}/v2/repository/models/cxr_opacity_v2/unload", timeout=60.0).status_code == 200
+    wait_for(lambda: not triton_ready(settings, settings.triton_http_port, "cxr_opacity_v2"), "version 2 unloaded")
+    path.write_text(FIRST + "# cxr_opacity 2 admitted\n")
+    wait_for(lambda: listing(moscow)["cxr_opacity"] == (True, 2), "version 2 live in RU-MOW once admitted")
 
 
 def chest(index: int) -> bytes:
