@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -243,7 +244,7 @@ def test_a_killed_pool_fails_over_loses_nothing_and_its_region_returns_home(plat
 RETURN_HOME_S = 15.0
 
 
-def test_every_local_process_runs_with_the_malloc_settings_that_keep_its_memory_down(platform, platform_settings):
+def test_every_local_process_runs_with_its_memory_and_cpu_settings(platform, platform_settings):
     """glibc's default arenas keep each thread's high-water mark (the PSS target, make bench)."""
     groups = {group: pid for group, pid in local.status(platform_settings).items() if pid}
     assert {"triton", "triton-RU-TA", "serve", "grpc", "dimse", "s3"} <= set(groups)
@@ -256,3 +257,9 @@ def test_every_local_process_runs_with_the_malloc_settings_that_keep_its_memory_
             assert b"MALLOC_ARENA_MAX=" + local.MALLOC_ARENAS.encode() in environ, (group, member)
             if group in local.MMAP_THRESHOLD_GROUPS:
                 assert b"MALLOC_MMAP_THRESHOLD_=" + local.MMAP_THRESHOLD_GROUPS[group].encode() in environ, group
+            # Inference yields the CPU to the gateway and router: Triton and its stubs at TRITON_NICE.
+            expected = local.TRITON_NICE if group.startswith("triton") else 0
+            assert os.getpriority(os.PRIO_PROCESS, member) == expected, (group, member)
+        autogroup = Path(f"/proc/{leader}/autogroup")
+        if autogroup.exists():  # the session's scheduling group too, where the kernel has them
+            assert autogroup.read_text().split()[-1] == str(local.TRITON_NICE if group.startswith("triton") else 0)

@@ -26,14 +26,15 @@ def _open_loop(*args) -> list:
 
 @pytest.mark.timeout(900)
 @pytest.mark.xfail(strict=False, reason=(
-    "open (issue: national serving): on 2 shared cores the goodput (0.77-1.02 of peak) and the quiet "
-    "tenant's p99 (1.5-9x unloaded) straddle their limits from run to run; admitted p99 (about 2 s of 3) "
-    "and refusals (35-90 ms p99) hold"))
+    "open (issue: national serving): on 2 shared cores the quiet tenant's p99 is 2.3-3x its unloaded p99 "
+    "(its pool's Triton shares the cores with the saturated one; in a cluster they are other nodes); goodput "
+    "0.84-0.99 of peak; admitted p99 (about 1.8 s of 3) and refusals (15-20 ms p99) hold"))
 def test_twice_the_capacity_is_shed_at_once_and_the_admitted_stay_within_the_deadline(platform):
     url = platform["gateway"]
     heavy, light = DEMO_TOKENS["demo-tatarstan"], DEMO_TOKENS["demo-moscow"]
     bodies = chest_bodies()
 
+    asyncio.run(open_loop(url, bodies, light, LOW_RATE, 5.0, DEADLINE_S))  # warm: a first call's cost is not the baseline
     unloaded = asyncio.run(open_loop(url, bodies, light, LOW_RATE, 20.0, DEADLINE_S))  # 40 answers: a p99 that is not one outlier
     assert {a.status for a in unloaded} == {200}
     peak = len(ok(asyncio.run(closed_loop(url, bodies, heavy, 16, 10.0)))) / 10.0
