@@ -208,11 +208,12 @@ class Gateway:
         self._urgent_images = any(priority_of(CATALOG[tool]) == URGENT and CATALOG[tool].kind == IMAGE
                                   for tool in self.settings.enabled_tools)
         # Shadow runs of candidate versions (mosmedai.shadow): after the live answer, in the background.
+        self._live_calls, self._live_ended = 0, time.monotonic()  # live inference, for the shadow queue
         self.shadow = shadow.ShadowRunner(
             self._shadow_infer,
             lambda key, body: self.jobs.store.put(self.settings.results_bucket, key, body,
                                                   content_type="application/json"),
-            shadow.ShadowMetrics(self.metrics.registry))
+            shadow.ShadowMetrics(self.metrics.registry), quiet=self._live_quiet_s)
         self.runner = JobRunner(self.jobs, self.settings, self._infer_job, on_backlog=self._backlog,
                                 choice=self._view_of_id, on_done=self._job_done)
         dicomweb.install(self.jobs, self.runner, self.settings, lambda tenant: self.view(tenant).enabled)
@@ -271,9 +272,18 @@ class Gateway:
         log.warning("gateway replica stopped: %d unfinished jobs given back", len(released))
         await self.triton.aclose()
 
+    def _live_quiet_s(self) -> float:
+        """Seconds since this replica's live inference last paused; 0 while some runs."""
+        return 0.0 if self._live_calls else time.monotonic() - self._live_ended
+
     async def _infer(self, context: StudyContext, tools: list[str], tensors,
                      versions: dict[str, int] | None = None) -> dict:
-        outputs = await self.router.infer_image.remote(tools, tensors, context, versions or None)
+        self._live_calls += 1
+        try:
+            outputs = await self.router.infer_image.remote(tools, tensors, context, versions or None)
+        finally:
+            self._live_calls -= 1
+            self._live_ended = time.monotonic()
         for tool, out in outputs.items():
             if "model_version" in out:
                 self.metrics.feedback_possible(context.region, tool, version_label(str(out["model_version"])))

@@ -10,7 +10,10 @@ answered-study records, and the agreement figures per tool, version and region.
 A shadow result is never returned to the tenant, never written into a result object (SR,
 secondary capture) and never sent to a PACS: only these records hold it. In the router a shadow
 image waits in the lowest priority class, behind every live image, and does not count toward
-the tenant's fair share.
+the tenant's fair share. And the queue hands a run to the router only once the replica's live
+work has paused for ``QUIET_S``: on shared cores (a CPU pool, or a GPU pool's decode) a shadow run
+beside a live study would slow it. Under continuous live traffic the queue fills and further
+images are not shadowed (counted as dropped): shadow runs use spare capacity only.
 
 Records (results bucket), one per (tenant, tool, shadow version, study, image or series)::
 
@@ -82,17 +85,23 @@ class ShadowMetrics:
             ("tool", "version", "region", "outcome"), registry=registry)
 
 
+#: how long (s) the replica's live work must have paused before a shadow run is sent
+QUIET_S = 0.05
+
+
 class ShadowRunner:
     """The gateway replica's shadow queue.
 
     ``infer(tenant, region, tool, version, tensors)`` runs one tool version on one item and
     returns the router's outputs of that tool; ``put(key, body)`` stores a record (blocking:
-    run in a thread). At most ``max_queued`` items wait and ``concurrency`` run at once."""
+    run in a thread). At most ``max_queued`` items wait and ``concurrency`` run at once.
+    ``quiet()``: seconds since the replica's live work last paused (0 while some runs); a run
+    waits until it is QUIET_S."""
 
     def __init__(self, infer: Callable[..., Awaitable[dict]], put: Callable[[str, bytes], None],
                  metrics: ShadowMetrics | None = None, *, max_queued: int = 32, concurrency: int = 1,
-                 draw: Callable[[], float] = random.random):
-        self.infer, self.put, self.metrics, self.draw = infer, put, metrics, draw
+                 draw: Callable[[], float] = random.random, quiet: Callable[[], float] | None = None):
+        self.infer, self.put, self.metrics, self.draw, self.quiet = infer, put, metrics, draw, quiet
         self.max_queued, self.concurrency = max_queued, concurrency
         self.queue: asyncio.Queue | None = None
         self.workers: list[asyncio.Task] = []
@@ -131,6 +140,8 @@ class ShadowRunner:
         while True:
             entry = await self.queue.get()
             try:
+                while self.quiet is not None and self.quiet() < QUIET_S:
+                    await asyncio.sleep(QUIET_S)
                 await self._run(*entry)
             except Exception:  # one bad run must not stop the queue
                 log.exception("shadow run failed")

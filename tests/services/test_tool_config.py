@@ -242,6 +242,13 @@ def admit_version_2(settings: Settings, path, moscow) -> None:
     wait_for(lambda: not triton_ready(settings, settings.triton_http_port, "cxr_opacity_v2"), "version 2 unloaded")
     path.write_text(FIRST + "# cxr_opacity 2 admitted\n")
     wait_for(lambda: listing(moscow)["cxr_opacity"] == (True, 2), "version 2 live in RU-MOW once admitted")
+    # The gRPC door reads the same file on its own poll.
+    import tritonclient.grpc as triton_grpc
+
+    door = triton_grpc.InferenceServerClient(f"{settings.bind_host}:{settings.grpc_port}")
+    headers = {k.lower(): v for k, v in auth_headers(DEMO_TOKENS["demo-moscow"]).items()}
+    wait_for(lambda: door.get_model_config("cxr_opacity", headers=headers).config.name == "cxr_opacity_v2",
+             "version 2 live at the gRPC door")
 
 
 def chest(index: int) -> bytes:
@@ -486,6 +493,8 @@ def comparable(answer: dict) -> dict:
 
 def apply(regional, text: str) -> None:
     client = regional["demo-tatarstan"]
+    if regional["path"].read_text() == text:
+        return  # in force already: no change to wait for
     applied = reloads(client, "applied")
     regional["path"].write_text(text)
     wait_for(lambda: reloads(client, "applied") > applied, "the new configuration applied")
@@ -582,18 +591,25 @@ def test_shadow_runs_never_change_a_live_result_and_their_agreement_is_counted(r
     apply(regional, "regions:\n  RU-TA:\n    tools: [cxr_opacity, cxr_nodule]\n")
 
 
-@pytest.mark.xfail(strict=False, reason="on 2 shared CPU cores the shadow version's inference competes with the live "
-                   "one for the same cores (a GPU pool runs it in the lowest priority class beside the live work): "
-                   "the added p99 straddles 5 % from run to run; the figures are printed")
+def shadow_runs(client, outcomes=("agree", "disagree")) -> float:
+    return sum(sample.value for family in text_string_to_metric_families(client.get("/metrics").text)
+               for sample in family.samples
+               if sample.name == "mosmedai_shadow_runs_total" and sample.labels.get("outcome") in outcomes)
+
+
 def test_shadow_runs_add_at_most_5_percent_to_the_p99(regional):
     """Alternating blocks of studies with the shadow off and on (share 1.0): the p99 of the
-    answers' time with shadow on is at most 5 % above the p99 with it off."""
+    answers' time with shadow on is at most 5 % above the p99 with it off. The shadow runs
+    happen (in the pauses of live work, mosmedai.shadow.QUIET_S), and what live traffic left
+    no pause for is dropped, not run beside it."""
     import numpy as np
 
     tatarstan = regional["demo-tatarstan"]
     bodies = [chest(300 + i) for i in range(5)]
     base = "regions:\n  RU-TA:\n    tools: [cxr_opacity, cxr_nodule]\n"
     times: dict[str, list[float]] = {"off": [], "on": []}
+    every = ("agree", "disagree", "failed", "dropped")
+    ran, dropped, settled = shadow_runs(tatarstan), shadow_runs(tatarstan, ("dropped",)), shadow_runs(tatarstan, every)
     for _ in range(3):
         for mode, text in (("off", base), ("on", base + "    shadow: {cxr_opacity: {version: 2, share: 1.0}}\n")):
             apply(regional, text)
@@ -602,9 +618,15 @@ def test_shadow_runs_add_at_most_5_percent_to_the_p99(regional):
                 answer = tatarstan.post("/v1/studies", content=bodies[index % len(bodies)], headers=DICOM)
                 times[mode].append(time.perf_counter() - started)
                 assert answer.status_code == 200, answer.text
+            if mode == "on":  # every shadow offered is settled (run or dropped) before the next block
+                settled += 20
+                wait_for(lambda: shadow_runs(tatarstan, every) >= settled, "the shadow queue drained", 120.0)
     apply(regional, base)
     p99 = {mode: float(np.percentile(values, 99)) for mode, values in times.items()}
     p50 = {mode: float(np.percentile(values, 50)) for mode, values in times.items()}
+    ran, dropped = shadow_runs(tatarstan) - ran, shadow_runs(tatarstan, ("dropped",)) - dropped
     print(f"shadow off: p50 {p50['off'] * 1000:.1f} ms, p99 {p99['off'] * 1000:.1f} ms; "
-          f"on: p50 {p50['on'] * 1000:.1f} ms, p99 {p99['on'] * 1000:.1f} ms")
+          f"on: p50 {p50['on'] * 1000:.1f} ms, p99 {p99['on'] * 1000:.1f} ms; {ran:.0f} shadow runs, "
+          f"{dropped:.0f} dropped")
     assert p99["on"] <= 1.05 * p99["off"], p99
+    assert ran > 0, "no shadow run happened"
