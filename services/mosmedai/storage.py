@@ -266,7 +266,12 @@ class _LoggedApp:
     def __call__(self, environ: dict, start_response: Any) -> Any:
         method = environ.get("REQUEST_METHOD", "GET")
         if method not in _MUTATING or environ.get("PATH_INFO", "").startswith("/moto-api"):
-            return self.app(environ, start_response)
+            result = self.app(environ, start_response)
+            try:
+                return list(result)  # the server does not close what it iterates
+            finally:
+                if hasattr(result, "close"):
+                    result.close()
         length = environ.get("CONTENT_LENGTH")
         body = environ["wsgi.input"].read(int(length)) if length else (
             environ["wsgi.input"].read() if environ.get("wsgi.input_terminated") else b"")
@@ -354,9 +359,10 @@ def serve(host: str, port: int, data_dir: Path | None) -> None:
     """Run the local S3 server until SIGTERM/SIGINT (the ``python -m`` entry point)."""
     import logging
 
+    import uvicorn
     from moto import backends
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-    from werkzeug.serving import make_server
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from uvicorn.middleware.wsgi import _WSGIMiddleware
 
     # Per request moto lists and stats its ~150 service folders to find the backend (the list
     # never changes while it runs), and werkzeug logs each request line. Every synchronous study
@@ -367,11 +373,21 @@ def serve(host: str, port: int, data_dir: Path | None) -> None:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
     app = _LoggedApp(DomainDispatcherApplication(create_backend_app))
-    server = make_server(host, port, app, threaded=True, request_handler=MotoRequestHandler)
-    bound_port = server.server_address[1]
+    # Served by uvicorn (moto's app in a thread pool), not werkzeug's development server:
+    # that one closes every connection, so each request cost a new connection and a new
+    # thread on both sides. Every synchronous study writes a record (mosmedai.answered); at
+    # twice the capacity the server used 30 % of a core.
+    listener = socket.create_server((host, port))
+    bound_port = listener.getsockname()[1]
     endpoint = f"http://{host}:{bound_port}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    server = uvicorn.Server(uvicorn.Config(_WSGIMiddleware(app, workers=4), log_level="warning",
+                                           access_log=False, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise SystemExit(f"local S3 server did not start on {endpoint}")
+        time.sleep(0.01)
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
         log = data_dir / LOG_NAME
@@ -384,8 +400,9 @@ def serve(host: str, port: int, data_dir: Path | None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
-    with app.lock:  # no write is half-logged when the process exits
-        server.shutdown()
+    server.should_exit = True  # answers what it has begun, takes nothing new
+    thread.join(10.0)
+    app.lock.acquire()  # no write is half-logged when the process exits
 
 
 def local_s3_command(host: str, port: int, data_dir: Path | str | None = None) -> list[str]:

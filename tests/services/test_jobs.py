@@ -6,6 +6,7 @@ import io
 import itertools
 
 import numpy as np
+import psutil
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -291,3 +292,19 @@ def test_local_s3_write_log_survives_restart(tmp_path):
             store = ObjectStore.local(server.endpoint_url)
             assert store.list("incoming-r") == ["jobs/a b.json"]
             assert store.get("incoming-r", "jobs/a b.json") == b"\x00v1"
+
+
+def test_local_s3_keeps_connections_alive(tmp_path):
+    """Requests in a row through the store's client go over one connection, each answered in
+    full: a new connection per request had cost the local store more CPU than the request."""
+    with start_local_s3(data_dir=tmp_path) as server:
+        store = ObjectStore.local(server.endpoint_url, buckets=["keep"])
+        store.ensure_buckets()
+        for i in range(10):  # writes, reads, a miss: every kind of answer leaves the connection usable
+            store.put("keep", f"k{i}", b"x" * (i * 1000))
+            assert store.get("keep", f"k{i}") == b"x" * (i * 1000)
+            assert store.get_optional("keep", f"missing{i}") is None
+        port = int(server.endpoint_url.rsplit(":", 1)[1])
+        # every connection to the server this test opened, open or closed (TIME_WAIT) since
+        opened = {c.laddr for c in psutil.net_connections("tcp") if c.raddr and c.raddr.port == port}
+        assert len(opened) == 1, f"{len(opened)} connections for 31 requests"
