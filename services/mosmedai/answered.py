@@ -33,7 +33,9 @@ import asyncio
 import json
 import logging
 import re
+import threading
 import time
+from collections import OrderedDict
 from typing import Callable, Iterable
 
 from mosmedai.jobs import DONE, TENANT, UID, JobStore
@@ -87,10 +89,31 @@ def merge_tools(old: dict[str, dict], new: dict[str, dict]) -> dict[str, dict]:
 
 
 class StudyRecords:
-    """The records in the object store (blocking calls: run them in a thread)."""
+    """The records in the object store (blocking calls: run them in a thread).
+
+    The records this instance last wrote are remembered with their ETags (``KNOWN`` of them),
+    so the next answer of such a study - a mammogram's next view, a study sent again - is one
+    conditional write, not a refused create, a read and a write. Another writer's change in
+    between fails that write's ``If-Match``, and the merge reads the record as before."""
+
+    #: how many written records (key -> ETag, record) an instance remembers
+    KNOWN = 4096
 
     def __init__(self, store: ObjectStore, bucket: str, clock: Callable[[], float] = time.time):
         self.store, self.bucket, self.clock = store, bucket, clock
+        self._known: OrderedDict[str, tuple[str, dict]] = OrderedDict()
+        self._known_lock = threading.Lock()  # merges of different studies run in threads at once
+
+    def _remember(self, key: str, etag: str, record: dict) -> None:
+        with self._known_lock:
+            self._known[key] = (etag, record)
+            self._known.move_to_end(key)
+            while len(self._known) > self.KNOWN:
+                self._known.popitem(last=False)
+
+    def _written(self, key: str) -> tuple[str, dict] | None:
+        with self._known_lock:
+            return self._known.pop(key, None)  # taken: a failed If-Match must not be tried again
 
     def get(self, tenant: str, study_uid: str) -> dict | None:
         data = self.store.get_optional(self.bucket, record_key(tenant, study_uid))
@@ -99,12 +122,25 @@ class StudyRecords:
     def merge(self, tenant: str, study_uid: str, tools: dict[str, dict]) -> dict:
         """Add these tools' answers to the study's record (compare-and-swap); returns it."""
         key = record_key(tenant, study_uid)
-        # Most studies are answered once: create the record without reading it first (one
-        # request, not a 404 and a write); only a study that has one already is merged.
-        record = {"tenant": tenant, "study_instance_uid": study_uid, "updated_at": self.clock(), "tools": tools}
-        body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
-        if self.store.put(self.bucket, key, body, if_none_match=True, content_type="application/json") is not None:
-            return record
+        written = self._written(key)
+        if written is not None:  # this instance wrote it last: one write if nobody has since
+            etag, current = written
+            record = {"tenant": tenant, "study_instance_uid": study_uid, "updated_at": self.clock(),
+                      "tools": merge_tools(current.get("tools", {}), tools)}
+            body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+            new_etag = self.store.put(self.bucket, key, body, if_match=etag, content_type="application/json")
+            if new_etag is not None:
+                self._remember(key, new_etag, record)
+                return record
+        else:
+            # Most studies are answered once: create the record without reading it first (one
+            # request, not a 404 and a write); only a study that has one already is merged.
+            record = {"tenant": tenant, "study_instance_uid": study_uid, "updated_at": self.clock(), "tools": tools}
+            body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+            new_etag = self.store.put(self.bucket, key, body, if_none_match=True, content_type="application/json")
+            if new_etag is not None:
+                self._remember(key, new_etag, record)
+                return record
         for _ in range(20):
             try:
                 data, etag = self.store.get_with_etag(self.bucket, key)
@@ -117,10 +153,11 @@ class StudyRecords:
                       "tools": merge_tools((current or {}).get("tools", {}), tools)}
             body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
             if etag is None:
-                written = self.store.put(self.bucket, key, body, if_none_match=True, content_type="application/json")
+                new_etag = self.store.put(self.bucket, key, body, if_none_match=True, content_type="application/json")
             else:
-                written = self.store.put(self.bucket, key, body, if_match=etag, content_type="application/json")
-            if written is not None:
+                new_etag = self.store.put(self.bucket, key, body, if_match=etag, content_type="application/json")
+            if new_etag is not None:
+                self._remember(key, new_etag, record)
                 return record
         raise StorageError(f"answered study {study_uid} of {tenant}: too many concurrent updates",
                            bucket=self.bucket, key=key)

@@ -234,3 +234,31 @@ def test_a_tool_that_read_a_later_asynchronous_part_of_the_study_can_be_judged(m
     given = give(moscow, uid, tool="cxr_nodule", reviewer="rad-mixed")
     assert given.status_code == 201, given.text
     assert give(moscow, uid, reviewer="rad-mixed").status_code == 201  # the synchronous tool's result still counts
+
+
+def test_a_record_written_here_is_updated_in_one_request_and_another_writers_change_is_kept(tmp_path):
+    """Two gateway replicas' record writers on one store: the one that wrote a study's record
+    last updates it with one conditional write; a change by the other in between fails that
+    write and is merged, not overwritten."""
+    from mosmedai.storage import start_local_s3
+
+    def result(tool: str) -> dict:
+        return {"tool": tool, "model_version": "1", "findings": [], "measurements": []}
+
+    with start_local_s3(data_dir=tmp_path) as server:
+        stores = [ObjectStore.local(server.endpoint_url, buckets=["results"]) for _ in range(2)]
+        stores[0].ensure_buckets()
+        sent = []
+        stores[0]._client.meta.events.register("before-send.s3", lambda request, **_: sent.append(request.method))
+        here, there = (answered.StudyRecords(store, "results") for store in stores)
+        uid = "1.2.826.0.1.3680043.8.498.1"
+
+        here.merge(MOSCOW, uid, answered.tools_of([result("cxr_opacity")]))
+        here.merge(MOSCOW, uid, answered.tools_of([result("cxr_nodule")]))
+        assert sent == ["PUT", "PUT"]  # a create, then one conditional write
+        there.merge(MOSCOW, uid, answered.tools_of([result("cxr_pneumothorax")]))
+        record = here.merge(MOSCOW, uid, answered.tools_of([result("flg_triage")]))
+        assert sent == ["PUT", "PUT", "PUT", "GET", "PUT"]  # stale ETag refused, read, merged
+        stored = here.get(MOSCOW, uid)
+        assert set(stored["tools"]) == set(record["tools"]) == {"cxr_opacity", "cxr_nodule", "cxr_pneumothorax",
+                                                                 "flg_triage"}
