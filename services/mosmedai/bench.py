@@ -16,7 +16,11 @@ then the national rows (``mosmedai.bench_national``): overload at twice the peak
 failover when RU-TA's Triton is killed mid-run.
 
 Ratios compare throughput at saturation (the load generator shares the machine's cores with
-the platform, as a client on the same host would). The machine is noisy: read ratios from
+the platform, as a client on the same host would). The (b) and (c) rows also give the CPU
+they used per image (the whole machine's, while the row ran), and the ceiling follows: (c)
+does (b)'s work and more, and must move the DICOM body over TCP, which costs the kernel a
+measured amount of CPU per body at both ends; so (c) can finish at most cores / ((b)'s CPU
+per image + that) images per second on this machine, whatever the gateway and router do. The machine is noisy: read ratios from
 one run, not absolute numbers across runs. The figures go to ``.run/bench/results.json``.
 """
 
@@ -66,10 +70,18 @@ class Run:
     seconds: float
     latencies_ms: list[float]
     refused: int = 0  # requests refused under load (503/429 + Retry-After), not counted as images
+    cpu_busy: float | None = None  # the share of all the machine's cores busy while it ran
 
     @property
     def rate(self) -> float:
         return self.images / self.seconds
+
+    @property
+    def cpu_ms_per_image(self) -> float | None:
+        """Machine CPU (ms, every process) per image answered: the row's cost, load generator included."""
+        if self.cpu_busy is None or not self.images:
+            return None
+        return self.cpu_busy * (os.cpu_count() or 1) * self.seconds * 1000.0 / self.images
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q))
@@ -148,6 +160,56 @@ def machine_limit(body: bytes, settings: Settings, seconds: float) -> Run:
     return Run(f"(limit) {cores} procs", cores, images, elapsed, [elapsed * 1000.0 / max(1, images / cores)])
 
 
+def _machine_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of every core since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    return (after[0] - before[0]) / max(1, after[1] - before[1])
+
+
+def loopback_upload_cpu_ms(body: bytes, repeats: int = 40) -> float:
+    """CPU (ms, both ends) to move ``body`` over loopback TCP with the least
+    work there is: one ``sendall``, ``recv_into`` a buffer made once, no HTTP. The kernel's
+    copies, which any server of a DICOM body over HTTP pays on top of its own work."""
+    import resource
+    import socket
+    import threading
+
+    size = len(body)  # the real bytes: an untouched buffer (zero pages) copies faster than memory
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def receive() -> None:
+            connection, _ = server.accept()
+            with connection:
+                view = memoryview(bytearray(size))
+                while True:
+                    got = 0
+                    while got < size:
+                        n = connection.recv_into(view[got:], size - got)
+                        if not n:
+                            return
+                        got += n
+                    connection.sendall(b"k")
+
+        thread = threading.Thread(target=receive, daemon=True)
+        thread.start()
+        with socket.create_connection(server.getsockname()) as client:
+            for _ in range(3):  # warm the socket buffers
+                client.sendall(body), client.recv(1)
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            for _ in range(repeats):
+                client.sendall(body)
+                client.recv(1)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+        thread.join(5.0)
+    used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return used * 1000.0 / repeats
+
+
 async def _closed_loop(send, concurrency: int, seconds: float, label: str) -> Run:
     """`concurrency` clients, each sending its next request when the last one answers."""
     for _ in range(concurrency):
@@ -167,9 +229,10 @@ async def _closed_loop(send, concurrency: int, seconds: float, label: str) -> Ru
                 continue
             latencies.append((time.perf_counter() - begin) * 1000)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _machine_cpu()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return Run(label, concurrency, len(latencies), time.perf_counter() - started, latencies, refused)
+    return Run(label, concurrency, len(latencies), time.perf_counter() - started, latencies, refused,
+               _busy_share(cpu, _machine_cpu()))
 
 
 async def through_triton(body: bytes, settings: Settings, seconds: float) -> list[Run]:
@@ -421,8 +484,21 @@ SYNTAXES = {
 def _row(run: Run, base: float | None = None, batch: float | None = None, note: str = "") -> str:
     ratio = f"{run.rate / base:6.2f}" if base else f"{'':6s}"
     size = f"{batch:6.2f}" if batch is not None else f"{'':6s}"
+    cpu = run.cpu_ms_per_image
+    cpu_text = f"{cpu:7.1f} {run.cpu_busy * 100:4.0f}%" if cpu is not None else f"{'':12s}"
     return (f"{run.label:18s} {run.concurrency:4d} {run.rate:8.1f} {run.percentile(50):8.1f} "
-            f"{run.percentile(99):8.1f} {ratio} {size}{note}")
+            f"{run.percentile(99):8.1f} {ratio} {size} {cpu_text}{note}")
+
+
+def ceiling(b_saturated: Run, upload_cpu_ms: float, limit_img_s: float) -> dict:
+    """What (c) can reach on this machine at most: (b)'s CPU per image at its best, plus moving
+    the body to the gateway, on every core and nothing else (no HTTP, no Ray, no gateway
+    work of its own)."""
+    cores = os.cpu_count() or 1
+    b_cpu = b_saturated.cpu_ms_per_image or 0.0
+    full_max = cores * 1000.0 / (b_cpu + upload_cpu_ms) if b_cpu + upload_cpu_ms > 0 else math.inf
+    return {"upload_cpu_ms": upload_cpu_ms, "triton_cpu_ms_per_image": b_cpu, "full_img_s_max": full_max,
+            "c_over_b_max": full_max / b_saturated.rate, "c_over_limit_max": full_max / limit_img_s}
 
 
 def measure(body: bytes, settings: Settings, seconds: float, profile: Profiler | None = None) -> dict:
@@ -434,8 +510,11 @@ def measure(body: bytes, settings: Settings, seconds: float, profile: Profiler |
     grpc_runs = asyncio.run(through_grpc_studies(body, settings, seconds))
     stow = through_stow(body, settings, seconds)
 
+    upload_cpu_ms = loopback_upload_cpu_ms(body)
+
     b_best, c_best = max(r.rate for r in b), max(r.rate for r in c)
-    print(f"{'path':18s} {'conc':>4s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'/ b':>6s} {'batch':>6s}")
+    print(f"{'path':18s} {'conc':>4s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'/ b':>6s} {'batch':>6s} "
+          f"{'CPU ms/img, busy':>17s}")
     print(_row(a, b_best))
     print(f"{limit.label:18s} {limit.concurrency:4d} {limit.rate:8.1f} {'':8s} {'':8s} {limit.rate / b_best:6.2f}")
     for run in b:
@@ -457,17 +536,23 @@ def measure(body: bytes, settings: Settings, seconds: float, profile: Profiler |
           f"{batch_fill:.2f} (target >= 0.8)")
     print(f"where the {sum(stages.values()):.1f} ms of (c) at concurrency {c[0].concurrency} go (medians; (b) "
           f"takes {b[0].percentile(50):.1f}): " + ", ".join(f"{name} {ms:.1f}" for name, ms in stages.items()))
+    most = ceiling(max(b, key=lambda run: run.rate), upload_cpu_ms, limit.rate)
+    print(f"ceiling of (c) here: (b)'s {most['triton_cpu_ms_per_image']:.1f} ms of CPU per image plus "
+          f"{most['upload_cpu_ms']:.1f} ms to move the {len(body) / 2**20:.1f} MiB body over loopback TCP "
+          f"(both ends, no HTTP) allow at most {most['full_img_s_max']:.0f} img/s: c/b <= "
+          f"{most['c_over_b_max']:.2f}, c/limit <= {most['c_over_limit_max']:.2f}")
     profiled = {}
     if profile:
         print(f"profile of (c) at concurrency {c[-1].concurrency} (py-spy, {profile.rate} samples/s):")
         profiled = profile.report()
     print()
     summary = lambda run: {"concurrency": run.concurrency, "rate": run.rate,  # noqa: E731
-                           "p50_ms": run.percentile(50), "p99_ms": run.percentile(99)}
+                           "p50_ms": run.percentile(50), "p99_ms": run.percentile(99),
+                           "cpu_busy": run.cpu_busy, "cpu_ms_per_image": run.cpu_ms_per_image}
     return {
         "limit_img_s": limit.rate, "triton_img_s": b_best, "full_img_s": c_best,
         "added_p50_ms": added_p50, "added_p99_ms": added_p99, "batch_fill": batch_fill,
-        "stages_ms": stages, "profile": profiled,
+        "stages_ms": stages, "profile": profiled, "ceiling": most,
         "rows": {
             "a": summary(a), "limit": {"processes": limit.concurrency, "rate": limit.rate},
             "b": [summary(run) for run in b],
