@@ -14,6 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from mosmedai.deid import deidentify
 from mosmedai.jobs import ACCEPTED, DONE, FAILED, RUNNING, JobError, JobStore
+from mosmedai import storage
 from mosmedai.storage import ObjectStore, start_local_s3
 
 _n = itertools.count()
@@ -280,18 +281,38 @@ def test_deidentify_basic_profile():
 
 
 def test_local_s3_write_log_survives_restart(tmp_path):
+    body = b"\x00v1\n{not json}\n" + bytes(range(256)) * 40  # raw bytes in the log: newlines, braces
     with start_local_s3(data_dir=tmp_path) as server:
         store = ObjectStore.local(server.endpoint_url, buckets=["incoming-r"])
         store.ensure_buckets()
-        assert store.put("incoming-r", "jobs/a b.json", b"\x00v1", if_none_match=True)
+        assert store.put("incoming-r", "jobs/a b.json", body, if_none_match=True)
         assert store.put("incoming-r", "jobs/a b.json", b"v2", if_none_match=True) is None
         store.put("incoming-r", "gone", b"x")
         store.delete("incoming-r", "gone")
+    # a write cut short by a crash (never acknowledged): its entry is torn and ends the log
+    with open(tmp_path / storage.LOG_NAME, "ab") as log:
+        log.write(b'{"method":"PUT","path":"/incoming-r/torn","query":"","headers":{},"length":100}\n' + b"x" * 10)
     for _ in range(2):  # replay, then compacted log replay
         with start_local_s3(data_dir=tmp_path) as server:
             store = ObjectStore.local(server.endpoint_url)
             assert store.list("incoming-r") == ["jobs/a b.json"]
-            assert store.get("incoming-r", "jobs/a b.json") == b"\x00v1"
+            assert store.get("incoming-r", "jobs/a b.json") == body
+
+
+def test_local_s3_replays_and_converts_a_log_of_the_first_form(tmp_path):
+    """A store written before the log kept raw bodies (one JSON line each, base64) still opens."""
+    import base64
+    import json
+
+    entries = [{"method": "PUT", "path": "/old", "query": "", "headers": {}, "body": ""},
+               {"method": "PUT", "path": "/old/k", "query": "", "headers": {},
+                "body": base64.b64encode(b"kept\n").decode()}]
+    (tmp_path / storage.LEGACY_LOG_NAME).write_text("".join(json.dumps(e) + "\n" for e in entries))
+    with start_local_s3(data_dir=tmp_path) as server:
+        assert ObjectStore.local(server.endpoint_url).get("old", "k") == b"kept\n"
+    assert not (tmp_path / storage.LEGACY_LOG_NAME).exists() and (tmp_path / storage.LOG_NAME).exists()
+    with start_local_s3(data_dir=tmp_path) as server:
+        assert ObjectStore.local(server.endpoint_url).get("old", "k") == b"kept\n"
 
 
 def test_local_s3_keeps_connections_alive(tmp_path):
