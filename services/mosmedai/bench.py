@@ -172,8 +172,8 @@ def _busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
     return (after[0] - before[0]) / max(1, after[1] - before[1])
 
 
-def loopback_upload_cpu_ms(body: bytes, repeats: int = 40) -> float:
-    """CPU (ms, both ends) to move ``body`` over loopback TCP with the least
+def loopback_upload_ms(body: bytes, repeats: int = 40) -> tuple[float, float]:
+    """(CPU ms at both ends, wall ms) to move ``body`` over loopback TCP with the least
     work there is: one ``sendall``, ``recv_into`` a buffer made once, no HTTP. The kernel's
     copies, which any server of a DICOM body over HTTP pays on top of its own work."""
     import resource
@@ -200,14 +200,14 @@ def loopback_upload_cpu_ms(body: bytes, repeats: int = 40) -> float:
         with socket.create_connection(server.getsockname()) as client:
             for _ in range(3):  # warm the socket buffers
                 client.sendall(body), client.recv(1)
-            before = resource.getrusage(resource.RUSAGE_SELF)
+            before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             for _ in range(repeats):
                 client.sendall(body)
                 client.recv(1)
-            after = resource.getrusage(resource.RUSAGE_SELF)
+            after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - started
         thread.join(5.0)
     used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return used * 1000.0 / repeats
+    return used * 1000.0 / repeats, wall * 1000.0 / repeats
 
 
 async def _closed_loop(send, concurrency: int, seconds: float, label: str) -> Run:
@@ -490,14 +490,15 @@ def _row(run: Run, base: float | None = None, batch: float | None = None, note: 
             f"{run.percentile(99):8.1f} {ratio} {size} {cpu_text}{note}")
 
 
-def ceiling(b_saturated: Run, upload_cpu_ms: float, limit_img_s: float) -> dict:
+def ceiling(b_saturated: Run, upload_cpu_ms: float, upload_wall_ms: float, limit_img_s: float) -> dict:
     """What (c) can reach on this machine at most: (b)'s CPU per image at its best, plus moving
     the body to the gateway, on every core and nothing else (no HTTP, no Ray, no gateway
     work of its own)."""
     cores = os.cpu_count() or 1
     b_cpu = b_saturated.cpu_ms_per_image or 0.0
     full_max = cores * 1000.0 / (b_cpu + upload_cpu_ms) if b_cpu + upload_cpu_ms > 0 else math.inf
-    return {"upload_cpu_ms": upload_cpu_ms, "triton_cpu_ms_per_image": b_cpu, "full_img_s_max": full_max,
+    return {"upload_cpu_ms": upload_cpu_ms, "upload_wall_ms": upload_wall_ms,
+            "triton_cpu_ms_per_image": b_cpu, "full_img_s_max": full_max,
             "c_over_b_max": full_max / b_saturated.rate, "c_over_limit_max": full_max / limit_img_s}
 
 
@@ -510,7 +511,7 @@ def measure(body: bytes, settings: Settings, seconds: float, profile: Profiler |
     grpc_runs = asyncio.run(through_grpc_studies(body, settings, seconds))
     stow = through_stow(body, settings, seconds)
 
-    upload_cpu_ms = loopback_upload_cpu_ms(body)
+    upload_cpu_ms, upload_wall_ms = loopback_upload_ms(body)
 
     b_best, c_best = max(r.rate for r in b), max(r.rate for r in c)
     print(f"{'path':18s} {'conc':>4s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'/ b':>6s} {'batch':>6s} "
@@ -536,11 +537,12 @@ def measure(body: bytes, settings: Settings, seconds: float, profile: Profiler |
           f"{batch_fill:.2f} (target >= 0.8)")
     print(f"where the {sum(stages.values()):.1f} ms of (c) at concurrency {c[0].concurrency} go (medians; (b) "
           f"takes {b[0].percentile(50):.1f}): " + ", ".join(f"{name} {ms:.1f}" for name, ms in stages.items()))
-    most = ceiling(max(b, key=lambda run: run.rate), upload_cpu_ms, limit.rate)
+    most = ceiling(max(b, key=lambda run: run.rate), upload_cpu_ms, upload_wall_ms, limit.rate)
     print(f"ceiling of (c) here: (b)'s {most['triton_cpu_ms_per_image']:.1f} ms of CPU per image plus "
           f"{most['upload_cpu_ms']:.1f} ms to move the {len(body) / 2**20:.1f} MiB body over loopback TCP "
           f"(both ends, no HTTP) allow at most {most['full_img_s_max']:.0f} img/s: c/b <= "
-          f"{most['c_over_b_max']:.2f}, c/limit <= {most['c_over_limit_max']:.2f}")
+          f"{most['c_over_b_max']:.2f}, c/limit <= {most['c_over_limit_max']:.2f}; and moving the body alone "
+          f"takes {most['upload_wall_ms']:.1f} ms, the least (c) can add over (b) at concurrency 1")
     profiled = {}
     if profile:
         print(f"profile of (c) at concurrency {c[-1].concurrency} (py-spy, {profile.rate} samples/s):")
