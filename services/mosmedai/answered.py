@@ -125,22 +125,13 @@ class StudyRecords:
         written = self._written(key)
         if written is not None:  # this instance wrote it last: one write if nobody has since
             etag, current = written
-            record = {"tenant": tenant, "study_instance_uid": study_uid, "updated_at": self.clock(),
-                      "tools": merge_tools(current.get("tools", {}), tools)}
-            body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
-            new_etag = self.store.put(self.bucket, key, body, if_match=etag, content_type="application/json")
-            if new_etag is not None:
-                self._remember(key, new_etag, record)
-                return record
+            record = self._write(key, tenant, study_uid, merge_tools(current.get("tools", {}), tools), etag)
         else:
             # Most studies are answered once: create the record without reading it first (one
             # request, not a 404 and a write); only a study that has one already is merged.
-            record = {"tenant": tenant, "study_instance_uid": study_uid, "updated_at": self.clock(), "tools": tools}
-            body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
-            new_etag = self.store.put(self.bucket, key, body, if_none_match=True, content_type="application/json")
-            if new_etag is not None:
-                self._remember(key, new_etag, record)
-                return record
+            record = self._write(key, tenant, study_uid, tools, None)
+        if record is not None:
+            return record
         for _ in range(20):
             try:
                 data, etag = self.store.get_with_etag(self.bucket, key)
@@ -149,18 +140,25 @@ class StudyRecords:
                 if exc.code not in ("NoSuchKey", "404", "NotFound"):
                     raise
                 current, etag = None, None
-            record = {"tenant": tenant, "study_instance_uid": study_uid, "updated_at": self.clock(),
-                      "tools": merge_tools((current or {}).get("tools", {}), tools)}
-            body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
-            if etag is None:
-                new_etag = self.store.put(self.bucket, key, body, if_none_match=True, content_type="application/json")
-            else:
-                new_etag = self.store.put(self.bucket, key, body, if_match=etag, content_type="application/json")
-            if new_etag is not None:
-                self._remember(key, new_etag, record)
+            record = self._write(key, tenant, study_uid, merge_tools((current or {}).get("tools", {}), tools), etag)
+            if record is not None:
                 return record
         raise StorageError(f"answered study {study_uid} of {tenant}: too many concurrent updates",
                            bucket=self.bucket, key=key)
+
+    def _write(self, key: str, tenant: str, study_uid: str, tools: dict[str, dict], etag: str | None) -> dict | None:
+        """Write the record with these tools if the stored one still has ``etag`` (None: if
+        there is none); the record, remembered with its new ETag, or None when refused."""
+        record = {"tenant": tenant, "study_instance_uid": study_uid, "updated_at": self.clock(), "tools": tools}
+        body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+        if etag is None:
+            new_etag = self.store.put(self.bucket, key, body, if_none_match=True, content_type="application/json")
+        else:
+            new_etag = self.store.put(self.bucket, key, body, if_match=etag, content_type="application/json")
+        if new_etag is None:
+            return None
+        self._remember(key, new_etag, record)
+        return record
 
     def from_jobs(self, jobs: JobStore, tenant: str, study_uid: str) -> dict | None:
         """The record of an asynchronous study, from the tenant's done jobs of it (then stored)."""

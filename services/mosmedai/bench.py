@@ -20,8 +20,8 @@ the platform, as a client on the same host would). The (b) and (c) rows also giv
 they used per image (the whole machine's, while the row ran), and the ceiling follows: (c)
 does (b)'s work and more, and must move the DICOM body over TCP, which costs the kernel a
 measured amount of CPU per body at both ends; so (c) can finish at most cores / ((b)'s CPU
-per image + that) images per second on this machine, whatever the gateway and router do. The machine is noisy: read ratios from
-one run, not absolute numbers across runs. The figures go to ``.run/bench/results.json``.
+per image + that) images per second on this machine, whatever the gateway and router do.
+The machine is noisy: read ratios from one run, not absolute numbers across runs. The figures go to ``.run/bench/results.json``.
 """
 
 from __future__ import annotations
@@ -175,12 +175,13 @@ def _busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
 def loopback_upload_ms(body: bytes, repeats: int = 40) -> tuple[float, float]:
     """(CPU ms at both ends, wall ms) to move ``body`` over loopback TCP with the least
     work there is: one ``sendall``, ``recv_into`` a buffer made once, no HTTP. The kernel's
-    copies, which any server of a DICOM body over HTTP pays on top of its own work."""
+    copies, which any server of a DICOM body over HTTP pays on top of its own work. The real
+    body is sent: an untouched buffer (zero pages) copies faster than memory does."""
     import resource
     import socket
     import threading
 
-    size = len(body)  # the real bytes: an untouched buffer (zero pages) copies faster than memory
+    size = len(body)
     with socket.create_server(("127.0.0.1", 0)) as server:
         def receive() -> None:
             connection, _ = server.accept()
@@ -199,7 +200,8 @@ def loopback_upload_ms(body: bytes, repeats: int = 40) -> tuple[float, float]:
         thread.start()
         with socket.create_connection(server.getsockname()) as client:
             for _ in range(3):  # warm the socket buffers
-                client.sendall(body), client.recv(1)
+                client.sendall(body)
+                client.recv(1)
             before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             for _ in range(repeats):
                 client.sendall(body)
