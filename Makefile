@@ -62,21 +62,21 @@ test-integration: install
 	$(BIN)/python -m pytest -q -m integration
 
 bench: install
-	$(BIN)/python -m mosmedai.bench $(BENCH_ARGS)
+	$(BIN)/python -m mosmedai.local.bench $(BENCH_ARGS)
 
 loadtest: install
 	$(BIN)/python -m mosmedai_load.loadtest --out .run/loadtest
 
 models: install
 	$(BIN)/pip install -q -e '.[train]'
-	$(BIN)/python -m mosmedai.training train --tool all
-	$(BIN)/python -m mosmedai.training evaluate --tool all
+	$(BIN)/python -m mosmedai_training train --tool all
+	$(BIN)/python -m mosmedai_training evaluate --tool all
 
 gpu-check: install
 	scripts/gpu-check $(or $(OUT),.run/gpu-check)
 
 model-configs: install
-	$(BIN)/python -m mosmedai.model_repo
+	$(BIN)/python -m mosmedai.serving.model_repo
 
 clean: down
 	rm -rf .run

@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # TensorRT engine builder: the chart runs it as one Job per GPU product of the regions, on
-# a node of that product with one GPU. It builds (python -m mosmedai.tensorrt_build build)
+# a node of that product with one GPU. It builds (python -m mosmedai.serving.tensorrt_build build)
 # the engines of the ONNX networks baked in here, renders the gpu variant of the model
 # repository (network steps tensorrt_plan) and publishes it with the model publisher's
 # script under <tensorrt.prefix>/<product>/trt-<TensorRT version>.
@@ -53,4 +53,4 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp
 WORKDIR /tmp
 USER 10001:10001
-CMD ["python", "-m", "mosmedai.tensorrt_build", "--help"]
+CMD ["python", "-m", "mosmedai.serving.tensorrt_build", "--help"]

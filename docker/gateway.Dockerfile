@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# Gateway + router: the Ray Serve application (`python -m mosmedai.local serve`; in KubeRay
+# Gateway + router: the Ray Serve application (`python -m mosmedai.local.processes serve`; in KubeRay
 # mode the same image runs the Ray head and workers). Also the `helm test` client.
 # Build from the repository root:  docker build -f docker/gateway.Dockerfile -t mosmedai/gateway:0.1.0 .
 # Base images are pinned by exact version; pin them by digest too when you mirror them.
@@ -36,4 +36,4 @@ WORKDIR /tmp
 # Numeric user: Kubernetes' runAsNonRoot can verify it without /etc/passwd.
 USER 10001:10001
 EXPOSE 8000 8201
-CMD ["python", "-m", "mosmedai.local", "serve"]
+CMD ["python", "-m", "mosmedai.local.processes", "serve"]

@@ -39,7 +39,7 @@ RUN apt-get update \
  && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin triton-server
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/tritonserver /opt/tritonserver
-# Source only: the stub imports mosmedai.triton_models, imaging and postprocess.
+# Source only: the stub imports mosmedai.serving.triton_models, imaging and postprocess.
 COPY services/mosmedai /opt/mosmedai/mosmedai
 # A .pth file in the virtual environment's site-packages puts the sources on the stub's
 # path: the stub does not see the server's PYTHONPATH (a model failed with "No module

@@ -44,7 +44,7 @@ def platform_settings(tmp_path_factory) -> Settings:
 
 @pytest.fixture(scope="session")
 def platform(platform_settings):
-    from mosmedai import local
+    from mosmedai.local import processes as local
 
     try:
         urls = local.up(platform_settings)

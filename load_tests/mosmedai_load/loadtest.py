@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from mosmedai import local
+    from mosmedai.local import processes as local
     from mosmedai.config import Settings
 
     settings = Settings()

@@ -26,16 +26,16 @@ CXR_TOOLS = ("cxr_opacity", "cxr_nodule", "cxr_pneumothorax")
 
 def sample_study(shape=(2500, 2048), seed: int = 5_000_001) -> bytes:
     """A real-sized synthetic DX chest radiograph, DICOM Part-10, uncompressed."""
-    from mosmedai.dicom_build import to_bytes
-    from mosmedai.training.phantoms import make_phantom, to_dataset
+    from mosmedai.phantoms.dicom_build import to_bytes
+    from mosmedai.phantoms.chest_xray import make_phantom, to_dataset
 
     return to_bytes(to_dataset(make_phantom((seed, 1), shape=shape, findings=["cxr_nodule"])))
 
 
 def tensors_for(body: bytes, max_side: int = 512, max_pixels: int = 67108864):
     """The three input tensors of a chest X-ray ensemble for one image (as the gateway makes them)."""
-    from mosmedai.dicom_input import decode
-    from mosmedai.pipeline import image_input
+    from mosmedai.pipeline.dicom_input import decode
+    from mosmedai.pipeline.work import image_input
 
     tensors, _ = image_input(decode(body, max_pixels), max_side)
     return tensors.pixels, tensors.params, tensors.voi_lut
@@ -69,7 +69,7 @@ def _time_studies(gateway: str, body: bytes, seconds: float, min_calls: int) -> 
     import httpx
 
     times: list[float] = []
-    from mosmedai.tenants import auth_headers
+    from mosmedai.ingress.tenants import auth_headers
 
     with httpx.Client(base_url=gateway, timeout=120, headers=auth_headers()) as client:
         def once():

@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover
         return wrap
 
 
-from mosmedai.routing import route  # noqa: E402 - the router's own decision, compiled below
+from mosmedai.serving.routing import route  # noqa: E402 - the router's own decision, compiled below
 
 # One policy, one function: the simulation decides spill-over with the router's ``route``.
 _route = njit(cache=True)(route)

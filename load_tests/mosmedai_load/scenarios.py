@@ -82,7 +82,7 @@ def unavailable_live(host: str, paths: list[IntegratorPath], timeout: float = 10
     must be among /readyz's states, its endpoint must exist (a 404 means it does not)."""
     import httpx
 
-    from mosmedai.tenants import auth_headers
+    from mosmedai.ingress.tenants import auth_headers
 
     why: dict[str, str] = {}
     with httpx.Client(base_url=host, timeout=timeout, headers=auth_headers()) as client:
@@ -166,8 +166,8 @@ def rate_at(t: float, *, day_seconds: float, peak_rps: float, start_hour: float 
 def study_body(syntax: str = "uncompressed") -> bytes:
     from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
-    from mosmedai.dicom_build import to_bytes
-    from mosmedai.training.phantoms import make_phantom, to_dataset
+    from mosmedai.phantoms.dicom_build import to_bytes
+    from mosmedai.phantoms.chest_xray import make_phantom, to_dataset
 
     uid = {"uncompressed": ExplicitVRLittleEndian, "rle": RLELossless}[syntax]
     return to_bytes(to_dataset(make_phantom((5_000_001, 1), shape=(2500, 2048), findings=["cxr_nodule"])), uid)
@@ -197,9 +197,9 @@ def mammography_study(seed: int = 5_000_002, shape: tuple[int, int] = MG_SHAPE) 
     a series per view) as one multipart/related body, and its Content-Type."""
     from pydicom.uid import generate_uid
 
-    from mosmedai.dicom_build import to_bytes
-    from mosmedai.pipeline import multipart_body
-    from mosmedai.training.mammography import make_phantom, to_dataset
+    from mosmedai.phantoms.dicom_build import to_bytes
+    from mosmedai.pipeline.work import multipart_body
+    from mosmedai_training.mammography import make_phantom, to_dataset
 
     study = generate_uid()
     payloads = []
@@ -216,9 +216,9 @@ def ct_study(seed: int = 5_000_003, shape: tuple[int, int, int] = CT_SHAPE,
              spacing_mm: tuple[float, float, float] = CT_SPACING_MM, chunk: int = 16) -> tuple[bytes, str]:
     """A chest CT series (``shape`` slices x rows x columns in HU from the chest phantom) as one
     multipart/related body, and its Content-Type. Rendered ``chunk`` slices at a time (memory)."""
-    from mosmedai.dicom_build import ct_series, to_bytes
-    from mosmedai.pipeline import multipart_body
-    from mosmedai.training.ct_chest import make_phantom
+    from mosmedai.phantoms.dicom_build import ct_series, to_bytes
+    from mosmedai.pipeline.work import multipart_body
+    from mosmedai_training.ct_chest import make_phantom
 
     phantom = make_phantom(seed, shape=shape, spacing_mm=spacing_mm)
     hu = np.empty(shape, np.float32)
@@ -233,7 +233,7 @@ def ct_study(seed: int = 5_000_003, shape: tuple[int, int, int] = CT_SHAPE,
 
 @lru_cache(maxsize=2)
 def stow_body(syntax: str = "uncompressed") -> tuple[bytes, str]:
-    from mosmedai.pipeline import multipart_body
+    from mosmedai.pipeline.work import multipart_body
 
     return multipart_body([study_body(syntax)])
 
@@ -282,7 +282,7 @@ def build_bodies(paths: list[IntegratorPath], syntax: str = "uncompressed") -> N
 
 @lru_cache(maxsize=16)
 def sender(path: IntegratorPath, syntax: str = "uncompressed") -> Callable:
-    from mosmedai.tenants import auth_headers
+    from mosmedai.ingress.tenants import auth_headers
 
     auth = auth_headers()
     if path.name == "study_cxr":

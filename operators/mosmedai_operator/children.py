@@ -98,7 +98,7 @@ def triton_args(spec: GpuPoolSpec, config: OperatorConfig) -> list[str]:
         # grace period covers it (OperatorConfig refuses a shorter one).
         f"--exit-timeout-secs={config.triton_exit_timeout_seconds}",
         # Urgent tools' steps first when executions wait (the model configs' rate_limiter
-        # priorities; the resource name is mosmedai.model_repo.RATE_LIMIT_RESOURCE).
+        # priorities; the resource name is mosmedai.serving.model_repo.RATE_LIMIT_RESOURCE).
         "--rate-limit=execution_count",
         f"--rate-limit-resource=compute:{config.triton_execution_slots}",
         *config.triton_extra_args,

@@ -105,7 +105,7 @@ class GpuPoolSpec(_Model):
     model_load_timeout_seconds: int = Field(default=900, ge=60, le=7200)
     # Triton's --model-repository for this pool; None = the operator's triton_model_repository.
     model_repository: str | None = Field(default=None, pattern=MODEL_REPOSITORY_PATTERN, max_length=1024)
-    # Read by the router's pool discovery (services/mosmedai/pool_discovery.py), not acted on
+    # Read by the router's pool discovery (services/mosmedai/serving/pool_discovery.py), not acted on
     # here: the districts whose regions without a pool come here, the pools to spill or fail
     # over to (nearest first), and the one-way transfer time to this pool (s). A routing
     # mistake (a neighbour that is the pool itself or no GpuPool) is the router's to skip,

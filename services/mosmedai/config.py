@@ -15,13 +15,13 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from mosmedai.imaging import NETWORK_SIZE, TRANSPORT_MAX_SIDE
+from mosmedai.catalog.imaging import NETWORK_SIZE, TRANSPORT_MAX_SIDE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _catalog() -> dict:
-    from mosmedai.tools import CATALOG  # the catalog imports the family modules: load it late
+    from mosmedai.catalog.tools import CATALOG  # the catalog imports the family modules: load it late
 
     return CATALOG
 
@@ -72,13 +72,13 @@ class Settings(BaseSettings):
     pools_file: str = Field(
         "",
         description="The pool directory (YAML/JSON list, or a path to it): name, regions, districts, endpoints "
-        "(gRPC host:port), metrics_url, tools, neighbours, transfer_s (mosmedai.pools). Empty: the local "
+        "(gRPC host:port), metrics_url, tools, neighbours, transfer_s (mosmedai.serving.pools). Empty: the local "
         "default (RU-MOW and RU-TA on this machine), unless pool_discovery is `kubernetes`.",
     )
     pool_discovery: Literal["config", "kubernetes"] = Field(
         "config",
         description="Where the router learns its pools: `config` (pools_file or the local default) or "
-        "`kubernetes` (watches GpuPool resources in pool_namespace; mosmedai.pool_discovery).",
+        "`kubernetes` (watches GpuPool resources in pool_namespace; mosmedai.serving.pool_discovery).",
     )
     pool_namespace: str = Field(
         "", description="Namespace whose GpuPools the router watches (kubernetes discovery); empty: its own.",
@@ -108,7 +108,7 @@ class Settings(BaseSettings):
 
     tools_config: str = Field(
         "",
-        description="Per-region tool choice (mosmedai.tool_config): which tools each region and tenant has "
+        description="Per-region tool choice (mosmedai.catalog.tool_config): which tools each region and tenant has "
         "enabled and which version of each is live, and shadow runs. YAML/JSON text, or a path to it (then "
         "re-read when it changes, without a restart). Empty: every enabled tool everywhere at tool_versions. "
         "Invalid at start: the gateway refuses to start, naming the field.",
@@ -234,7 +234,7 @@ class Settings(BaseSettings):
         "",
         description="Tenant configuration (YAML/JSON list, or a path to it; a mounted Secret in a cluster): "
         "id, region, institution, token_sha256, dimse (called AE, allowed calling AEs, result destination). "
-        "Format: `python -m mosmedai.tenants --help`.",
+        "Format: `python -m mosmedai.ingress.tenants --help`.",
     )
 
     # --- object storage and jobs ---------------------------------------------------------------

@@ -193,7 +193,7 @@ def test_one_gpupool_per_region(rendered) -> None:
 def test_every_scenario_gives_the_router_a_pool_for_every_region_and_tool(rendered) -> None:
     """The rendered GpuPools, read as the router's pool discovery reads them, make a valid
     directory in which every region of the values has a home pool for every enabled tool."""
-    from mosmedai.pool_discovery import build_directory
+    from mosmedai.serving.pool_discovery import build_directory
 
     for scenario in SCENARIOS:
         docs = rendered[scenario]
@@ -398,7 +398,7 @@ def test_airgapped_images_come_from_the_mirror_by_digest(rendered) -> None:
     found = list(images({"airgapped-values.yaml": rendered["airgapped-values.yaml"]}))
     assert len(found) >= 4
     for where, image in found:
-        assert image.startswith("registry.mosmedai.local:5000/") and "@sha256:" in image, f"{where}: {image}"
+        assert image.startswith("registry.mosmedai.local.processes:5000/") and "@sha256:" in image, f"{where}: {image}"
     for where, doc, spec in all_pods({"airgapped-values.yaml": rendered["airgapped-values.yaml"]}):
         assert spec["imagePullSecrets"] == [{"name": "mirror-pull"}], where
     # Credentials from the SRE's Secret: the chart renders none of its own.
@@ -428,7 +428,7 @@ def test_plain_mode_runs_the_serve_app_against_the_regions_triton(rendered, monk
     docs = rendered["three-gpu-regions-values.yaml"]
     (gateway,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
     (container,) = gateway["spec"]["template"]["spec"]["containers"]
-    assert container["command"] == ["python", "-m", "mosmedai.local", "serve"]
+    assert container["command"] == ["python", "-m", "mosmedai.local.processes", "serve"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     # The router watches the release namespace's GpuPools for its pools.
     assert (env["MOSMEDAI_POOL_DISCOVERY"], env["MOSMEDAI_POOL_NAMESPACE"]) == ("kubernetes", NAMESPACE)
@@ -491,7 +491,7 @@ def test_kuberay_scenario_renders_a_rayservice_instead_of_the_gateway_deployment
     docs = rendered["kuberay-values.yaml"]
     (ray,) = [d for d in docs if d["kind"] == "RayService"]
     serve = yaml.safe_load(ray["spec"]["serveConfigV2"])
-    assert serve["applications"][0]["import_path"] == "mosmedai.gateway:app_from_env"
+    assert serve["applications"][0]["import_path"] == "mosmedai.ingress.app:app_from_env"
     assert not [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
     (service,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
     head_labels = ray["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
@@ -724,7 +724,7 @@ def test_one_engine_build_job_per_gpu_product(rendered) -> None:
     (container,) = a100["containers"]
     assert container["image"].startswith("mosmedai/engine-builder:")
     script = container["command"][-1]
-    assert "python -m mosmedai.tensorrt_build build --out /tmp/repository" in script
+    assert "python -m mosmedai.serving.tensorrt_build build --out /tmp/repository" in script
     assert "--tools cxr_opacity cxr_nodule cxr_pneumothorax" in script
     assert "--prefix=model_repository_gpu/nvidia-a100-sxm4-80gb/trt-10.8.0.43" in script
     assert "tensorrt.__version__" in script  # refuses an image of another TensorRT
@@ -837,13 +837,13 @@ def test_platform_env_is_valid_settings(rendered, monkeypatch) -> None:
 
 
 def test_integrators_scenario(rendered, tmp_path: Path) -> None:
-    from mosmedai.tenants import load_tenants
+    from mosmedai.ingress.tenants import load_tenants
 
     docs = rendered["integrators-values.yaml"]
     (dimse,) = component(docs, "Deployment", "dimse")
     spec = dimse["spec"]["template"]["spec"]
     (container,) = spec["containers"]
-    assert container["command"] == ["python", "-m", "mosmedai.dimse"] and dimse["spec"]["replicas"] == 1
+    assert container["command"] == ["python", "-m", "mosmedai.ingress.dimse"] and dimse["spec"]["replicas"] == 1
     env = {e["name"]: e for e in container["env"]}
     assert env["MOSMEDAI_DIMSE_PORT"]["value"] == "11112"
     assert env["MOSMEDAI_GATEWAY_URL"]["value"] == f"http://mosmedai-gateway.{NAMESPACE}.svc:80"
@@ -889,7 +889,7 @@ def test_integrators_scenario(rendered, tmp_path: Path) -> None:
 
 
 def test_default_tenants_secret_is_an_empty_list_and_deid_key_is_generated(rendered, tmp_path: Path) -> None:
-    from mosmedai.tenants import TenantConfigError, load_tenants
+    from mosmedai.ingress.tenants import TenantConfigError, load_tenants
 
     docs = rendered["defaults"]
     (secret,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "tenants"]
@@ -929,7 +929,7 @@ def test_the_tool_choice_is_a_configmap_mounted_where_the_platform_reads_it(tmp_
     """values toolChoice.config -> a ConfigMap mounted (as a directory: the kubelet updates it in
     place, and the gateway re-reads it) into the gateway pods and the KubeRay pods, named by
     MOSMEDAI_TOOLS_CONFIG; what it holds is a configuration the platform's own parser accepts."""
-    from mosmedai import tool_config
+    from mosmedai.catalog import tool_config
     from mosmedai.config import Settings
 
     choice = {"defaults": {"tools": "all"},

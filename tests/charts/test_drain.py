@@ -72,7 +72,7 @@ def test_the_gateway_drains_within_the_chart_value(sets) -> None:
     replicas) is the value the pod's grace period was derived from; in plain mode the
     replica waits after SIGTERM only for what is in flight (preStop did the propagation)."""
     from mosmedai.config import Settings
-    from mosmedai.gateway import build_app
+    from mosmedai.ingress.app import build_app
 
     docs = render(*sets)
     values = {"drain.gateway.shutdownSeconds": 20, **{k: int(v) for k, v in (s.split("=") for s in sets)}}

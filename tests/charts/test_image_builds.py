@@ -309,7 +309,7 @@ async def test_operator_image_reconciles_a_gpupool_on_kmock(built, kmock, tmp_pa
 
 
 def test_gateway_image_serves_against_a_local_triton(built, tmp_path: Path) -> None:
-    """The gateway image's command (`python -m mosmedai.local serve`, as the chart runs it)
+    """The gateway image's command (`python -m mosmedai.local.processes serve`, as the chart runs it)
     in the local profile against a local Triton (the nvidia-pytriton wheel's, started on the
     host as `make up` does) and the local S3 (moto's server, where the gateway archives):
     /healthz answers, and /readyz once Triton and the tool are ready."""
@@ -317,7 +317,7 @@ def test_gateway_image_serves_against_a_local_triton(built, tmp_path: Path) -> N
     from moto.server import ThreadedMotoServer
 
     from mosmedai.config import Settings
-    from mosmedai.local import ray_serve_environment, triton_command
+    from mosmedai.local.processes import ray_serve_environment, triton_command
 
     tools = ["cxr_opacity"]  # one tool: Triton loads it in seconds
     settings = Settings(**{k: v for k, v in PORTS.items() if k in Settings.model_fields},

@@ -135,7 +135,7 @@ def test_engine_builder_and_publisher_entry_points_run() -> None:
     """The engine builder's CMD and the publisher's entry point, on this checkout with the
     image's PYTHONPATH layout (sources under services/, the repository beside them)."""
     env = {"PYTHONPATH": str(ROOT / "services"), "PATH": "/usr/bin:/bin", "HOME": "/tmp"}
-    for command in ([sys.executable, "-m", "mosmedai.tensorrt_build", "--help"],
+    for command in ([sys.executable, "-m", "mosmedai.serving.tensorrt_build", "--help"],
                     [sys.executable, str(DOCKER / "model-publisher" / "publish.py"), "--help"]):
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
@@ -148,7 +148,7 @@ def test_operators_triton_command_runs_on_the_pytriton_tritonserver(tmp_path: Pa
     accepts every flag, loads the pool's tool and becomes ready."""
     sys.path.insert(0, str(ROOT / "operators"))
     from mosmedai.config import Settings
-    from mosmedai.local import triton_command
+    from mosmedai.local.processes import triton_command
     from mosmedai_operator.children import triton_args
     from mosmedai_operator.config import OperatorConfig
     from mosmedai_operator.spec import GpuPoolSpec

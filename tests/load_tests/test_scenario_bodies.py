@@ -6,7 +6,7 @@ import io
 import pydicom
 import pytest
 
-from mosmedai.pipeline import multipart_parts
+from mosmedai.pipeline.work import multipart_parts
 from mosmedai_load import scenarios
 
 

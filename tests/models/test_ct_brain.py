@@ -9,13 +9,13 @@ import pydicom
 import pytest
 
 from mosmedai.config import REPO_ROOT
-from mosmedai.dicom_build import to_bytes
-from mosmedai.dicom_input import header_facts
-from mosmedai.families import ct_brain as family
-from mosmedai.tools import accepts
-from mosmedai.training import TEST_SEED
-from mosmedai.training import ct_brain as ctb
-from mosmedai.volumes import VolumeGeometry, to_grid
+from mosmedai.phantoms.dicom_build import to_bytes
+from mosmedai.pipeline.dicom_input import header_facts
+from mosmedai.catalog.families import ct_brain as family
+from mosmedai.catalog.tools import accepts
+from mosmedai_training import TEST_SEED
+from mosmedai_training import ct_brain as ctb
+from mosmedai.catalog.volumes import VolumeGeometry, to_grid
 
 REPOSITORY = REPO_ROOT / "model_repository"
 SPECS = {spec.name: spec for spec in family.TOOLS}

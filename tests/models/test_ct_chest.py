@@ -11,13 +11,15 @@ import numpy as np
 import pydicom
 import pytest
 
-from mosmedai import dicom_build, volumes
-from mosmedai.dicom_input import header_facts
-from mosmedai.families import ct_chest as family
-from mosmedai.families.ct_chest import GRID, HEAD
-from mosmedai.tools import accepts
-from mosmedai.training import TEST_SEED
-from mosmedai.training import ct_chest as training
+from mosmedai.phantoms import dicom_build
+
+from mosmedai.catalog import volumes
+from mosmedai.pipeline.dicom_input import header_facts
+from mosmedai.catalog.families import ct_chest as family
+from mosmedai.catalog.families.ct_chest import GRID, HEAD
+from mosmedai.catalog.tools import accepts
+from mosmedai_training import TEST_SEED
+from mosmedai_training import ct_chest as training
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 SPECS = {spec.name: spec for spec in family.TOOLS}

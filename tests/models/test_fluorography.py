@@ -8,14 +8,14 @@ import numpy as np
 import pydicom
 import pytest
 
-from mosmedai.dicom_build import to_bytes
-from mosmedai.dicom_input import decode, header_facts
-from mosmedai.families import fluorography as family
-from mosmedai.families.chest_xray import TOOLS as CXR_TOOLS
-from mosmedai.imaging import VoiFunction, fit_geometry
-from mosmedai.tools import accepts
-from mosmedai.training import TEST_SEED
-from mosmedai.training import fluorography as flg
+from mosmedai.phantoms.dicom_build import to_bytes
+from mosmedai.pipeline.dicom_input import decode, header_facts
+from mosmedai.catalog.families import fluorography as family
+from mosmedai.catalog.families.chest_xray import TOOLS as CXR_TOOLS
+from mosmedai.catalog.imaging import VoiFunction, fit_geometry
+from mosmedai.catalog.tools import accepts
+from mosmedai_training import TEST_SEED
+from mosmedai_training import fluorography as flg
 
 from mosmedai.config import REPO_ROOT
 

@@ -11,14 +11,14 @@ import numpy as np
 import pydicom
 import pytest
 
-from mosmedai.dicom_build import to_bytes
-from mosmedai.dicom_input import decode, header_facts
-from mosmedai.families import IMAGE, ToolOutput
-from mosmedai.families import mammography as family
-from mosmedai.imaging import fit_geometry, to_display
-from mosmedai.tools import HeaderFacts, accepts
-from mosmedai.training import TEST_SEED
-from mosmedai.training import mammography as mg
+from mosmedai.phantoms.dicom_build import to_bytes
+from mosmedai.pipeline.dicom_input import decode, header_facts
+from mosmedai.catalog.families import IMAGE, ToolOutput
+from mosmedai.catalog.families import mammography as family
+from mosmedai.catalog.imaging import fit_geometry, to_display
+from mosmedai.catalog.tools import HeaderFacts, accepts
+from mosmedai_training import TEST_SEED
+from mosmedai_training import mammography as mg
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 SPEC = {spec.name: spec for spec in family.TOOLS}
@@ -141,8 +141,8 @@ def test_routing():
 
 def _served(tool: str, cases):
     """The family postprocess on ONNX outputs of the cases' images (the serving path, minus Triton)."""
-    from mosmedai.dicom_input import decode
-    from mosmedai.imaging import preprocess, reduce_for_transport
+    from mosmedai.pipeline.dicom_input import decode
+    from mosmedai.catalog.imaging import preprocess, reduce_for_transport
 
     spec = SPEC[tool]
     calibration = json.loads((REPOSITORY / f"{tool}_post" / "1" / "calibration.json").read_text())

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from mosmedai.config import REPO_ROOT
-from mosmedai.dicom_build import to_bytes
-from mosmedai.families import IMAGE, ToolOutput
-from mosmedai.tools import CATALOG
-from mosmedai.tenants import auth_headers
-from mosmedai.training import TEST_SEED
+from mosmedai.phantoms.dicom_build import to_bytes
+from mosmedai.catalog.families import IMAGE, ToolOutput
+from mosmedai.catalog.tools import CATALOG
+from mosmedai.ingress.tenants import auth_headers
+from mosmedai_training import TEST_SEED
 
 #: Cases per tool: enough for the tolerances the families state, few enough for CI.
 CASES = {"image": 20, "volume": 12}
@@ -56,7 +56,7 @@ def gateway(platform):
 @pytest.mark.parametrize("tool", sorted(CATALOG))
 def test_tool_agrees_with_its_model_card(gateway, tool):
     spec = CATALOG[tool]
-    module = importlib.import_module(f"mosmedai.training.{spec.family.name}")
+    module = importlib.import_module(f"mosmedai_training.{spec.family.name}")
     cases = module.cases(tool, TEST_SEED, CASES[spec.kind])
     outputs = []
     for case in cases:

@@ -9,14 +9,14 @@ import pydicom
 import pytest
 
 from mosmedai.config import REPO_ROOT
-from mosmedai.dicom_build import to_bytes
-from mosmedai.dicom_input import decode, header_facts
-from mosmedai.families import spine_xray as family
-from mosmedai.families.chest_xray import TOOLS as CXR_TOOLS
-from mosmedai.imaging import fit_geometry
-from mosmedai.tools import accepts
-from mosmedai.training import TEST_SEED
-from mosmedai.training import spine_xray as spine
+from mosmedai.phantoms.dicom_build import to_bytes
+from mosmedai.pipeline.dicom_input import decode, header_facts
+from mosmedai.catalog.families import spine_xray as family
+from mosmedai.catalog.families.chest_xray import TOOLS as CXR_TOOLS
+from mosmedai.catalog.imaging import fit_geometry
+from mosmedai.catalog.tools import accepts
+from mosmedai_training import TEST_SEED
+from mosmedai_training import spine_xray as spine
 
 REPOSITORY = REPO_ROOT / "model_repository"
 SPEC = family.TOOLS[0]
@@ -105,7 +105,7 @@ def test_evaluate_agrees_with_the_card():
 
 
 def test_cases_are_valid_dicom_routed_to_the_tool():
-    from mosmedai.families import fluorography
+    from mosmedai.catalog.families import fluorography
 
     for case in spine.cases("spine_scoliosis", TEST_SEED, 3):
         (dataset,) = case.instances

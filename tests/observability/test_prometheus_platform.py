@@ -9,11 +9,11 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 
-from mosmedai.metrics import utc_offset_hours
-from mosmedai.tenants import auth_headers
+from mosmedai.ingress.metrics import utc_offset_hours
+from mosmedai.ingress.tenants import auth_headers
 import pytest
 
-from mosmedai.training.phantoms import dicom_bytes, make_phantom
+from mosmedai.phantoms.chest_xray import dicom_bytes, make_phantom
 from prom_helpers import promtool
 
 REGION = "RU-MOW"  # the region of the default client token's tenant (demo-moscow)

@@ -44,7 +44,7 @@ def test_a_grace_period_that_cuts_the_drain_short_is_refused(make_config, pre_st
 
 
 def test_triton_pods_run_the_rate_limiter_the_model_configs_name(make_config) -> None:
-    from mosmedai.model_repo import RATE_LIMIT_RESOURCE
+    from mosmedai.serving.model_repo import RATE_LIMIT_RESOURCE
 
     body = gpupool("ru-mow", "mosmedai")
     config = make_config(triton_execution_slots=6)

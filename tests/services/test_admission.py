@@ -1,10 +1,10 @@
-"""The gateway's admission gate (mosmedai.admission): waiting in turn, refusals by deadline and share."""
+"""The gateway's admission gate (mosmedai.ingress.admission): waiting in turn, refusals by deadline and share."""
 
 import asyncio
 
 import pytest
 
-from mosmedai.admission import AdmissionGate, Throughput
+from mosmedai.ingress.admission import AdmissionGate, Throughput
 
 
 def measured_gate(completed: int = 20, latency_s: float = 0.01) -> AdmissionGate:

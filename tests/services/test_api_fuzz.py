@@ -5,7 +5,7 @@ import httpx
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from mosmedai.tenants import auth_headers
+from mosmedai.ingress.tenants import auth_headers
 
 #: Requests per operation: enough to walk every parameter and body shape, quick on CI.
 EXAMPLES = 15

@@ -16,12 +16,12 @@ from google.protobuf import text_format
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.grpc import model_config_pb2
 
-from mosmedai import byo
+from mosmedai.catalog import byo
 from mosmedai.config import REPO_ROOT
-from mosmedai.families import IMAGE
-from mosmedai.imaging import GrayscaleParams, VoiFunction, preprocess
-from mosmedai.model_repo import install_package, rendered_files
-from mosmedai.tools import BUILTIN_TOOLS, CATALOG
+from mosmedai.catalog.families import IMAGE
+from mosmedai.catalog.imaging import GrayscaleParams, VoiFunction, preprocess
+from mosmedai.serving.model_repo import install_package, rendered_files
+from mosmedai.catalog.tools import BUILTIN_TOOLS, CATALOG
 
 EXAMPLE = REPO_ROOT / "examples" / "byo-tool"
 
@@ -165,12 +165,12 @@ def test_builtin_name_is_refused(tmp_path):
 
 def test_packages_load_into_the_catalog_from_the_environment(tmp_path):
     shutil.copytree(EXAMPLE, tmp_path / "packages" / "demo")
-    code = ("from mosmedai.tools import CATALOG, family_module; s = CATALOG['demo_bright_spot']; "
+    code = ("from mosmedai.catalog.tools import CATALOG, family_module; s = CATALOG['demo_bright_spot']; "
             "print(family_module(s.name).__name__, s.preprocess_model)")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "services"), "MOSMEDAI_TOOL_PACKAGES": str(tmp_path / "packages")}
     answer = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert answer.returncode == 0, answer.stderr
-    assert answer.stdout.split() == ["mosmedai.byo", "demo_bright_spot_preprocess"]
+    assert answer.stdout.split() == ["mosmedai.catalog.byo", "demo_bright_spot_preprocess"]
     # a package named like a built-in tool stops the import with the field named
     clash = tmp_path / "clash"
     shutil.copytree(EXAMPLE, clash)
@@ -183,7 +183,7 @@ def test_packages_load_into_the_catalog_from_the_environment(tmp_path):
 
 def test_model_repo_cli_installs(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "services")}
-    answer = subprocess.run([sys.executable, "-m", "mosmedai.model_repo", "--repository", str(tmp_path / "r"),
+    answer = subprocess.run([sys.executable, "-m", "mosmedai.serving.model_repo", "--repository", str(tmp_path / "r"),
                              "--install-package", str(EXAMPLE)], env=env, capture_output=True, text=True, timeout=120)
     assert answer.returncode == 0, answer.stderr
     assert (tmp_path / "r" / "demo_bright_spot_net" / "1" / "model.onnx").exists()
@@ -349,7 +349,7 @@ def test_catalog_unchanged_without_the_variable():
 
 
 def test_cli_tools_check_and_install(tmp_path, capsys):
-    from mosmedai.cli import main
+    from mosmedai.local.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["tools", "check", str(EXAMPLE)])

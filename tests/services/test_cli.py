@@ -5,7 +5,7 @@ import sys
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mosmedai.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mosmedai.local.cli", *args], capture_output=True, text=True,
                           timeout=120)
 
 
@@ -22,7 +22,7 @@ def test_capacity_is_the_planner_and_names_a_bad_regions_file():
 
 
 def test_example_writes_a_readable_chest_radiograph(tmp_path):
-    from mosmedai.dicom_input import decode
+    from mosmedai.pipeline.dicom_input import decode
 
     path = tmp_path / "chest.dcm"
     answer = run("example", str(path), "--finding", "cxr_opacity")
@@ -32,9 +32,9 @@ def test_example_writes_a_readable_chest_radiograph(tmp_path):
 
 
 def test_example_writes_every_family_and_each_reaches_its_tools(tmp_path):
-    from mosmedai.dicom_input import decode
-    from mosmedai.examples import FAMILIES, FOLDER_FAMILIES, example_name
-    from mosmedai.tools import CATALOG, select_tools
+    from mosmedai.pipeline.dicom_input import decode
+    from mosmedai.local.examples import FAMILIES, FOLDER_FAMILIES, example_name
+    from mosmedai.catalog.tools import CATALOG, select_tools
 
     answer = run("example", str(tmp_path), "--family", "all")
     assert answer.returncode == 0, answer.stderr
@@ -60,7 +60,7 @@ def test_example_names_a_finding_its_family_cannot_draw(tmp_path):
 def test_submit_sends_a_folder_as_one_study(platform, tmp_path):
     folder = tmp_path / "ct_brain"
     assert run("example", str(folder), "--family", "ct_brain").returncode == 0
-    answer = subprocess.run([sys.executable, "-m", "mosmedai.cli", "submit", str(folder), "--url", platform["gateway"]],
+    answer = subprocess.run([sys.executable, "-m", "mosmedai.local.cli", "submit", str(folder), "--url", platform["gateway"]],
                             capture_output=True, text=True, timeout=600)
     assert answer.returncode == 0, answer.stderr
     assert "1 item(s)" in answer.stdout and "volume CT" in answer.stdout, answer.stdout

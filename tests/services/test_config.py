@@ -5,7 +5,7 @@ import socket
 import pytest
 from pydantic import ValidationError
 
-from mosmedai import local
+from mosmedai.local import processes as local
 from mosmedai.config import Settings
 
 
@@ -60,7 +60,7 @@ def test_up_refuses_a_port_taken_by_another_program(tmp_path):
 def test_the_kuberay_application_builder_reads_the_environment(monkeypatch):
     from ray.serve.deployment import Application
 
-    from mosmedai.gateway import app_from_env
+    from mosmedai.ingress.app import app_from_env
 
     monkeypatch.setenv("MOSMEDAI_TRITON_URL", "ru-mow.mosmedai.svc:8001")
     application = app_from_env({"router_max_batch_size": 16})

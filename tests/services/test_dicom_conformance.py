@@ -27,12 +27,12 @@ import httpx
 import pydicom
 import pytest
 
-from mosmedai import examples
-from mosmedai import results_dicom as rd
-from mosmedai.pipeline import multipart_body, multipart_parts
-from mosmedai.schemas import Finding, ItemResult, Location, MeasurementValue, ToolResult
-from mosmedai.tenants import auth_headers
-from mosmedai.tools import BUILTIN_TOOLS
+from mosmedai.local import examples
+from mosmedai.results import dicom_objects as rd
+from mosmedai.pipeline.work import multipart_body, multipart_parts
+from mosmedai.results.schemas import Finding, ItemResult, Location, MeasurementValue, ToolResult
+from mosmedai.ingress.tenants import auth_headers
+from mosmedai.catalog.tools import BUILTIN_TOOLS
 
 SEED = 7_300_000
 ASYNC = {"Prefer": "respond-async"}
@@ -219,7 +219,7 @@ def assert_nothing_invalid_copied(case: Faulty, objects: dict[str, bytes]) -> No
 # --- unit suite: results_dicom on the faulty sources ------------------------------------------
 def typical_result(family: str, sources: list[pydicom.Dataset]) -> ItemResult:
     """Results of the shape the family's tools answer (a located finding, a measurement)."""
-    from mosmedai.tools import CATALOG
+    from mosmedai.catalog.tools import CATALOG
 
     first = sources[0]
     box = Location(row0=first.Rows * 0.3, col0=first.Columns * 0.3, row1=first.Rows * 0.5,
@@ -305,7 +305,7 @@ def stored_objects(gateway, study_uid: str, timeout_s: float = 300.0) -> dict[st
 
 
 def family_tools(family: str) -> set[str]:
-    from mosmedai.tools import CATALOG
+    from mosmedai.catalog.tools import CATALOG
 
     return {name for name, spec in CATALOG.items() if spec.family.name == family}
 

@@ -1,4 +1,4 @@
-"""DICOM decoding and the refusal of every kind of bad input (mosmedai.dicom_input)."""
+"""DICOM decoding and the refusal of every kind of bad input (mosmedai.pipeline.dicom_input)."""
 
 import io
 
@@ -13,9 +13,9 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from mosmedai.dicom_build import build_dataset, to_bytes
-from mosmedai.dicom_input import InputError, decode
-from mosmedai.imaging import VoiFunction, fit_geometry, preprocess
+from mosmedai.phantoms.dicom_build import build_dataset, to_bytes
+from mosmedai.pipeline.dicom_input import InputError, decode
+from mosmedai.catalog.imaging import VoiFunction, fit_geometry, preprocess
 
 MAX_PIXELS = 64 * 1024 * 1024
 
@@ -180,7 +180,7 @@ def test_a_view_of_the_body_is_decoded_without_copying():
 
 
 def test_uncompressed_files_are_told_apart_from_compressed_ones():
-    from mosmedai.dicom_input import is_uncompressed
+    from mosmedai.pipeline.dicom_input import is_uncompressed
 
     pixels = gradient()
     assert is_uncompressed(to_bytes(build_dataset(pixels)))

@@ -15,14 +15,14 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from mosmedai import dicomweb
-from mosmedai.dicom_input import InputError
-from mosmedai.dicomweb import (CANNOT_UNDERSTAND, DOES_NOT_MATCH_SOP_CLASS, NATIVE_DICOM_NS, Part, ResultInstance,
+from mosmedai.ingress import dicomweb
+from mosmedai.pipeline.dicom_input import InputError
+from mosmedai.ingress.dicomweb import (CANNOT_UNDERSTAND, DOES_NOT_MATCH_SOP_CLASS, NATIVE_DICOM_NS, Part, ResultInstance,
                                check_dicom_accept, dataset_format, match_value, parse_query, search, store_response,
                                to_xml)
-from mosmedai.pipeline import multipart_body, multipart_parts
-from mosmedai.tenants import auth_headers
-from mosmedai.training.phantoms import dicom_bytes, make_phantom, to_dataset
+from mosmedai.pipeline.work import multipart_body, multipart_parts
+from mosmedai.ingress.tenants import auth_headers
+from mosmedai.phantoms.chest_xray import dicom_bytes, make_phantom, to_dataset
 
 TEST_SEED = 7_100_001
 NS = "{" + NATIVE_DICOM_NS + "}"

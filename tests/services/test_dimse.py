@@ -1,4 +1,4 @@
-"""DIMSE interface (mosmedai.dimse) against real network peers.
+"""DIMSE interface (mosmedai.ingress.dimse) against real network peers.
 
 A pynetdicom SCU sends to the SCP; the SCP persists through the real JobStore on the local
 moto S3 server; results go back to pynetdicom test SCPs; dcmtk's echoscu/storescu when
@@ -31,11 +31,11 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from mosmedai import dimse
-from mosmedai.dicom_build import build_dataset, ct_series
-from mosmedai.jobs import JobStore
-from mosmedai.storage import LOCAL_CREDENTIALS, ObjectStore, free_port, start_local_s3
-from mosmedai.tenants import DimseConfig, ResultDestination, Tenant, TenantRegistry, hash_token
+from mosmedai.ingress import dimse
+from mosmedai.phantoms.dicom_build import build_dataset, ct_series
+from mosmedai.jobs.store import JobStore
+from mosmedai.jobs.storage import LOCAL_CREDENTIALS, ObjectStore, free_port, start_local_s3
+from mosmedai.ingress.tenants import DimseConfig, ResultDestination, Tenant, TenantRegistry, hash_token
 
 pytestmark = pytest.mark.timeout(180)
 

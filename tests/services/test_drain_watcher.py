@@ -1,8 +1,8 @@
-"""mosmedai.drain: the gateway's drain begins when the Serve controller has its replica STOPPING."""
+"""mosmedai.ingress.drain: the gateway's drain begins when the Serve controller has its replica STOPPING."""
 
 import asyncio
 
-from mosmedai.drain import STOPPING, DrainWatcher, replica_state
+from mosmedai.ingress.drain import STOPPING, DrainWatcher, replica_state
 
 
 def test_the_drain_begins_once_when_the_replica_is_stopping():

@@ -9,10 +9,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mosmedai import answered, feedback
-from mosmedai.storage import ObjectStore
-from mosmedai.tenants import DEMO_TOKENS, auth_headers
-from mosmedai.training.phantoms import dicom_bytes, make_phantom
+from mosmedai.results import answered
+
+from mosmedai.results import feedback
+from mosmedai.jobs.storage import ObjectStore
+from mosmedai.ingress.tenants import DEMO_TOKENS, auth_headers
+from mosmedai.phantoms.chest_xray import dicom_bytes, make_phantom
 
 # Phantom seeds of these tests: apart from the training, calibration and other tests' seeds.
 TEST_SEED = 7_300_001
@@ -240,7 +242,7 @@ def test_a_record_written_here_is_updated_in_one_request_and_another_writers_cha
     """Two gateway replicas' record writers on one store: the one that wrote a study's record
     last updates it with one conditional write; a change by the other in between fails that
     write and is merged, not overwritten."""
-    from mosmedai.storage import start_local_s3
+    from mosmedai.jobs.storage import start_local_s3
 
     def result(tool: str) -> dict:
         return {"tool": tool, "model_version": "1", "findings": [], "measurements": []}

@@ -10,11 +10,11 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from mosmedai import tensorrt_build
+from mosmedai.serving import tensorrt_build
 from mosmedai.config import REPO_ROOT
-from mosmedai.model_repo import MAX_BATCH_SIZE, rendered_files
-from mosmedai.tensorrt_build import EngineKey, compare, render_gpu_repository
-from mosmedai.tools import CATALOG
+from mosmedai.serving.model_repo import MAX_BATCH_SIZE, rendered_files
+from mosmedai.serving.tensorrt_build import EngineKey, compare, render_gpu_repository
+from mosmedai.catalog.tools import CATALOG
 
 REPOSITORY = REPO_ROOT / "model_repository"
 

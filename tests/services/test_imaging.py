@@ -1,9 +1,9 @@
-"""The grayscale chain and the fit to the network input (mosmedai.imaging)."""
+"""The grayscale chain and the fit to the network input (mosmedai.catalog.imaging)."""
 
 import numpy as np
 import pytest
 
-from mosmedai.imaging import GrayscaleParams, VoiFunction, fit_geometry, preprocess, reduce_for_transport
+from mosmedai.catalog.imaging import GrayscaleParams, VoiFunction, fit_geometry, preprocess, reduce_for_transport
 
 
 def test_transport_reduction_averages_whole_blocks_and_says_how_to_map_back():

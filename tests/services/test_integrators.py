@@ -17,12 +17,12 @@ import pydicom
 import pytest
 import tritonclient.grpc as triton_grpc
 
-from mosmedai import local
-from mosmedai.grpc_api import studies_pb2, studies_pb2_grpc
-from mosmedai.pipeline import multipart_parts
-from mosmedai.storage import ObjectStore
-from mosmedai.tenants import auth_headers
-from mosmedai.training.phantoms import dicom_bytes, make_phantom, to_dataset
+from mosmedai.local import processes as local
+from mosmedai.ingress.grpc_api import studies_pb2, studies_pb2_grpc
+from mosmedai.pipeline.work import multipart_parts
+from mosmedai.jobs.storage import ObjectStore
+from mosmedai.ingress.tenants import auth_headers
+from mosmedai.phantoms.chest_xray import dicom_bytes, make_phantom, to_dataset
 
 SEED = 7_100_000
 MOSCOW = auth_headers("demo-moscow-token")

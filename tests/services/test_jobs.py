@@ -12,10 +12,10 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from mosmedai.deid import deidentify
-from mosmedai.jobs import ACCEPTED, DONE, FAILED, RUNNING, JobError, JobStore
-from mosmedai import storage
-from mosmedai.storage import ObjectStore, start_local_s3
+from mosmedai.jobs.deid import deidentify
+from mosmedai.jobs.store import ACCEPTED, DONE, FAILED, RUNNING, JobError, JobStore
+from mosmedai.jobs.store import storage
+from mosmedai.jobs.storage import ObjectStore, start_local_s3
 
 _n = itertools.count()
 
@@ -157,7 +157,7 @@ def test_a_stopping_runner_finishes_what_it_can_and_gives_back_the_rest(jobs):
     import asyncio
 
     from mosmedai.config import Settings
-    from mosmedai.worker import JobRunner
+    from mosmedai.studies.runner import JobRunner
 
     quick, _ = submit(jobs)
     slow, _ = submit(jobs)

@@ -7,10 +7,10 @@ import sys
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mosmedai import local
+from mosmedai.local import processes as local
 from mosmedai.config import Settings
-from mosmedai.metrics import GatewayMetrics, RouterMetrics, modality_label
-from mosmedai.tenants import Tenant
+from mosmedai.ingress.metrics import GatewayMetrics, RouterMetrics, modality_label
+from mosmedai.ingress.tenants import Tenant
 
 
 def lint(exposition: bytes) -> str:

@@ -12,9 +12,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from mosmedai.config import REPO_ROOT
-from mosmedai.model_repo import rendered_files
-from mosmedai.tools import CATALOG
-from mosmedai.training import HELD_OUT_SEED
+from mosmedai.serving.model_repo import rendered_files
+from mosmedai.catalog.tools import CATALOG
+from mosmedai_training import HELD_OUT_SEED
 
 REPOSITORY = REPO_ROOT / "model_repository"
 ONNX_TYPES = {"TYPE_FP32": "tensor(float)"}
@@ -130,8 +130,8 @@ def test_network_onnx_matches_its_config(tool, version):
 def test_urgent_steps_get_triton_before_routine_and_screening_ones():
     """Every instance takes a rate-limiter slot; its priority follows its tools' class, and a
     step shared across classes runs at the most urgent one."""
-    from mosmedai.model_repo import RATE_LIMIT_PRIORITY, RATE_LIMIT_RESOURCE
-    from mosmedai.routing import ROUTINE, SCREENING, URGENT, priority_of
+    from mosmedai.serving.model_repo import RATE_LIMIT_PRIORITY, RATE_LIMIT_RESOURCE
+    from mosmedai.serving.routing import ROUTINE, SCREENING, URGENT, priority_of
 
     def priority(model: str) -> int:
         (group,) = parse(REPOSITORY / model / "config.pbtxt").instance_group

@@ -1,7 +1,7 @@
 """The reference chest X-ray models work, and their model cards tell the truth.
 
 Each tool is evaluated on fresh phantoms (TEST_SEED: neither training, calibration nor the
-cards' held-out split) through ONNX Runtime and `mosmedai.postprocess`, as served on CPU
+cards' held-out split) through ONNX Runtime and `mosmedai.catalog.postprocess`, as served on CPU
 (no Triton). The test fails when a model stops detecting its finding, or when the numbers
 in `model_repository/<tool>/evaluation.json` no longer describe the model next to them.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mosmedai.training import CALIBRATION_SEED, HELD_OUT_SEED, TEST_SEED, TRAIN_SEED
-from mosmedai.training.evaluate import (
+from mosmedai_training import CALIBRATION_SEED, HELD_OUT_SEED, TEST_SEED, TRAIN_SEED
+from mosmedai_training.evaluate import (
     auc_score,
     auc_standard_error,
     box_hit,
@@ -25,7 +25,7 @@ from mosmedai.training.evaluate import (
     expected_calibration_error,
     read_threshold,
 )
-from mosmedai.training.phantoms import TOOLS
+from mosmedai.phantoms.chest_xray import TOOLS
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 
@@ -85,13 +85,13 @@ def test_card_describes_this_model(results, tool):
     model = REPOSITORY / f"{tool}_net" / "1" / "model.onnx"
     assert card["model_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest(), (
         "evaluation.json was written for another model.onnx: rerun "
-        "`python -m mosmedai.training.evaluate --write-cards`"
+        "`python -m mosmedai_training.evaluate --write-cards`"
     )
     calibration = json.loads((REPOSITORY / f"{tool}_post" / "1" / "calibration.json").read_text())
     assert card["calibration"] == {"a": calibration["a"], "b": calibration["b"]}
     assert card["threshold"] == result["threshold"], (
         f"the card was computed at threshold {card['threshold']}, the config says {result['threshold']}: "
-        "rerun `python -m mosmedai.training.evaluate --write-cards`"
+        "rerun `python -m mosmedai_training.evaluate --write-cards`"
     )
     assert card["seed"] == HELD_OUT_SEED and card["n"] >= 400
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mosmedai import local
+from mosmedai.local import processes as local
 from mosmedai.config import Settings
-from mosmedai.pools import PoolConfigError, local_directory, parse_pools
-from mosmedai.storage import ObjectStore
-from mosmedai.tenants import DEMO_TOKENS, auth_headers
-from mosmedai.training.phantoms import dicom_bytes, make_phantom
+from mosmedai.serving.pools import PoolConfigError, local_directory, parse_pools
+from mosmedai.jobs.storage import ObjectStore
+from mosmedai.ingress.tenants import DEMO_TOKENS, auth_headers
+from mosmedai.phantoms.chest_xray import dicom_bytes, make_phantom
 
 TEST_SEED = 4242
 DICOM = {"Content-Type": "application/dicom"}
@@ -95,7 +95,7 @@ def test_pool_and_route_reach_grpc_and_the_sr(gateway, platform):
     import grpc
     import pydicom
 
-    from mosmedai.grpc_api import studies_pb2, studies_pb2_grpc
+    from mosmedai.ingress.grpc_api import studies_pb2, studies_pb2_grpc
 
     with grpc.insecure_channel(platform["grpc"]) as channel:
         answer = studies_pb2_grpc.StudiesStub(channel).Submit(
@@ -137,8 +137,8 @@ def test_status_lists_each_local_pools_triton(platform, platform_settings):
 
 def test_each_pools_triton_runs_urgent_steps_first(platform, platform_settings):
     """Triton's rate limiter is on, and the loaded models carry their class's priority."""
-    from mosmedai.model_repo import RATE_LIMIT_PRIORITY
-    from mosmedai.routing import SCREENING, URGENT
+    from mosmedai.serving.model_repo import RATE_LIMIT_PRIORITY
+    from mosmedai.serving.routing import SCREENING, URGENT
 
     with httpx.Client(base_url=platform["triton_http"], timeout=10.0) as triton:
         loaded = {model["name"] for model in triton.post("/v2/repository/index", json={"ready": True}).json()}

@@ -18,11 +18,11 @@ import time
 import httpx
 import pytest
 
-from mosmedai import local
+from mosmedai.local import processes as local
 from mosmedai.config import Settings
-from mosmedai.pipeline import prepare
-from mosmedai.router import Router, StudyContext
-from mosmedai.training.phantoms import dicom_bytes, make_phantom
+from mosmedai.pipeline.work import prepare
+from mosmedai.serving.router import Router, StudyContext
+from mosmedai.phantoms.chest_xray import dicom_bytes, make_phantom
 from mosmedai_load.config import SpillOver
 
 PORT_OFFSET = int(os.environ.get("MOSMEDAI_TEST_PORT_OFFSET", "0"))

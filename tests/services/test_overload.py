@@ -10,8 +10,8 @@ import asyncio
 
 import pytest
 
-from mosmedai.bench_national import chest_bodies, closed_loop, in_time, ok, open_loop, open_loops_apart, p99
-from mosmedai.tenants import DEMO_TOKENS
+from mosmedai.local.bench_national import chest_bodies, closed_loop, in_time, ok, open_loop, open_loops_apart, p99
+from mosmedai.ingress.tenants import DEMO_TOKENS
 
 DEADLINE_S = 3.0
 OVERLOAD_S = 60.0

@@ -21,10 +21,10 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from mosmedai import local
-from mosmedai.tenants import auth_headers
-from mosmedai.dicom_build import build_dataset, to_bytes
-from mosmedai.training.phantoms import dicom_bytes, make_phantom, to_dataset
+from mosmedai.local import processes as local
+from mosmedai.ingress.tenants import auth_headers
+from mosmedai.phantoms.dicom_build import build_dataset, to_bytes
+from mosmedai.phantoms.chest_xray import dicom_bytes, make_phantom, to_dataset
 
 CHEST_TOOLS = ["cxr_opacity", "cxr_nodule", "cxr_pneumothorax"]
 # Phantom seeds of these tests: apart from the training, calibration and held-out seeds.
@@ -217,11 +217,11 @@ def test_an_idle_router_sends_at_once_and_a_busy_one_batches(platform, gateway, 
 def test_cli_submit_prints_a_table(platform, platform_settings, tmp_path):
     path = tmp_path / "chest.dcm"
     path.write_bytes(dicom_bytes(make_phantom((TEST_SEED, 10), shape=(800, 700), findings=["cxr_nodule"])))
-    run = subprocess.run([sys.executable, "-m", "mosmedai.cli", "submit", str(path), "--url", platform["gateway"]],
+    run = subprocess.run([sys.executable, "-m", "mosmedai.local.cli", "submit", str(path), "--url", platform["gateway"]],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "cxr_nodule" in run.stdout and "focal lung nodule" in run.stdout
-    missing = subprocess.run([sys.executable, "-m", "mosmedai.cli", "submit", str(tmp_path / "none.dcm"),
+    missing = subprocess.run([sys.executable, "-m", "mosmedai.local.cli", "submit", str(tmp_path / "none.dcm"),
                               "--url", platform["gateway"]], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "cannot read" in missing.stderr
 

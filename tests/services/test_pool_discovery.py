@@ -17,8 +17,8 @@ import pytest_asyncio
 import kmock
 from kubernetes import client, config
 
-from mosmedai.pool_discovery import GROUP, GRPC_PORT, METRICS_PORT, PLURAL, VERSION, PoolWatcher, pool_spec
-from mosmedai.pools import PoolConfigError
+from mosmedai.serving.pool_discovery import GROUP, GRPC_PORT, METRICS_PORT, PLURAL, VERSION, PoolWatcher, pool_spec
+from mosmedai.serving.pools import PoolConfigError
 from mosmedai_operator import children
 from mosmedai_operator.spec import GpuPoolSpec
 from mosmedai_operator.testing import ClusterEmulator, write_kubeconfig
@@ -177,7 +177,7 @@ async def test_an_invalid_directory_keeps_the_last_good_one(cluster: ClusterEmul
         good = watcher.directory()
         # The emulator, unlike an API server, does not apply the CRD's schema: the watcher
         # must refuse what the schema would (an unknown federal district) on its own.
-        with caplog.at_level(logging.WARNING, logger="mosmedai.pool_discovery"):
+        with caplog.at_level(logging.WARNING, logger="mosmedai.serving.pool_discovery"):
             await call(api.patch_namespaced_custom_object, GROUP, VERSION, NAMESPACE, PLURAL, "ru-mow",
                        {"spec": {"districts": ["Moscow"]}})
             await eventually(lambda: _assert_equal("gpupools/ru-mow: spec.districts" in caplog.text, True))
@@ -283,7 +283,7 @@ async def test_the_router_follows_the_gpupools(cluster: ClusterEmulator, kubecon
                                                api: client.CustomObjectsApi, monkeypatch, unused_tcp_port: int) -> None:
     """The router itself in discovery mode: its pools (GET /v1/pools) are the GpuPools."""
     from mosmedai.config import Settings
-    from mosmedai.router import Router
+    from mosmedai.serving.router import Router
 
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     settings = Settings(pool_discovery="kubernetes", pool_namespace=NAMESPACE, enabled_tools=TOOLS,

@@ -9,9 +9,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from mosmedai.imaging import GrayscaleParams, Letterbox, VoiFunction, fit_geometry, preprocess
-from mosmedai.postprocess import NO_LOCATION, Calibration, calibrated_probability, locate, postprocess
-from mosmedai.training.phantoms import TOOLS, heatmap_target, make_phantom, network_input, write_dicom
+from mosmedai.catalog.imaging import GrayscaleParams, Letterbox, VoiFunction, fit_geometry, preprocess
+from mosmedai.catalog.postprocess import NO_LOCATION, Calibration, calibrated_probability, locate, postprocess
+from mosmedai.phantoms.chest_xray import TOOLS, heatmap_target, make_phantom, network_input, write_dicom
 
 
 def _heatmap(*cells: tuple[int, int], value: float = 6.0, background: float = -8.0) -> np.ndarray:

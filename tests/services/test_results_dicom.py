@@ -11,10 +11,10 @@ import pydicom
 import pytest
 from pydicom.uid import UID, generate_uid
 
-from mosmedai import results_dicom as rd
-from mosmedai.dicom_build import build_dataset, ct_series
-from mosmedai.imaging import GrayscaleParams, VoiFunction, to_display
-from mosmedai.schemas import Finding, ItemResult, Location, MeasurementValue, ToolResult
+from mosmedai.results import dicom_objects as rd
+from mosmedai.phantoms.dicom_build import build_dataset, ct_series
+from mosmedai.catalog.imaging import GrayscaleParams, VoiFunction, to_display
+from mosmedai.results.schemas import Finding, ItemResult, Location, MeasurementValue, ToolResult
 
 PATIENT = dict(PatientName="Ivanov^Ivan", PatientID="P-0042", PatientBirthDate="19600131", PatientSex="M",
                AccessionNumber="ACC-7", ReferringPhysicianName="Petrov^Petr", StudyID="ST-9")
@@ -187,7 +187,7 @@ def test_unknown_tool_falls_back_to_private_codes(cxr):
 
 
 def test_every_catalog_tool_has_a_finding_code():
-    from mosmedai.tools import CATALOG
+    from mosmedai.catalog.tools import CATALOG
 
     for name, spec in CATALOG.items():
         concept = rd.finding_code(name)
@@ -302,7 +302,7 @@ def test_quality_quiet_on_a_normal_image(cxr):
 
 
 def test_quality_quiet_on_normal_phantoms():
-    from mosmedai.training.phantoms import make_phantom
+    from mosmedai.phantoms.chest_xray import make_phantom
 
     for seed in (0, 1, 2, 3):
         phantom = make_phantom(seed, shape=(512, 448))

@@ -21,12 +21,12 @@ import time
 
 import httpx
 
-from mosmedai import local
-from mosmedai.bench_national import Answer, chest_bodies, send
-from mosmedai.http_load import HttpLoadClient
-from mosmedai.storage import ObjectStore
-from mosmedai.tenants import DEMO_TOKENS, auth_headers
-from mosmedai.training.phantoms import dicom_bytes, make_phantom
+from mosmedai.local import processes as local
+from mosmedai.local.bench_national import Answer, chest_bodies, send
+from mosmedai.local.http_load import HttpLoadClient
+from mosmedai.jobs.storage import ObjectStore
+from mosmedai.ingress.tenants import DEMO_TOKENS, auth_headers
+from mosmedai.phantoms.chest_xray import dicom_bytes, make_phantom
 from tests.services.test_national import assert_done_exactly_once
 
 TATARSTAN = auth_headers(DEMO_TOKENS["demo-tatarstan"])

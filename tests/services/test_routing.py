@@ -1,11 +1,11 @@
-"""The routing decision that the router and the planner share (mosmedai.routing.route)."""
+"""The routing decision that the router and the planner share (mosmedai.serving.routing.route)."""
 
 import math
 
 import pytest
 
-from mosmedai.routing import FAILOVER, HOME, SHED, SPILL, SCREENING, URGENT, ROUTINE, priority_of, route
-from mosmedai.tools import CATALOG
+from mosmedai.serving.routing import FAILOVER, HOME, SHED, SPILL, SCREENING, URGENT, ROUTINE, priority_of, route
+from mosmedai.catalog.tools import CATALOG
 
 BUDGET, FRACTION = 10.0, 0.25  # spill past 2.5 s of expected wait
 

@@ -1,10 +1,10 @@
-"""Agreement figures of shadow runs (mosmedai.shadow), on records made by hand with known counts.
+"""Agreement figures of shadow runs (mosmedai.studies.shadow), on records made by hand with known counts.
 The platform test (shadow on and off, stored records, the quality endpoint, `mosmedai tools
 compare`) is in test_tool_config.py, on that module's platform."""
 
 import pytest
 
-from mosmedai.shadow import agreement, format_comparison
+from mosmedai.studies.shadow import agreement, format_comparison
 
 
 def record(live: bool, candidate: bool, p_live=0.5, p_shadow=0.5, measurements=None, categories=None, region="RU-TA"):

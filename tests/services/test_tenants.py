@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mosmedai.tenants import TenantConfigError, hash_token, load_tenants, valid_ae_title
+from mosmedai.ingress.tenants import TenantConfigError, hash_token, load_tenants, valid_ae_title
 
 
 def entry(**over):

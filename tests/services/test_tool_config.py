@@ -1,4 +1,4 @@
-"""Per-region tool choice (mosmedai.tool_config) on a real platform of this module's own:
+"""Per-region tool choice (mosmedai.catalog.tool_config) on a real platform of this module's own:
 two Tritons (RU-MOW and RU-TA, the chest X-ray tools), the Ray Serve gateway and router, the
 local S3 server. The tool configuration is a file: RU-MOW runs cxr_opacity version 2 (once the
 admission gate has admitted it, through the platform itself), RU-TA
@@ -16,12 +16,16 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mosmedai import local, tool_config, version_admission
+from mosmedai.local import processes as local
+
+from mosmedai.catalog import tool_config
+
+from mosmedai.catalog import version_admission
 from mosmedai.config import Settings
-from mosmedai.pools import directory_for
-from mosmedai.storage import ObjectStore
-from mosmedai.tenants import DEMO_TOKENS, auth_headers
-from mosmedai.training.phantoms import dicom_bytes, make_phantom
+from mosmedai.serving.pools import directory_for
+from mosmedai.jobs.storage import ObjectStore
+from mosmedai.ingress.tenants import DEMO_TOKENS, auth_headers
+from mosmedai.phantoms.chest_xray import dicom_bytes, make_phantom
 
 PORT_OFFSET = int(os.environ.get("MOSMEDAI_TEST_PORT_OFFSET", "0"))
 BASE = 22600 + PORT_OFFSET  # below the ephemeral range (32768+): no clash with a random port
@@ -353,7 +357,7 @@ def test_an_accepted_study_runs_the_regions_tools_and_versions(regional):
 
 def test_stow_runs_only_the_regions_tools(regional):
     """DICOMweb STOW-RS: the stored study's job runs the tenant's tools at its live versions."""
-    from mosmedai.pipeline import multipart_body
+    from mosmedai.pipeline.work import multipart_body
 
     client = regional["demo-tatarstan"]
     body, content_type = multipart_body([chest(4)])
@@ -484,7 +488,7 @@ def test_a_bad_new_file_is_refused_and_the_previous_configuration_stays(regional
     wait_for(lambda: listing(tatarstan)["cxr_opacity"] == (True, 1), "the good file applied")
 
 
-# --- shadow runs (mosmedai.shadow) -------------------------------------------------------------
+# --- shadow runs (mosmedai.studies.shadow) -------------------------------------------------------------
 def comparable(answer: dict) -> dict:
     """What a tenant is told about each tool (timings, and which pool ran it, vary run to run)."""
     return {tool["tool"]: {key: tool[key] for key in ("model_version", "findings", "scores", "measurements")}
@@ -504,8 +508,8 @@ def test_shadow_runs_never_change_a_live_result_and_their_agreement_is_counted(r
     import subprocess
     import sys
 
-    from mosmedai import shadow
-    from mosmedai.storage import ObjectStore
+    from mosmedai.studies import shadow
+    from mosmedai.jobs.storage import ObjectStore
 
     settings, tatarstan, moscow = regional["settings"], regional["demo-tatarstan"], regional["demo-moscow"]
     store = ObjectStore.local(settings.s3_endpoint)
@@ -574,18 +578,18 @@ def test_shadow_runs_never_change_a_live_result_and_their_agreement_is_counted(r
     assert counted == len(records)
     # mosmedai tools compare TOOL --version V reads the same records
     env = {**os.environ, **settings.as_env()}
-    compared = subprocess.run([sys.executable, "-c", "from mosmedai.cli import main; main()", "tools", "compare",
+    compared = subprocess.run([sys.executable, "-c", "from mosmedai.local.cli import main; main()", "tools", "compare",
                                "cxr_opacity", "--version", "2", "--json"], env=env, capture_output=True, text=True,
                               timeout=120)
     assert compared.returncode == 0, compared.stderr
     report = json.loads(compared.stdout)
     assert report["regions"]["RU-TA"]["n"] == len(records)
     assert report["regions"]["RU-TA"]["positive_agreement"] == figures["positive_agreement"]
-    table = subprocess.run([sys.executable, "-c", "from mosmedai.cli import main; main()", "tools", "compare",
+    table = subprocess.run([sys.executable, "-c", "from mosmedai.local.cli import main; main()", "tools", "compare",
                             "cxr_opacity", "--version", "2"], env=env, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0 and "RU-TA" in table.stdout and "pos.agr" in table.stdout, table.stdout + table.stderr
     print(table.stdout)
-    bad = subprocess.run([sys.executable, "-c", "from mosmedai.cli import main; main()", "tools", "compare",
+    bad = subprocess.run([sys.executable, "-c", "from mosmedai.local.cli import main; main()", "tools", "compare",
                           "cxr_opacity", "--version", "5"], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--version" in bad.stderr
     apply(regional, "regions:\n  RU-TA:\n    tools: [cxr_opacity, cxr_nodule]\n")
@@ -600,7 +604,7 @@ def shadow_runs(client, outcomes=("agree", "disagree")) -> float:
 def test_shadow_runs_add_at_most_5_percent_to_the_p99(regional):
     """Alternating blocks of studies with the shadow off and on (share 1.0): the p99 of the
     answers' time with shadow on is at most 5 % above the p99 with it off. The shadow runs
-    happen (in the pauses of live work, mosmedai.shadow.QUIET_S), and what live traffic left
+    happen (in the pauses of live work, mosmedai.studies.shadow.QUIET_S), and what live traffic left
     no pause for is dropped, not run beside it."""
     import numpy as np
 

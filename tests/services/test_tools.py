@@ -1,8 +1,8 @@
-"""Tool selection from the DICOM header (mosmedai.tools)."""
+"""Tool selection from the DICOM header (mosmedai.catalog.tools)."""
 
 import pytest
 
-from mosmedai.tools import CATALOG, HeaderFacts, select_tools
+from mosmedai.catalog.tools import CATALOG, HeaderFacts, select_tools
 
 CHEST = ["cxr_opacity", "cxr_nodule", "cxr_pneumothorax"]
 

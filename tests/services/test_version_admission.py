@@ -1,5 +1,5 @@
 """The admission gate of tool versions (``mosmedai tools admit`` / ``history``,
-``mosmedai.version_admission``).
+``mosmedai.catalog.version_admission``).
 
 Every model card declares thresholds the gate can read. A version without a model card,
 without thresholds in it, or without a reference-set generator is refused before anything
@@ -23,10 +23,10 @@ import httpx
 import pytest
 
 from mosmedai.config import REPO_ROOT
-from mosmedai.storage import ObjectStore, start_local_s3
-from mosmedai.tenants import auth_headers
-from mosmedai.tools import BUILTIN_TOOLS, CATALOG
-from mosmedai.version_admission import (ADMITTED, REFUSED, AdmissionRecords, Decision, Threshold, ThresholdError,
+from mosmedai.jobs.storage import ObjectStore, start_local_s3
+from mosmedai.ingress.tenants import auth_headers
+from mosmedai.catalog.tools import BUILTIN_TOOLS, CATALOG
+from mosmedai.catalog.version_admission import (ADMITTED, REFUSED, AdmissionRecords, Decision, Threshold, ThresholdError,
                                         is_admitted, latest_decision, parse_thresholds, preflight, replace_section,
                                         thresholds_section)
 
@@ -39,7 +39,7 @@ BYO_EXAMPLE = REPO_ROOT / "examples" / "byo-tool"
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mosmedai.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mosmedai.local.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -62,8 +62,8 @@ def test_every_card_declares_thresholds_below_its_own_figures(tool, version):
 
 
 def test_the_card_writer_keeps_the_thresholds(tmp_path):
-    """Regenerating a card (python -m mosmedai.training cards) writes the same card."""
-    from mosmedai.training.chest_xray import write_card
+    """Regenerating a card (python -m mosmedai_training cards) writes the same card."""
+    from mosmedai_training.chest_xray import write_card
 
     folder = tmp_path / "cxr_opacity_v2"
     shutil.copytree(REPOSITORY / "cxr_opacity_v2", folder)
@@ -150,7 +150,7 @@ def test_a_tool_without_a_reference_set_is_refused_naming_it(local_s3, tmp_path)
     answer = cli("tools", "admit", "demo_bright_spot", "1", "--repository", str(tmp_path), "--url", NOWHERE, env=env)
     assert answer.returncode == 1 and "model card" not in answer.stdout, answer.stdout
     assert ("reference set: no held-out case generator for demo_bright_spot (family 'package_demo_bright_spot' has "
-            "no mosmedai.training.package_demo_bright_spot with cases() and score(); a tool package brings none)"
+            "no mosmedai_training.package_demo_bright_spot with cases() and score(); a tool package brings none)"
             in answer.stdout), answer.stdout
     decision = AdmissionRecords(store, BUCKET).latest("demo_bright_spot", 1)
     assert decision.decision == REFUSED and len(decision.missing) == 1 and decision.thresholds == [
@@ -188,7 +188,7 @@ def test_records_are_created_never_overwritten_and_the_latest_counts(local_s3):
 
 # --- the real platform -------------------------------------------------------------------------
 def test_the_versions_query_names_what_is_wrong(platform):
-    from mosmedai.training.phantoms import dicom_bytes, make_phantom
+    from mosmedai.phantoms.chest_xray import dicom_bytes, make_phantom
 
     body = dicom_bytes(make_phantom((31, 7), findings=["cxr_opacity"]))
     with httpx.Client(base_url=platform["gateway"], timeout=120.0, headers=auth_headers()) as client:

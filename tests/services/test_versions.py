@@ -21,12 +21,12 @@ import pytest
 from google.protobuf import json_format
 from pydantic import ValidationError
 
-from mosmedai import local
+from mosmedai.local import processes as local
 from mosmedai.config import Settings
-from mosmedai.grpc_api import studies_pb2
-from mosmedai.router import Router, StudyContext
-from mosmedai.training.phantoms import dicom_bytes, make_phantom
-from mosmedai.worker import analyse, result_objects
+from mosmedai.ingress.grpc_api import studies_pb2
+from mosmedai.serving.router import Router, StudyContext
+from mosmedai.phantoms.chest_xray import dicom_bytes, make_phantom
+from mosmedai.studies.runner import analyse, result_objects
 
 PORT_OFFSET = int(os.environ.get("MOSMEDAI_TEST_PORT_OFFSET", "0"))
 BASE_PORT = 28200 + PORT_OFFSET
@@ -154,7 +154,7 @@ def test_a_study_run_with_version_2_names_version_2_in_json_grpc_and_the_sr(vers
 
 
 def test_a_tool_name_that_reads_as_a_version_ensemble_is_refused():
-    from mosmedai.tools import _name_problem
+    from mosmedai.catalog.tools import _name_problem
 
     assert "cxr_opacity_v2" in _name_problem("cxr_opacity_v2")
     assert _name_problem("cxr_opacity") is None and _name_problem("ctb_midline_shift") is None
@@ -163,7 +163,7 @@ def test_a_tool_name_that_reads_as_a_version_ensemble_is_refused():
 def test_open_inference_protocol_addresses_tool_versions(platform):
     """The session platform runs the default (version 1): OIP's version path maps a tool
     version to its ensemble; a version the tool does not have is a 404 naming its versions."""
-    from mosmedai.tenants import auth_headers
+    from mosmedai.ingress.tenants import auth_headers
 
     with httpx.Client(base_url=platform["gateway"], timeout=60.0, headers=auth_headers()) as client:
         assert client.get("/v2/models/cxr_opacity/ready").status_code == 200

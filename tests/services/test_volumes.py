@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from mosmedai.dicom_build import build_dataset, ct_series, to_bytes
-from mosmedai.dicom_input import InputError, decode
-from mosmedai.pipeline import multipart_parts, plan
-from mosmedai.volumes import VolumeGeometry, grid_from_images, order_slices, to_grid
+from mosmedai.phantoms.dicom_build import build_dataset, ct_series, to_bytes
+from mosmedai.pipeline.dicom_input import InputError, decode
+from mosmedai.pipeline.work import multipart_parts, plan
+from mosmedai.catalog.volumes import VolumeGeometry, grid_from_images, order_slices, to_grid
 
 SPACING = (2.5, 0.7, 0.7)
 

@@ -135,7 +135,7 @@ securityContext:
 - name: MOSMEDAI_TRITON_HTTP_URL
   value: {{ printf "http://%s.%s.svc:8000" (include "mosmedai.passthroughPool" .) .Release.Namespace | quote }}
 # The router's pools: the GpuPools of the release's namespace, watched through the API
-# server (mosmedai.pool_discovery; the router ServiceAccount may get, list and watch them).
+# server (mosmedai.serving.pool_discovery; the router ServiceAccount may get, list and watch them).
 - name: MOSMEDAI_POOL_DISCOVERY
   value: kubernetes
 - name: MOSMEDAI_POOL_NAMESPACE

@@ -1,3 +1,3 @@
-"""Triton Python-backend entry point; the implementation is shared (mosmedai.triton_models)."""
+"""Triton Python-backend entry point; the implementation is shared (mosmedai.serving.triton_models)."""
 
-from mosmedai.triton_models import ToolPostprocessModel as TritonPythonModel  # noqa: F401
+from mosmedai.serving.triton_models import ToolPostprocessModel as TritonPythonModel  # noqa: F401
