@@ -36,14 +36,13 @@ from mosmedai_load.config import (
     parse_mapping,
 )
 from mosmedai_load.queueing import simulate, simulate_pools
+from mosmedai_load.report import DESIGN_TITLES, spill_table, write_capacity_report
 
 WEEK_S = 7 * 86400.0
 #: Fractions of a replica's batch-1 throughput the operator's images/s target is set to,
 #: tried from the most economical down until the SLO holds.
 UTILISATION_TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 DESIGNS = ("regional", "district", "district_spill", "national")
-DESIGN_TITLES = {"regional": "a pool per region", "district": "a pool per federal district",
-                 "district_spill": "per district, with spill-over", "national": "one national pool"}
 
 
 class Progress:
@@ -349,22 +348,6 @@ def run_district_spill(scenario: Scenario, profile: GpuProfile, spill: SpillOver
                         float(np.mean(ttr <= scenario.slo_p95_s)) if len(ttr) else 1.0, sample, notes)
 
 
-def spill_table(results: list[DesignResult]) -> tuple[list[str], list[list]]:
-    """Per district pool: studies spilled out and in, p95 and GPUs without and with spill-over."""
-    spill = next((r for r in results if r.design == "district_spill"), None)
-    if spill is None:
-        return [], []
-    base = {p.pool: p for r in results if r.design == "district" for p in r.pools}
-    headers = ["pool", "neighbour", "studies", "spilled out", "spilled in", "p95 s without", "p95 s with",
-               "GPUs without", "GPUs with"]
-    rows = []
-    for p in spill.pools:
-        b = base.get(p.pool)
-        rows.append([p.pool, p.neighbour or "-", f"{p.studies:,}", f"{p.spilled_out:,}", f"{p.spilled_in:,}",
-                     f"{b.p95_s:.2f}" if b else "-", f"{p.p95_s:.2f}", b.gpus if b else "-", p.gpus])
-    return headers, rows
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mosmedai capacity", description=__doc__.splitlines()[0])
     p.add_argument("--regions", type=Path, default=DEFAULT_REGIONS, help="regions CSV (iso_code,name,utc_offset_hours,population_thousands)")
@@ -489,8 +472,6 @@ def main(argv: list[str] | None = None) -> int:
     print_tables(scenario, profile, results)
     print(f"planner run: {timings['planner_total']:.1f} s")
     if not args.no_report:
-        from mosmedai_load.report import write_capacity_report
-
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(results_json(scenario, profile, results, timings), indent=1))
         html, md = write_capacity_report(args.out, scenario, profile, results, timings)

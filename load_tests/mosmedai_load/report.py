@@ -12,6 +12,9 @@ import numpy as np
 from mosmedai_load import arrivals as arrivals_mod
 
 WEEK_S = 7 * 86400
+#: The designs' names in the printed tables and the report (keys: capacity.DESIGNS).
+DESIGN_TITLES = {"regional": "a pool per region", "district": "a pool per federal district",
+                 "district_spill": "per district, with spill-over", "national": "one national pool"}
 
 
 def _figure_png(fig) -> bytes:
@@ -112,9 +115,23 @@ def _table_md(headers, rows) -> str:
     return "\n".join(lines)
 
 
-def write_capacity_report(out: Path, scenario, profile, results, timings) -> tuple[Path, Path]:
-    from mosmedai_load.capacity import DESIGN_TITLES
+def spill_table(results) -> tuple[list[str], list[list]]:
+    """Per district pool: studies spilled out and in, p95 and GPUs without and with spill-over."""
+    spill = next((r for r in results if r.design == "district_spill"), None)
+    if spill is None:
+        return [], []
+    base = {p.pool: p for r in results if r.design == "district" for p in r.pools}
+    headers = ["pool", "neighbour", "studies", "spilled out", "spilled in", "p95 s without", "p95 s with",
+               "GPUs without", "GPUs with"]
+    rows = []
+    for p in spill.pools:
+        b = base.get(p.pool)
+        rows.append([p.pool, p.neighbour or "-", f"{p.studies:,}", f"{p.spilled_out:,}", f"{p.spilled_in:,}",
+                     f"{b.p95_s:.2f}" if b else "-", f"{p.p95_s:.2f}", b.gpus if b else "-", p.gpus])
+    return headers, rows
 
+
+def write_capacity_report(out: Path, scenario, profile, results, timings) -> tuple[Path, Path]:
     plots: list[tuple[str, str, bytes]] = [
         ("national_load", "National load by hour and time zone", plot_national_load(scenario)),
     ]
@@ -167,8 +184,6 @@ def write_capacity_report(out: Path, scenario, profile, results, timings) -> tup
         html_parts.append(f"<h2>{html.escape(title)}</h2><img alt='{name}' src='data:image/png;base64,"
                           f"{base64.b64encode(png).decode()}'>")
         md_parts += [f"## {title}", "", f"![{title}]({name}.png)", ""]
-    from mosmedai_load.capacity import spill_table
-
     spill_headers, spill_rows = spill_table(results)
     notes = [f"{r.design}: {note}" for r in results for note in r.notes]
     if spill_rows:

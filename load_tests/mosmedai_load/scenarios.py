@@ -198,7 +198,7 @@ def mammography_study(seed: int = 5_000_002, shape: tuple[int, int] = MG_SHAPE) 
     from pydicom.uid import generate_uid
 
     from mosmedai.phantoms.dicom_build import to_bytes
-    from mosmedai.pipeline.work import multipart_body
+    from mosmedai.pipeline.multipart import multipart_body
     from mosmedai_training.mammography import make_phantom, to_dataset
 
     study = generate_uid()
@@ -217,7 +217,7 @@ def ct_study(seed: int = 5_000_003, shape: tuple[int, int, int] = CT_SHAPE,
     """A chest CT series (``shape`` slices x rows x columns in HU from the chest phantom) as one
     multipart/related body, and its Content-Type. Rendered ``chunk`` slices at a time (memory)."""
     from mosmedai.phantoms.dicom_build import ct_series, to_bytes
-    from mosmedai.pipeline.work import multipart_body
+    from mosmedai.pipeline.multipart import multipart_body
     from mosmedai_training.ct_chest import make_phantom
 
     phantom = make_phantom(seed, shape=shape, spacing_mm=spacing_mm)
@@ -233,7 +233,7 @@ def ct_study(seed: int = 5_000_003, shape: tuple[int, int, int] = CT_SHAPE,
 
 @lru_cache(maxsize=2)
 def stow_body(syntax: str = "uncompressed") -> tuple[bytes, str]:
-    from mosmedai.pipeline.work import multipart_body
+    from mosmedai.pipeline.multipart import multipart_body
 
     return multipart_body([study_body(syntax)])
 

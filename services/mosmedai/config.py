@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -21,7 +20,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _catalog() -> dict:
-    from mosmedai.catalog.tools import CATALOG  # the catalog imports the family modules: load it late
+    from mosmedai.catalog.tools import (
+        CATALOG,  # the catalog imports the family modules: load it late
+    )
 
     return CATALOG
 

@@ -6,7 +6,7 @@ import io
 import pydicom
 import pytest
 
-from mosmedai.pipeline.work import multipart_parts
+from mosmedai.pipeline.multipart import multipart_parts
 from mosmedai_load import scenarios
 
 

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 
-from mosmedai.ingress.metrics import utc_offset_hours
+from mosmedai.catalog.regions import utc_offset_hours
 from mosmedai.ingress.tenants import auth_headers
 import pytest
 

@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from mosmedai.ingress.admission import AdmissionGate, Throughput
+from mosmedai.ingress.admission import AdmissionGate
+from mosmedai.serving.throughput import Throughput
 
 
 def measured_gate(completed: int = 20, latency_s: float = 0.01) -> AdmissionGate:

@@ -29,7 +29,7 @@ import pytest
 
 from mosmedai.local import examples
 from mosmedai.results import dicom_objects as rd
-from mosmedai.pipeline.work import multipart_body, multipart_parts
+from mosmedai.pipeline.multipart import multipart_body, multipart_parts
 from mosmedai.results.schemas import Finding, ItemResult, Location, MeasurementValue, ToolResult
 from mosmedai.ingress.tenants import auth_headers
 from mosmedai.catalog.tools import BUILTIN_TOOLS

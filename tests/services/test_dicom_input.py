@@ -14,7 +14,8 @@ from pydicom.uid import (
 )
 
 from mosmedai.phantoms.dicom_build import build_dataset, to_bytes
-from mosmedai.pipeline.dicom_input import InputError, decode
+from mosmedai.pipeline.errors import InputError
+from mosmedai.pipeline.dicom_input import decode
 from mosmedai.catalog.imaging import VoiFunction, fit_geometry, preprocess
 
 MAX_PIXELS = 64 * 1024 * 1024

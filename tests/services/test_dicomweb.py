@@ -16,11 +16,11 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from mosmedai.ingress import dicomweb
-from mosmedai.pipeline.dicom_input import InputError
+from mosmedai.pipeline.errors import InputError
 from mosmedai.ingress.dicomweb import (CANNOT_UNDERSTAND, DOES_NOT_MATCH_SOP_CLASS, NATIVE_DICOM_NS, Part, ResultInstance,
                                check_dicom_accept, dataset_format, match_value, parse_query, search, store_response,
                                to_xml)
-from mosmedai.pipeline.work import multipart_body, multipart_parts
+from mosmedai.pipeline.multipart import multipart_body, multipart_parts
 from mosmedai.ingress.tenants import auth_headers
 from mosmedai.phantoms.chest_xray import dicom_bytes, make_phantom, to_dataset
 

@@ -19,7 +19,7 @@ import tritonclient.grpc as triton_grpc
 
 from mosmedai.local import processes as local
 from mosmedai.ingress.grpc_api import studies_pb2, studies_pb2_grpc
-from mosmedai.pipeline.work import multipart_parts
+from mosmedai.pipeline.multipart import multipart_parts
 from mosmedai.jobs.storage import ObjectStore
 from mosmedai.ingress.tenants import auth_headers
 from mosmedai.phantoms.chest_xray import dicom_bytes, make_phantom, to_dataset

@@ -9,7 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mosmedai.local import processes as local
 from mosmedai.config import Settings
-from mosmedai.ingress.metrics import GatewayMetrics, RouterMetrics, modality_label
+from mosmedai.ingress.metrics import GatewayMetrics, modality_label
+from mosmedai.serving.metrics import RouterMetrics
 from mosmedai.ingress.tenants import Tenant
 
 

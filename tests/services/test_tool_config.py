@@ -21,6 +21,7 @@ from mosmedai.local import processes as local
 from mosmedai.catalog import tool_config
 
 from mosmedai.catalog import version_admission
+from mosmedai.local import admit as admission_run
 from mosmedai.config import Settings
 from mosmedai.serving.pools import directory_for
 from mosmedai.jobs.storage import ObjectStore
@@ -237,7 +238,7 @@ def admit_version_2(settings: Settings, path, moscow) -> None:
     triton = f"http://{settings.bind_host}:{settings.triton_http_port}"
     assert httpx.post(f"{triton}/v2/repository/models/cxr_opacity_v2/load", timeout=300.0).status_code == 200
     store = ObjectStore.local(settings.s3_endpoint)
-    decision = version_admission.admit("cxr_opacity", 2, moscow,
+    decision = admission_run.admit("cxr_opacity", 2, moscow,
                                        version_admission.AdmissionRecords(store, settings.results_bucket),
                                        settings.model_repository, n=16)
     assert decision.admitted, decision.reason
@@ -357,7 +358,7 @@ def test_an_accepted_study_runs_the_regions_tools_and_versions(regional):
 
 def test_stow_runs_only_the_regions_tools(regional):
     """DICOMweb STOW-RS: the stored study's job runs the tenant's tools at its live versions."""
-    from mosmedai.pipeline.work import multipart_body
+    from mosmedai.pipeline.multipart import multipart_body
 
     client = regional["demo-tatarstan"]
     body, content_type = multipart_body([chest(4)])

@@ -26,7 +26,8 @@ from mosmedai.config import Settings
 from mosmedai.ingress.grpc_api import studies_pb2
 from mosmedai.serving.router import Router, StudyContext
 from mosmedai.phantoms.chest_xray import dicom_bytes, make_phantom
-from mosmedai.studies.runner import analyse, result_objects
+from mosmedai.studies.runner import analyse
+from mosmedai.results.dicom_objects import study_objects as result_objects
 
 PORT_OFFSET = int(os.environ.get("MOSMEDAI_TEST_PORT_OFFSET", "0"))
 BASE_PORT = 28200 + PORT_OFFSET

@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 
 from mosmedai.phantoms.dicom_build import build_dataset, ct_series, to_bytes
-from mosmedai.pipeline.dicom_input import InputError, decode
-from mosmedai.pipeline.work import multipart_parts, plan
-from mosmedai.catalog.volumes import VolumeGeometry, grid_from_images, order_slices, to_grid
+from mosmedai.pipeline.errors import InputError
+from mosmedai.pipeline.dicom_input import decode
+from mosmedai.pipeline.multipart import multipart_parts
+from mosmedai.pipeline.work import plan
+from mosmedai.catalog.volumes import VolumeGeometry, to_grid
+from mosmedai.pipeline.series import grid_from_images, order_slices
 
 SPACING = (2.5, 0.7, 0.7)
 

@@ -37,10 +37,30 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from mosmedai.catalog.families import IMAGE, NO_LOCATION, Family, Measurement, TensorSpec, ToolOutput, ToolSpec
-from mosmedai.catalog.imaging import NETWORK_SIZE, GrayscaleParams, Letterbox, VoiFunction
+from mosmedai.catalog.families import (
+    IMAGE,
+    NO_LOCATION,
+    Family,
+    Measurement,
+    TensorSpec,
+    ToolOutput,
+    ToolSpec,
+)
+from mosmedai.catalog.imaging import (
+    NETWORK_SIZE,
+    GrayscaleParams,
+    Letterbox,
+    VoiFunction,
+)
 
 MANIFEST = "manifest.yaml"
 MODEL = "model.onnx"

@@ -52,7 +52,7 @@ from typing import Awaitable, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mosmedai.ingress.tenants import valid_region
+from mosmedai.catalog.regions import valid_region
 from mosmedai.catalog.tools import CATALOG
 
 log = logging.getLogger("mosmedai.catalog.tool_config")
@@ -199,8 +199,8 @@ AdmissionCheck = Callable[[str, int], "str | None"]
 def admission_gate(store, bucket: str) -> AdmissionCheck:
     """The admission gate (mosmedai.catalog.version_admission) over the object store: a version may go
     live once the newest decision about it admitted it."""
-    from mosmedai.jobs.storage import StorageError
     from mosmedai.catalog.version_admission import latest_decision
+    from mosmedai.jobs.storage import StorageError
 
     def refusal(tool: str, version: int) -> str | None:
         try:
@@ -484,32 +484,3 @@ def tool_versions_info(tool: str, model_repository: Path) -> dict:
                          "model_card": f"{spec.ensemble(version)}/MODEL_CARD.md" if card.is_file() else None,
                          "evaluation": evaluation})
     return {"tool": tool, "title": spec.title, "versions": versions}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m mosmedai.catalog.tool_config check FILE``: validate a file against this deployment's
-    settings and tenants (MOSMEDAI_* environment); the pools of pools_file or the local default."""
-    import argparse
-    import sys
-
-    from mosmedai.config import Settings
-    from mosmedai.serving.pools import directory_for
-    from mosmedai.ingress.tenants import load_tenants
-
-    parser = argparse.ArgumentParser(prog="python -m mosmedai.catalog.tool_config", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["check"])
-    parser.add_argument("file")
-    args = parser.parse_args(argv)
-    settings = Settings()
-    tenants = load_tenants(settings.tenants_file or None, settings.profile, settings.demo_tenants)
-    directory = directory_for(settings) if settings.pool_discovery == "config" else None
-    try:
-        choices = parse(args.file, settings, {t.id: t.region for t in tenants.all()}, directory)
-    except ToolsConfigError as error:
-        sys.exit(f"{args.file}: {error}")
-    print(f"{args.file}: valid; live versions {choices.live()}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,5 @@
 """Load measurement, and admission at the gateway: the first hop refuses what it cannot serve.
 
-``Throughput`` measures how many items something finishes per second; the router's pools
-and the gateway's gate both use it.
-
 ``AdmissionGate`` keeps the gateway's synchronous studies in flight at its concurrency limit
 - throughput x ``HEADROOM`` (2) x the base latency (the shortest of the recent latencies), Little's law:
 what keeps the platform busy; more in flight adds only waiting, and starves the gateway's own
@@ -27,8 +24,8 @@ from collections import OrderedDict, deque
 
 import numpy as np
 
-#: the window (s) over which completions give a rate
-WINDOW_S = 10.0
+from mosmedai.serving.throughput import Throughput
+
 #: the share of a study's time left (deadline - time to run) that it may be expected to wait.
 #: The expected wait comes from a rate that moves; a study let wait that is refused when its
 #: time runs out has cost its client the whole wait, so the gate waits for half and refuses
@@ -42,29 +39,6 @@ HEADROOM = 2.0
 CAPACITY_FADE = 0.99
 #: how long (s) the gate keeps its estimate of a study's run time before it recomputes it
 RUN_S_REFRESH_S = 0.1
-
-
-class Throughput:
-    """Completions per second over the last WINDOW_S."""
-
-    def __init__(self, window_s: float = WINDOW_S):
-        self.window_s = window_s
-        self.events: deque[tuple[float, int]] = deque()
-        self.total = 0
-
-    def done(self, count: int = 1) -> None:
-        self.events.append((time.monotonic(), count))
-        self.total += count
-
-    def rate(self) -> float:
-        """Over the window, or since the first completion in it when that is more recent (at
-        least 1 s): after an idle spell the rate is that of the new traffic within a second."""
-        now = time.monotonic()
-        while self.events and self.events[0][0] < now - self.window_s:
-            self.total -= self.events.popleft()[1]
-        if not self.events:
-            return 0.0
-        return self.total / max(1.0, min(self.window_s, now - self.events[0][0]))
 
 
 class AdmissionGate:

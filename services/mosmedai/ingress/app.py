@@ -26,33 +26,60 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from mosmedai import __version__
-
-from mosmedai.ingress import dicomweb
-
-from mosmedai.results import feedback
-
-from mosmedai.studies import shadow
-
 from mosmedai.catalog import tool_config
-from mosmedai.ingress.admission import AdmissionGate
-from mosmedai.results.answered import StudyRecords, StudyRecordWriter, tools_of, version_label
-from mosmedai.config import Settings
-from mosmedai.pipeline.dicom_input import InputError
-from mosmedai.ingress.drain import DrainWatcher
 from mosmedai.catalog.families import IMAGE
-from mosmedai.ingress.metrics import GatewayMetrics, gateway_metrics, install_gateway_metrics, utc_offset_hours
-from mosmedai.jobs.store import DONE, FAILED, UID as UID_PATTERN
-from mosmedai.pipeline.work import (DICOM_MEDIA_TYPE, MULTIPART_RELATED, ToolsFailed, failures_of, infer_items,
-                               item_result, multipart_body, multipart_parts, no_tool_error, prepare_off_loop,
-                               read_body)
+from mosmedai.catalog.regions import utc_offset_hours
+from mosmedai.catalog.tools import CATALOG
+from mosmedai.config import Settings
+from mosmedai.ingress import dicomweb
+from mosmedai.ingress.admission import AdmissionGate
+from mosmedai.ingress.drain import DrainWatcher
+from mosmedai.ingress.http_body import read_body
+from mosmedai.ingress.metrics import (
+    GatewayMetrics,
+    gateway_metrics,
+    install_gateway_metrics,
+)
+from mosmedai.ingress.tenants import install_registry, installed_registry, load_tenants
+from mosmedai.jobs.store import DONE, FAILED, job_store
+from mosmedai.jobs.store import UID as UID_PATTERN
+from mosmedai.pipeline.errors import InputError, ToolsFailed
+from mosmedai.pipeline.multipart import (
+    DICOM_MEDIA_TYPE,
+    MULTIPART_RELATED,
+    multipart_body,
+    multipart_parts,
+)
+from mosmedai.pipeline.work import (
+    failures_of,
+    infer_items,
+    no_tool_error,
+    prepare_off_loop,
+)
+from mosmedai.results import feedback
+from mosmedai.results.answered import (
+    StudyRecords,
+    StudyRecordWriter,
+    tools_of,
+    version_label,
+)
+from mosmedai.results.findings import item_result
+from mosmedai.results.schemas import (
+    ErrorBody,
+    Feedback,
+    FeedbackIn,
+    PoolsAnswer,
+    StudyResult,
+    StudyResults,
+    StudyStatus,
+    ToolQuality,
+    ToolsAnswer,
+)
 from mosmedai.serving.pools import directory_for
 from mosmedai.serving.router import Router, StudyContext
 from mosmedai.serving.routing import URGENT, priority_of
-from mosmedai.catalog.tools import CATALOG
-from mosmedai.results.schemas import (ErrorBody, Feedback, FeedbackIn, PoolsAnswer, StudyResult, StudyResults, StudyStatus,
-                              ToolQuality, ToolsAnswer)
-from mosmedai.ingress.tenants import install_registry, installed_registry, load_tenants
-from mosmedai.studies.runner import JobRunner, accept, job_store
+from mosmedai.studies import shadow
+from mosmedai.studies.runner import JobRunner, accept
 
 log = logging.getLogger("mosmedai.ingress.app")
 

@@ -44,10 +44,17 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
 
-from mosmedai.pipeline.dicom_input import DecodedImage, InputError, decode
+from mosmedai.ingress.http_body import read_body
 from mosmedai.jobs.store import DONE, UID
-from mosmedai.pipeline.work import (DICOM_MEDIA_TYPE, MULTIPART_RELATED, check_series_limit, multipart_body,
-                               multipart_parts, plan, read_body)
+from mosmedai.pipeline.dicom_input import DecodedImage, decode
+from mosmedai.pipeline.errors import InputError
+from mosmedai.pipeline.multipart import (
+    DICOM_MEDIA_TYPE,
+    MULTIPART_RELATED,
+    multipart_body,
+    multipart_parts,
+)
+from mosmedai.pipeline.work import check_series_limit, plan
 
 log = logging.getLogger("mosmedai.ingress.dicomweb")
 

@@ -44,9 +44,9 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.uid import (
+    JPEG2000,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -689,7 +689,7 @@ def run(settings=None, registry: _Registry | None = None, store: _JobStore | Non
 
         registry = load_tenants(settings.tenants_file or None, settings.profile, settings.demo_tenants)
     if store is None:
-        from mosmedai.studies.runner import job_store
+        from mosmedai.jobs.store import job_store
 
         store = job_store(settings)
     stop = stop or threading.Event()

@@ -24,11 +24,11 @@ import httpx
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2
 
+from mosmedai.catalog.tools import CATALOG
 from mosmedai.config import Settings
 from mosmedai.ingress.grpc_api import studies_pb2, studies_pb2_grpc
-from mosmedai.pipeline.work import multipart_body
 from mosmedai.ingress.tenants import TenantRegistry, load_tenants
-from mosmedai.catalog.tools import CATALOG
+from mosmedai.pipeline.multipart import multipart_body
 
 log = logging.getLogger("mosmedai.grpc")
 
@@ -206,8 +206,8 @@ def tool_choice_watcher(settings: Settings, tenants: TenantRegistry):
     from prometheus_client import CollectorRegistry
 
     from mosmedai.catalog import tool_config
+    from mosmedai.jobs.store import object_store
     from mosmedai.serving.pools import directory_for
-    from mosmedai.studies.runner import object_store
 
     regions = {t.id: t.region for t in tenants.all()}
     # the gateway's gate, so that this door never serves a version the gateway would refuse

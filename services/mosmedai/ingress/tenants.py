@@ -41,13 +41,8 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-# ISO 3166-2:RU subdivision codes (the 83 subjects the standard lists).
-RU_SUBDIVISIONS = frozenset(
-    "AD AL ALT AMU ARK AST BA BEL BRY BU CE CHE CHU CU DA IN IRK IVA KAM KB KC KDA KEM KGD KGN "
-    "KHA KHM KIR KK KL KLU KO KOS KR KRS KYA LEN LIP MAG ME MO MOS MOW MUR NEN NGR NIZ NVS OMS "
-    "ORE ORL PER PNZ PRI PSK ROS RYA SA SAK SAM SAR SE SMO SPE STA SVE TA TAM TOM TUL TVE TY "
-    "TYU UD ULY VGG VLA VLG VOR YAN YAR YEV ZAB".split()
-)
+from mosmedai.catalog.regions import RU_SUBDIVISIONS, valid_region  # noqa: F401 (part of this module's API)
+
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -75,12 +70,6 @@ def valid_ae_title(value: str) -> str:
     if bad:
         raise ValueError(f"AE title {value!r} has characters outside the DICOM default repertoire: {bad!r}")
     return stripped
-
-
-def valid_region(value: str) -> str:
-    if not isinstance(value, str) or not value.startswith("RU-") or value[3:] not in RU_SUBDIVISIONS:
-        raise ValueError(f"{value!r} is not an ISO 3166-2:RU subdivision code (e.g. RU-MOW, RU-TA)")
-    return value
 
 
 @dataclass(frozen=True)

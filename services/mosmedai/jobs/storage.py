@@ -372,7 +372,10 @@ def serve(host: str, port: int, data_dir: Path | None) -> None:
     """Run the local S3 server until SIGTERM/SIGINT (the ``python -m`` entry point)."""
     import uvicorn
     from moto import backends
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        create_backend_app,
+    )
     from uvicorn.middleware.wsgi import WSGIMiddleware
 
     # Per request moto lists and stats its ~150 service folders to find the backend (the list
@@ -455,7 +458,7 @@ def start_local_s3(host: str = "127.0.0.1", port: int = 0, data_dir: Path | str 
     restore it at start (see the module docstring); None: in memory only.
     """
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                       env.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(local_s3_command(host, port, data_dir), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)

@@ -585,3 +585,20 @@ class JobStore:
             self._update(job, lambda current: replace(current, purged_at=now))
             self.store.delete(self.incoming, f"finished/{job.tenant}/{job.id}")
         return deleted
+
+
+# --- the stores of a deployment -------------------------------------------------------------
+def object_store(settings):
+    """The object store of the deployment's settings (mosmedai.config.Settings): S3 at
+    ``s3_endpoint_url``, else the local one."""
+    if settings.s3_endpoint_url:
+        return ObjectStore(settings.s3_endpoint_url, settings.s3_region)
+    return ObjectStore.local(settings.s3_endpoint)
+
+
+def job_store(settings) -> JobStore:
+    jobs = JobStore(object_store(settings), settings.incoming_bucket, settings.results_bucket,
+                    settings.archive_bucket, settings.retention_s, lease_s=settings.job_lease_s,
+                    max_attempts=settings.job_max_attempts, deid_uid_secret=settings.deid_uid_secret.encode())
+    jobs.ensure_buckets()
+    return jobs

@@ -53,7 +53,8 @@ from mosmedai.phantoms.dicom_build import ct_series, to_bytes
 from mosmedai.pipeline.dicom_input import decode
 from mosmedai.catalog.imaging import preprocess
 from mosmedai.serving.model_repo import output_names
-from mosmedai.pipeline.work import image_input, multipart_body
+from mosmedai.pipeline.work import image_input
+from mosmedai.pipeline.multipart import multipart_body
 from mosmedai.catalog.postprocess import Calibration, postprocess
 from mosmedai.ingress.tenants import auth_headers
 from mosmedai.catalog.tools import CATALOG

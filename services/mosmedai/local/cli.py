@@ -10,9 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from mosmedai.ingress.tenants import DEMO_TOKENS, auth_headers
-
 from mosmedai.config import Settings
+from mosmedai.ingress.tenants import DEMO_TOKENS, auth_headers
 
 
 def _settings() -> Settings:
@@ -113,7 +112,7 @@ def _request(path: str) -> tuple[bytes, str, dict[str, str]]:
 
     import pydicom
 
-    from mosmedai.pipeline.work import multipart_body
+    from mosmedai.pipeline.multipart import multipart_body
 
     folder = Path(path)
     if not folder.is_dir():
@@ -186,9 +185,9 @@ def cmd_tools_compare(args: argparse.Namespace) -> int:
     version, per region, from the object store (mosmedai.studies.shadow)."""
     import json
 
-    from mosmedai.studies import shadow
     from mosmedai.catalog.tools import CATALOG
-    from mosmedai.studies.runner import object_store
+    from mosmedai.jobs.store import object_store
+    from mosmedai.studies import shadow
 
     tool = args.tool
     if tool not in CATALOG:
@@ -232,7 +231,7 @@ def cmd_tools(args: argparse.Namespace) -> int:
 
 def _admission_records(settings: Settings):
     from mosmedai.catalog.version_admission import AdmissionRecords
-    from mosmedai.studies.runner import object_store
+    from mosmedai.jobs.store import object_store
 
     return AdmissionRecords(object_store(settings), settings.results_bucket)
 
@@ -253,8 +252,9 @@ def format_decision(decision) -> str:
 
 
 def cmd_admit(args: argparse.Namespace) -> int:
+    from mosmedai.catalog.version_admission import AdmissionError
+    from mosmedai.local.admit import admit
     from mosmedai.jobs.storage import StorageError
-    from mosmedai.catalog.version_admission import AdmissionError, admit
 
     settings = _settings()
     url = args.url or f"http://{settings.bind_host}:{settings.gateway_http_port}"
@@ -283,8 +283,8 @@ def cmd_admit(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from mosmedai.jobs.storage import StorageError
     from mosmedai.catalog.tools import CATALOG
+    from mosmedai.jobs.storage import StorageError
 
     if args.tool not in CATALOG:
         print(f"mosmedai tools history: unknown tool {args.tool!r}; known: {sorted(CATALOG)}", file=sys.stderr)

@@ -492,9 +492,9 @@ def check_tools_config(settings: Settings, with_admissions: bool = False) -> Non
     if not settings.tools_config.strip():
         return
     from mosmedai.catalog import tool_config
-    from mosmedai.serving.pools import directory_for
     from mosmedai.ingress.tenants import load_tenants
-    from mosmedai.studies.runner import object_store
+    from mosmedai.jobs.store import object_store
+    from mosmedai.serving.pools import directory_for
 
     tenants = load_tenants(settings.tenants_file or None, settings.profile, settings.demo_tenants)
     directory = directory_for(settings) if settings.pool_discovery == "config" else None

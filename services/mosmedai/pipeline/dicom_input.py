@@ -19,26 +19,11 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from mosmedai.catalog.imaging import SIGNED_SHIFT, GrayscaleParams, VoiFunction
 from mosmedai.catalog.tools import HeaderFacts
+from mosmedai.pipeline.errors import InputError
 
 PIXEL_DATA = 0x7FE00010
 PIXEL_DATA_TAG_LE = b"\xe0\x7f\x10\x00"  # (7FE0,0010) as a little-endian file stores it
 NATIVE_LITTLE_ENDIAN = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
-
-
-class InputError(Exception):
-    """A request the platform refuses, with the HTTP status that says why."""
-
-    def __init__(self, status: int, code: str, message: str, **details):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details
-
-    def as_json(self) -> dict:
-        body = {"error": self.code, "detail": self.message}
-        body.update(self.details)
-        return body
 
 
 @dataclass

@@ -38,8 +38,8 @@ import time
 from collections import OrderedDict
 from typing import Callable, Iterable
 
-from mosmedai.jobs.store import DONE, TENANT, UID, JobStore
 from mosmedai.jobs.storage import ObjectStore, StorageError
+from mosmedai.jobs.store import DONE, TENANT, UID, JobStore
 
 log = logging.getLogger("mosmedai.results.answered")
 

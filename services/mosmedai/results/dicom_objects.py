@@ -36,10 +36,22 @@ from pydicom.pixels import apply_modality_lut, pixel_array
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from mosmedai.pipeline.dicom_input import grayscale_params
-from mosmedai.catalog.imaging import SIGNED_SHIFT, GrayscaleParams, VoiFunction, to_display
-from mosmedai.results.schemas import Finding, ItemResult, Location, MeasurementValue, ToolResult
+from mosmedai.catalog.families import IMAGE
+from mosmedai.catalog.imaging import (
+    SIGNED_SHIFT,
+    GrayscaleParams,
+    VoiFunction,
+    to_display,
+)
 from mosmedai.catalog.tools import CATALOG
+from mosmedai.pipeline.dicom_input import grayscale_params
+from mosmedai.results.schemas import (
+    Finding,
+    ItemResult,
+    Location,
+    MeasurementValue,
+    ToolResult,
+)
 
 DISCLAIMER = "AI result, not a diagnosis"
 MANUFACTURER = "mosmedai"
@@ -868,4 +880,19 @@ def result_objects(sources: list[pydicom.Dataset], item: ItemResult, warnings: l
                                         series_number=SC_SERIES_NUMBER)
     for number, capture in enumerate(captures, start=1):
         objects[f"sc-{number:04d}.dcm"] = _part10(capture)
+    return objects
+
+
+def study_objects(bodies: list[bytes], items, results) -> dict[str, bytes]:
+    """SR and secondary captures of every item; names prefixed item-<n>/ when there are several."""
+    sources = {}
+    for body in bodies:
+        dataset = pydicom.dcmread(io.BytesIO(body))
+        sources[str(dataset.SOPInstanceUID)] = dataset
+    objects: dict[str, bytes] = {}
+    for number, (item, result) in enumerate(zip(items, results.results), start=1):
+        warnings = image_quality_warnings(item.first.stored, item.first.params) if item.kind == IMAGE else []
+        built = result_objects([sources[image.sop_instance_uid] for image in item.images], result, warnings)
+        prefix = "" if len(items) == 1 else f"item-{number}/"
+        objects.update({prefix + name: data for name, data in built.items()})
     return objects

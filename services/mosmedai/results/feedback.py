@@ -33,10 +33,10 @@ from typing import Callable
 
 from pydantic import ValidationError
 
-from mosmedai.results.answered import version_label
-from mosmedai.pipeline.dicom_input import InputError
-from mosmedai.results.schemas import REASONS, VERDICTS, FeedbackIn
 from mosmedai.jobs.storage import ObjectStore
+from mosmedai.pipeline.errors import InputError
+from mosmedai.results.answered import version_label
+from mosmedai.results.schemas import REASONS, VERDICTS, FeedbackIn
 
 #: Largest feedback body accepted (bytes): a comment of 2,000 characters fits many times over.
 MAX_BODY_BYTES = 64 * 1024

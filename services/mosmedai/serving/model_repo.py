@@ -42,9 +42,9 @@ from pathlib import Path
 from mosmedai.catalog import byo
 from mosmedai.catalog.families import IMAGE, ToolSpec
 from mosmedai.catalog.imaging import N_PARAMS, NETWORK_SIZE
-from mosmedai.serving.routing import SCREENING, URGENT, ROUTINE, priority_of
 from mosmedai.catalog.tools import BUILTIN_TOOLS, CATALOG
 from mosmedai.catalog.volumes import N_GEOMETRY
+from mosmedai.serving.routing import ROUTINE, SCREENING, URGENT, priority_of
 
 MAX_BATCH_SIZE = 16
 VARIANTS = ("cpu", "gpu")

@@ -161,7 +161,10 @@ class PoolWatcher:
         config (the pod's ServiceAccount), else the kubeconfig (``KUBECONFIG``).
         ``watch_timeout_s``: how long one watch request lasts before the loop relists (s);
         ``retry_max_s``: the longest wait between retries after errors (s)."""
-        from kubernetes import client, config  # imported here: only cluster routers need it
+        from kubernetes import (  # imported here: only cluster routers need it
+            client,
+            config,
+        )
 
         if api_client is None:  # a Configuration of its own: the client's global default is left alone
             configuration = client.Configuration()

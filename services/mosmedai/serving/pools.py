@@ -18,33 +18,22 @@ Every mistake is refused when the directory is built, naming the pool and the fi
 
 from __future__ import annotations
 
-import csv
 import json
 import re
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mosmedai.ingress.tenants import valid_region
+from mosmedai.catalog.regions import federal_districts, valid_region
 
-DISTRICTS_FILE = Path(__file__).resolve().parent / "data" / "federal_districts.csv"
 POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 ENDPOINT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$")
 
 
 class PoolConfigError(ValueError):
     """The pool directory is invalid; the message names the pool and the field."""
-
-
-@lru_cache(maxsize=1)
-def federal_districts() -> dict[str, str]:
-    """ISO 3166-2:RU region -> federal district code (CFD, NWF, ...)."""
-    with open(DISTRICTS_FILE, newline="") as handle:
-        reader = csv.DictReader(line for line in handle if not line.startswith("#"))
-        return {row["iso_code"]: row["district"] for row in reader}
 
 
 class PoolSpec(BaseModel):

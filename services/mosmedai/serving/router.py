@@ -41,13 +41,26 @@ from dataclasses import dataclass, field
 import numpy as np
 from ray import serve
 
-from mosmedai.ingress.admission import WINDOW_S, Throughput
+from mosmedai.catalog.tools import CATALOG
 from mosmedai.config import Settings
-from mosmedai.ingress.metrics import TRITON_OUTCOME, ReadinessCollector, RouterMetrics, start_router_metrics_server
+from mosmedai.serving.metrics import (
+    TRITON_OUTCOME,
+    ReadinessCollector,
+    RouterMetrics,
+    start_router_metrics_server,
+)
 from mosmedai.serving.model_repo import output_names
 from mosmedai.serving.pools import PoolDirectory, PoolSpec, directory_for
-from mosmedai.serving.routing import FAILOVER, PRIORITY_NAMES, ROUTE_NAMES, SHED, URGENT, priority_of, route
-from mosmedai.catalog.tools import CATALOG
+from mosmedai.serving.routing import (
+    FAILOVER,
+    PRIORITY_NAMES,
+    ROUTE_NAMES,
+    SHED,
+    URGENT,
+    priority_of,
+    route,
+)
+from mosmedai.serving.throughput import WINDOW_S, Throughput
 
 log = logging.getLogger("mosmedai.serving.router")
 

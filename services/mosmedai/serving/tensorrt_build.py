@@ -200,9 +200,9 @@ def render_gpu_repository(out_dir: Path, tools: list[str], engines: dict[str, Pa
     ``<tool>_net/1/model.plan`` from ``engines[tool]``, and the post steps' calibration
     from the cpu repository ``source``. No model.onnx is copied: the pre/post steps are the
     ONNX-free Python models and the network is the plan."""
-    from mosmedai.serving import model_repo
-    from mosmedai.config import REPO_ROOT
     from mosmedai.catalog.tools import CATALOG
+    from mosmedai.config import REPO_ROOT
+    from mosmedai.serving import model_repo
 
     source = Path(source) if source else REPO_ROOT / "model_repository"
     out_dir = Path(out_dir)
@@ -335,7 +335,8 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
 def phantom_batch(n: int = 8, seed: int = 20240, size: int | None = None) -> np.ndarray:
     """n preprocessed synthetic chest radiographs (fixed seed): float32 [n, 1, S, S]."""
     from mosmedai.catalog.imaging import NETWORK_SIZE, preprocess
-    from mosmedai.phantoms.chest_xray import TOOLS as FINDINGS, make_phantom
+    from mosmedai.phantoms.chest_xray import TOOLS as FINDINGS
+    from mosmedai.phantoms.chest_xray import make_phantom
 
     size = size or NETWORK_SIZE
     images = []
@@ -353,8 +354,8 @@ def gpu_check(tool: str = "cxr_opacity", n: int = 8, cache: Path = CACHE_DIR,
     phantoms, and report max abs differences (pass/fail by TOLERANCE) and timings."""
     import onnxruntime
 
-    from mosmedai.config import REPO_ROOT
     from mosmedai.catalog.tools import CATALOG
+    from mosmedai.config import REPO_ROOT
 
     gpu = gpu_info()
     trt = _trt()
@@ -432,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{result['batch1_ms']:.3f} ms (ONNX Runtime CPU batch: {report['onnxruntime_cpu_ms']:.1f} ms)")
             print("gpu-check: " + ("PASS" if report["passed"] else "FAIL"))
             return 0 if report["passed"] else 1
-        from mosmedai.config import REPO_ROOT
         from mosmedai.catalog.tools import CATALOG
+        from mosmedai.config import REPO_ROOT
 
         tools = args.tools or list(CATALOG)
         gpu = gpu_info()

@@ -14,58 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import io
 import logging
 import threading
 import time
 
-import pydicom
-
 from mosmedai.config import Settings
-from mosmedai.pipeline.dicom_input import InputError
-from mosmedai.catalog.families import IMAGE
-from mosmedai.jobs.store import DONE, FAILED, Job, JobError, JobStore
 from mosmedai.jobs.storage import StorageError
-from mosmedai.pipeline.work import ToolsFailed, failures_of, infer_items, item_result, no_tool_error, prepare
+from mosmedai.jobs.store import DONE, FAILED, Job, JobError, JobStore
+from mosmedai.pipeline.errors import InputError, ToolsFailed
+from mosmedai.pipeline.work import failures_of, infer_items, no_tool_error, prepare
+from mosmedai.results.dicom_objects import study_objects
+from mosmedai.results.findings import item_result
 from mosmedai.results.schemas import StudyResults
 
 log = logging.getLogger("mosmedai.studies.runner")
 
 #: Longest wait between two tries of a job whose tools are unavailable (s).
 MAX_RETRY_DELAY_S = 30.0
-
-
-def object_store(settings: Settings):
-    from mosmedai.jobs.storage import ObjectStore
-
-    if settings.s3_endpoint_url:
-        return ObjectStore(settings.s3_endpoint_url, settings.s3_region)
-    return ObjectStore.local(settings.s3_endpoint)
-
-
-def job_store(settings: Settings) -> JobStore:
-    jobs = JobStore(object_store(settings), settings.incoming_bucket, settings.results_bucket,
-                    settings.archive_bucket, settings.retention_s, lease_s=settings.job_lease_s,
-                    max_attempts=settings.job_max_attempts, deid_uid_secret=settings.deid_uid_secret.encode())
-    jobs.ensure_buckets()
-    return jobs
-
-
-def result_objects(bodies: list[bytes], items, results: StudyResults) -> dict[str, bytes]:
-    """SR and secondary captures of every item; names prefixed item-<n>/ when there are several."""
-    from mosmedai.results.dicom_objects import image_quality_warnings, result_objects as build
-
-    sources = {}
-    for body in bodies:
-        dataset = pydicom.dcmread(io.BytesIO(body))
-        sources[str(dataset.SOPInstanceUID)] = dataset
-    objects: dict[str, bytes] = {}
-    for number, (item, result) in enumerate(zip(items, results.results), start=1):
-        warnings = image_quality_warnings(item.first.stored, item.first.params) if item.kind == IMAGE else []
-        built = build([sources[image.sop_instance_uid] for image in item.images], result, warnings)
-        prefix = "" if len(items) == 1 else f"item-{number}/"
-        objects.update({prefix + name: data for name, data in built.items()})
-    return objects
 
 
 async def analyse(settings: Settings, infer, bodies: list[bytes], wanted: list[str] | None = None,
@@ -268,7 +233,7 @@ class JobRunner:
                 log.info("job %s: tools unavailable (%s); retrying in %.0f s", job.id, error, delay)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, MAX_RETRY_DELAY_S)
-        objects = await asyncio.to_thread(result_objects, list(bodies), items, results)
+        objects = await asyncio.to_thread(study_objects, list(bodies), items, results)
         await asyncio.to_thread(self.jobs.complete, job, results.model_dump(mode="json"), objects)
         if self.on_done is not None and view is not None:
             self.on_done(job.tenant, view, items, results.results)

@@ -44,7 +44,7 @@ from types import SimpleNamespace
 from typing import Awaitable, Callable, Iterable
 
 from mosmedai.catalog.families import IMAGE
-from mosmedai.pipeline.work import tool_result
+from mosmedai.results.findings import tool_result
 
 log = logging.getLogger("mosmedai.studies.shadow")
 

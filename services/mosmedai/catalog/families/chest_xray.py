@@ -39,7 +39,8 @@ TOOLS = (
 def postprocess(spec: ToolSpec, outputs: dict[str, np.ndarray], geometry: np.ndarray,
                 volume: np.ndarray | None, calibration: dict, threshold: float) -> ToolOutput:
     """Platt-calibrated probability of the logit; the heatmap's peak region as the location."""
-    from mosmedai.catalog.postprocess import Calibration, postprocess as detect
+    from mosmedai.catalog.postprocess import Calibration
+    from mosmedai.catalog.postprocess import postprocess as detect
 
     probability, positive, location = detect(outputs["logit"], outputs["heatmap"], geometry,
                                              Calibration(float(calibration["a"]), float(calibration["b"])),

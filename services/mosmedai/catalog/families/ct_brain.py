@@ -21,7 +21,15 @@ import math
 
 import numpy as np
 
-from mosmedai.catalog.families import NO_LOCATION, VOLUME, Family, Measurement, TensorSpec, ToolOutput, ToolSpec
+from mosmedai.catalog.families import (
+    NO_LOCATION,
+    VOLUME,
+    Family,
+    Measurement,
+    TensorSpec,
+    ToolOutput,
+    ToolSpec,
+)
 from mosmedai.catalog.volumes import VolumeGeometry
 
 GRID = (24, 96, 96)

@@ -27,7 +27,15 @@ import math
 
 import numpy as np
 
-from mosmedai.catalog.families import NO_LOCATION, VOLUME, Family, Measurement, TensorSpec, ToolOutput, ToolSpec
+from mosmedai.catalog.families import (
+    NO_LOCATION,
+    VOLUME,
+    Family,
+    Measurement,
+    TensorSpec,
+    ToolOutput,
+    ToolSpec,
+)
 from mosmedai.catalog.volumes import VolumeGeometry
 
 GRID = (48, 96, 96)

@@ -15,7 +15,10 @@ from __future__ import annotations
 import numpy as np
 
 from mosmedai.catalog.families import IMAGE, Family, TensorSpec, ToolOutput, ToolSpec
-from mosmedai.catalog.families.chest_xray import FLUOROGRAPHY_KEYWORDS, PROJECTION_RADIOGRAPHY
+from mosmedai.catalog.families.chest_xray import (
+    FLUOROGRAPHY_KEYWORDS,
+    PROJECTION_RADIOGRAPHY,
+)
 from mosmedai.catalog.imaging import NETWORK_SIZE
 
 FAMILY = Family(name="fluorography", kind=IMAGE, preprocess="xr_preprocess")
@@ -54,7 +57,8 @@ def postprocess(spec: ToolSpec, outputs: dict[str, np.ndarray], geometry: np.nda
                 volume: np.ndarray | None, calibration: dict, threshold: float) -> ToolOutput:
     """Platt-calibrated probability of the logit; the heatmap's peak region as the location
     (in source pixels, via the Letterbox), -1s when not positive."""
-    from mosmedai.catalog.postprocess import Calibration, postprocess as detect
+    from mosmedai.catalog.postprocess import Calibration
+    from mosmedai.catalog.postprocess import postprocess as detect
 
     probability, positive, location = detect(outputs["logit"], outputs["heatmap"], geometry,
                                              Calibration(float(calibration["a"]), float(calibration["b"])),

@@ -21,7 +21,15 @@ import math
 
 import numpy as np
 
-from mosmedai.catalog.families import IMAGE, NO_LOCATION, Family, Measurement, TensorSpec, ToolOutput, ToolSpec
+from mosmedai.catalog.families import (
+    IMAGE,
+    NO_LOCATION,
+    Family,
+    Measurement,
+    TensorSpec,
+    ToolOutput,
+    ToolSpec,
+)
 from mosmedai.catalog.imaging import NETWORK_SIZE
 
 FAMILY = Family(name="mammography", kind=IMAGE, preprocess="xr_preprocess")
@@ -77,7 +85,8 @@ def postprocess(spec: ToolSpec, outputs: dict[str, np.ndarray], geometry: np.nda
         return ToolOutput(math.nan, category in DENSE_CATEGORIES, NO_LOCATION.copy(),
                           np.array([category], np.float32))
 
-    from mosmedai.catalog.postprocess import Calibration, postprocess as detect
+    from mosmedai.catalog.postprocess import Calibration
+    from mosmedai.catalog.postprocess import postprocess as detect
 
     probability, positive, location = detect(outputs["logit"], outputs["heatmap"], geometry,
                                              Calibration(float(calibration["a"]), float(calibration["b"])),

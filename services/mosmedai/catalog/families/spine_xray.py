@@ -29,7 +29,15 @@ import math
 
 import numpy as np
 
-from mosmedai.catalog.families import IMAGE, NO_LOCATION, Family, Measurement, TensorSpec, ToolOutput, ToolSpec
+from mosmedai.catalog.families import (
+    IMAGE,
+    NO_LOCATION,
+    Family,
+    Measurement,
+    TensorSpec,
+    ToolOutput,
+    ToolSpec,
+)
 from mosmedai.catalog.families.chest_xray import PROJECTION_RADIOGRAPHY
 from mosmedai.catalog.imaging import NETWORK_SIZE, Letterbox
 
