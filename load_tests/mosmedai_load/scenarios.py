@@ -198,8 +198,8 @@ def mammography_study(seed: int = 5_000_002, shape: tuple[int, int] = MG_SHAPE) 
     from pydicom.uid import generate_uid
 
     from mosmedai.phantoms.dicom_build import to_bytes
+    from mosmedai.phantoms.mammography import make_phantom, to_dataset
     from mosmedai.pipeline.multipart import multipart_body
-    from mosmedai_training.mammography import make_phantom, to_dataset
 
     study = generate_uid()
     payloads = []
@@ -216,9 +216,9 @@ def ct_study(seed: int = 5_000_003, shape: tuple[int, int, int] = CT_SHAPE,
              spacing_mm: tuple[float, float, float] = CT_SPACING_MM, chunk: int = 16) -> tuple[bytes, str]:
     """A chest CT series (``shape`` slices x rows x columns in HU from the chest phantom) as one
     multipart/related body, and its Content-Type. Rendered ``chunk`` slices at a time (memory)."""
+    from mosmedai.phantoms.ct_chest import make_phantom
     from mosmedai.phantoms.dicom_build import ct_series, to_bytes
     from mosmedai.pipeline.multipart import multipart_body
-    from mosmedai_training.ct_chest import make_phantom
 
     phantom = make_phantom(seed, shape=shape, spacing_mm=spacing_mm)
     hu = np.empty(shape, np.float32)

@@ -1,19 +1,14 @@
 """Reference chest X-ray models: synthetic radiographs, training, export and held-out evaluation.
 
-Seeds of the data splits. Phantom i of a split is ``make_phantom((SPLIT_SEED, i))``; the
-splits differ in the first entry of the seed sequence, so no phantom is in two splits.
+The phantoms themselves live in ``mosmedai.phantoms`` (no torch; the serving side uses
+them too), and so do the seeds of the data splits, re-exported here: phantom i of a split is
+``make_phantom((SPLIT_SEED, i))``; the splits differ in the first entry of the seed
+sequence, so no phantom is in two splits.
 """
 
 from dataclasses import dataclass
 
-#: Training set of the networks.
-TRAIN_SEED = 1001
-#: Calibration split: Platt scaling and the suggested operating threshold are fitted here.
-CALIBRATION_SEED = 2002
-#: Held-out split: the metrics of the model cards (evaluation.json, MODEL_CARD.md).
-HELD_OUT_SEED = 3003
-#: Fresh split used only by the quality tests (tests/services/test_models_quality.py).
-TEST_SEED = 4004
+from mosmedai.phantoms import CALIBRATION_SEED, HELD_OUT_SEED, TEST_SEED, TRAIN_SEED  # noqa: F401 (re-exported)
 
 
 # Versions of the chest X-ray tools (``python -m mosmedai_training.train --version N``):

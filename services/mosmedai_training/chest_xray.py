@@ -1,8 +1,9 @@
-"""Chest X-ray family: the uniform training interface over train.py / evaluate.py / phantoms.py.
+"""Chest X-ray family: the uniform training interface over train.py, evaluate.py and the phantoms.
 
-The three chest X-ray tools were the platform's first; their phantoms, training and
-evaluation live in those modules. This one gives them the interface every family module
-has (``mosmedai_training`` drives them all): train, evaluate, write_card, cases, score.
+The three chest X-ray tools were the platform's first; their phantoms
+(`mosmedai.phantoms.chest_xray`), training and evaluation live in those modules. This one
+gives them the interface every family module has (``mosmedai_training`` drives them all):
+train, evaluate, write_card, cases, score.
 """
 
 from __future__ import annotations

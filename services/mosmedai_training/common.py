@@ -1,6 +1,8 @@
 """Pieces every family's training module shares: ONNX Runtime sessions, ONNX export with
 metadata, Platt scaling and the operating-threshold rule, calibration files, model facts for
 the cards, the torch training-loop boilerplate and the `Case` of the served-score tests.
+The phantoms' own helpers (``apply_overrides``, ``map_items``, ``stack_columns``) live in
+``mosmedai.phantoms.common`` and are re-exported here.
 
 numpy (and onnx / onnxruntime, imported where used) only at import time: torch is imported
 inside the functions that need it, so evaluation and the quality tests run without it.
@@ -19,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from mosmedai.catalog.postprocess import Calibration, calibrated_probability
+from mosmedai.phantoms.common import apply_overrides, map_items, stack_columns  # noqa: F401 (re-exported)
+from mosmedai_training.metrics import sensitivity_specificity
 
 #: ONNX opset of every exported reference network.
 OPSET = 17
@@ -158,8 +162,6 @@ def platt_operating_point(logits: np.ndarray, labels: np.ndarray, target: float 
                           ) -> tuple[Calibration, float, float, float]:
     """Platt scaling fitted on (logits, labels), the suggested threshold for `target`
     sensitivity and the sensitivity and specificity there: (calibration, threshold, sens, spec)."""
-    from mosmedai_training.evaluate import sensitivity_specificity
-
     calibration = fit_platt(logits, labels)
     p = probability(logits, calibration)
     threshold = suggest_threshold(p, labels, target)

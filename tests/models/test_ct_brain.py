@@ -13,8 +13,9 @@ from mosmedai.phantoms.dicom_build import to_bytes
 from mosmedai.pipeline.dicom_input import header_facts
 from mosmedai.catalog.families import ct_brain as family
 from mosmedai.catalog.tools import accepts
-from mosmedai_training import TEST_SEED
-from mosmedai_training import ct_brain as ctb
+from mosmedai.phantoms import TEST_SEED
+from mosmedai.phantoms import ct_brain as ctb
+from mosmedai_training import ct_brain as ctb_training
 from mosmedai.catalog.volumes import VolumeGeometry, to_grid
 
 REPOSITORY = REPO_ROOT / "model_repository"
@@ -43,11 +44,11 @@ def test_grid_sample_equals_to_grid_of_the_whole_series():
     anatomy = ctb.make_anatomy((TEST_SEED, 5))
     full, _ = ctb.render(anatomy, 128, noise=False)
     px = anatomy.fov / 128
-    expected, geometry = to_grid(full, (anatomy.dz, px, px), ctb.GRID)
-    zi, ri = ctb._grid_indices(anatomy, 128)
+    expected, geometry = to_grid(full, (anatomy.dz, px, px), ctb_training.GRID)
+    zi, ri = ctb_training._grid_indices(anatomy, 128)
     picked, _ = ctb.render(anatomy, 128, zi, noise=False)
     assert np.array_equal(np.rint(picked[:, ri][:, :, ri]).astype(np.int16), expected)
-    assert ctb.geometry_of(anatomy, 128) == geometry
+    assert ctb_training.geometry_of(anatomy, 128) == geometry
 
 
 def test_haemorrhage_is_blood_where_the_truth_says():
@@ -57,7 +58,7 @@ def test_haemorrhage_is_blood_where_the_truth_says():
     assert blood.sum() > 20
     inner = blood & np.roll(blood, 2, 2) & np.roll(blood, -2, 2)  # away from the blurred edge
     assert abs(hu[inner].mean() - anatomy.haemorrhage["hu"]) < 3.0
-    truth = ctb.truth_of(anatomy, masks, np.arange(anatomy.n_slices), 128)
+    truth = ctb_training.truth_of(anatomy, masks, np.arange(anatomy.n_slices), 128)
     assert truth.haemorrhage and truth.side == anatomy.haemorrhage["side"]
     # side convention: columns increase towards the patient's left
     cols = np.nonzero(blood)[2]
@@ -90,15 +91,16 @@ def test_septum_and_midline_targets_match_the_shift():
     midline_cols = np.nonzero(masks["midline"])[2]
     measured = (septum_cols.mean() - midline_cols.mean()) * px
     assert measured == pytest.approx(anatomy.shift, abs=1.0)
-    assert (ctb.septum_col(anatomy) - ctb.midline_col(anatomy)) * anatomy.fov / ctb.HEAT[2] == pytest.approx(anatomy.shift)
+    shift_cells = ctb_training.septum_col(anatomy) - ctb_training.midline_col(anatomy)
+    assert shift_cells * anatomy.fov / ctb_training.HEAT[2] == pytest.approx(anatomy.shift)
 
 
 def _geometry(source=(40, 256, 256), spacing=(3.0, 0.8, 0.8)) -> VolumeGeometry:
-    return VolumeGeometry(*source, *spacing, *ctb.GRID)
+    return VolumeGeometry(*source, *spacing, *ctb_training.GRID)
 
 
 def _skull(geometry: VolumeGeometry, centre_col: float = 48.0) -> np.ndarray:
-    d, h, w = ctb.GRID
+    d, h, w = ctb_training.GRID
     y, x = np.mgrid[0:h, 0:w] + 0.5
     rho = np.hypot((x - centre_col) / 34, (y - 48) / 42)
     plane = np.where(rho < 0.92, 30, np.where(rho < 1.0, 1000, -1000)).astype(np.int16)
@@ -108,7 +110,7 @@ def _skull(geometry: VolumeGeometry, centre_col: float = 48.0) -> np.ndarray:
 def test_detection_postprocess_maps_a_peak_to_source_box_slice_and_side():
     geometry = _geometry()
     volume = _skull(geometry)
-    heat = np.full(ctb.HEAT, -8.0, np.float32)
+    heat = np.full(ctb_training.HEAT, -8.0, np.float32)
     heat[10, 20:22, 30:32] = 6.0  # cells: grid rows 40-44, cols 60-64 (patient left of column 48)
     volume[10, 40:44, 60:64] = 70
     spec = SPECS["ctb_hemorrhage"]
@@ -125,7 +127,7 @@ def test_detection_postprocess_maps_a_peak_to_source_box_slice_and_side():
     mirrored = family.postprocess(spec, {"logit": np.array([3.0], np.float32), "heatmap": heat[None, :, :, ::-1].copy()},
                                   geometry.as_vector(), volume, calibration, 0.5)
     assert family.SIDES[int(mirrored.measurements[1])] == "right"
-    central = np.full(ctb.HEAT, -8.0, np.float32)
+    central = np.full(ctb_training.HEAT, -8.0, np.float32)
     central[10, 20, 23:25] = 6.0
     middle = family.postprocess(spec, {"logit": np.array([3.0], np.float32), "heatmap": central[None]},
                                 geometry.as_vector(), volume, calibration, 0.5)
@@ -137,8 +139,8 @@ def test_detection_postprocess_maps_a_peak_to_source_box_slice_and_side():
 
 def test_midline_shift_postprocess_gives_mm_from_column_spacing():
     geometry = _geometry(spacing=(3.0, 0.9, 0.9))
-    septum = np.full(ctb.HEAT, -20.0, np.float32)
-    midline = np.full(ctb.HEAT, -20.0, np.float32)
+    septum = np.full(ctb_training.HEAT, -20.0, np.float32)
+    midline = np.full(ctb_training.HEAT, -20.0, np.float32)
     septum[12, 20:24, 27] = 10.0  # cell column 27 -> grid column 55 (centre), 3 cells right of the midline
     midline[:, 10:40, 24] = 10.0
     out = family.postprocess(SPECS["ctb_midline_shift"], {"septum": septum[None], "midline": midline[None]},
@@ -154,18 +156,19 @@ def test_midline_shift_postprocess_gives_mm_from_column_spacing():
     assert not small.positive
 
 
-@pytest.mark.parametrize("tool", ctb.TOOLS)
+@pytest.mark.parametrize("tool", ctb_training.TOOLS)
 def test_evaluate_with_committed_models_matches_the_card(tool):
     card = json.loads((REPOSITORY / tool / "evaluation.json").read_text())
-    result = ctb.evaluate(tool, REPOSITORY, n=24, seed=TEST_SEED)
+    result = ctb_training.evaluate(tool, REPOSITORY, n=24, seed=TEST_SEED)
     assert result["n"] == 24
     for metric in ("auc", "sensitivity", "specificity", "mae_mm"):
         if metric in card and card[metric] is not None and result.get(metric) is not None:
-            assert abs(result[metric] - card[metric]) <= ctb.TOLERANCE[metric] + 0.1, (metric, result[metric], card[metric])
+            assert abs(result[metric] - card[metric]) <= ctb_training.TOLERANCE[metric] + 0.1, \
+                (metric, result[metric], card[metric])
 
 
 def test_cases_are_valid_dicom_series_that_the_tools_accept():
-    (case,) = ctb.cases("ctb_hemorrhage", seed=TEST_SEED, n=1)
+    (case,) = ctb_training.cases("ctb_hemorrhage", seed=TEST_SEED, n=1)
     assert 20 <= len(case.instances) <= 60
     positions = []
     for instance in case.instances:

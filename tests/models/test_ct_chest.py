@@ -18,7 +18,8 @@ from mosmedai.pipeline.dicom_input import header_facts
 from mosmedai.catalog.families import ct_chest as family
 from mosmedai.catalog.families.ct_chest import GRID, HEAD
 from mosmedai.catalog.tools import accepts
-from mosmedai_training import TEST_SEED
+from mosmedai.phantoms import TEST_SEED
+from mosmedai.phantoms import ct_chest as phantoms
 from mosmedai_training import ct_chest as training
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
@@ -44,15 +45,15 @@ def _heads(**boxes) -> dict[str, np.ndarray]:
 
 
 def test_phantom_is_deterministic():
-    a = training.make_phantom((TEST_SEED, 1)).grid_sample()
-    b = training.make_phantom((TEST_SEED, 1)).grid_sample()
+    a = phantoms.make_phantom((TEST_SEED, 1)).grid_sample()
+    b = phantoms.make_phantom((TEST_SEED, 1)).grid_sample()
     assert np.array_equal(a[0], b[0])
     for name in a[1]:
         assert np.array_equal(a[1][name], b[1][name])
 
 
 def test_grid_sample_is_to_grid_of_the_source():
-    phantom = training.make_phantom((TEST_SEED, 2), findings={"nodule": True, "cac": True, "covid": True})
+    phantom = phantoms.make_phantom((TEST_SEED, 2), findings={"nodule": True, "cac": True, "covid": True})
     full, masks = phantom.render(noise=False)
     sampled, sampled_masks = phantom.grid_sample(noise=False)
     grid, _ = volumes.to_grid(full, phantom.spacing_mm, GRID)
@@ -62,7 +63,7 @@ def test_grid_sample_is_to_grid_of_the_source():
 
 
 def test_nodule_is_where_the_truth_says():
-    phantom = training.make_phantom((TEST_SEED, 3), findings={"nodule": True})
+    phantom = phantoms.make_phantom((TEST_SEED, 3), findings={"nodule": True})
     hu, masks = phantom.render(noise=False)
     truth = phantom.truth(hu, masks)
     k = truth["nodule_slice"]
@@ -77,7 +78,7 @@ def test_nodule_is_where_the_truth_says():
 
 
 def test_truth_quantities_are_physical():
-    phantom = training.make_phantom((TEST_SEED, 4), findings={"emphysema": True, "covid": False, "cac": False})
+    phantom = phantoms.make_phantom((TEST_SEED, 4), findings={"emphysema": True, "covid": False, "cac": False})
     hu, masks = phantom.render()
     truth = phantom.truth(hu, masks)
     share = 100.0 * float((hu[masks["lung"]] < -950).mean())

@@ -14,8 +14,9 @@ from mosmedai.catalog.families import fluorography as family
 from mosmedai.catalog.families.chest_xray import TOOLS as CXR_TOOLS
 from mosmedai.catalog.imaging import VoiFunction, fit_geometry
 from mosmedai.catalog.tools import accepts
-from mosmedai_training import TEST_SEED
-from mosmedai_training import fluorography as flg
+from mosmedai.phantoms import TEST_SEED
+from mosmedai.phantoms import fluorography as flg
+from mosmedai_training import fluorography as flg_training
 
 from mosmedai.config import REPO_ROOT
 
@@ -91,9 +92,9 @@ def test_postprocess_maps_the_heatmap_peak_to_source_pixels():
 @pytest.mark.parametrize("tool", flg.TOOLS)
 def test_evaluate_agrees_with_the_card(tool):
     card = json.loads((REPOSITORY / tool / "evaluation.json").read_text())
-    result = flg.evaluate(tool, REPOSITORY, n=20, seed=TEST_SEED)
+    result = flg_training.evaluate(tool, REPOSITORY, n=20, seed=TEST_SEED)
     assert result["model_sha256"] == card["model_sha256"]
-    for metric, tolerance in flg.TOLERANCE.items():
+    for metric, tolerance in flg_training.TOLERANCE.items():
         if result.get(metric) is None or card.get(metric) is None or math.isnan(result[metric]):
             continue
         assert abs(result[metric] - card[metric]) <= tolerance, (metric, result[metric], card[metric])
@@ -101,7 +102,7 @@ def test_evaluate_agrees_with_the_card(tool):
 
 @pytest.mark.parametrize("tool", flg.TOOLS)
 def test_cases_are_valid_dicom_routed_to_the_tool(tool):
-    cases = flg.cases(tool, TEST_SEED, 4)
+    cases = flg_training.cases(tool, TEST_SEED, 4)
     for case in cases:
         (dataset,) = case.instances
         body = to_bytes(dataset)
@@ -126,8 +127,8 @@ def test_a_chest_radiograph_without_the_keyword_is_not_fluorography():
 
 
 def test_score_counts_served_outputs():
-    cases = flg.cases("flg_nodule", TEST_SEED, 3)
+    cases = flg_training.cases("flg_nodule", TEST_SEED, 3)
     outputs = [family.ToolOutput(0.9 if c.truth["label"] else 0.1, c.truth["label"],
                                  np.array(c.truth["box"] or [-1] * 4, np.float32)) for c in cases]
-    result = flg.score("flg_nodule", outputs, cases)
+    result = flg_training.score("flg_nodule", outputs, cases)
     assert result["n"] == 3 and result["specificity"] == 1.0

@@ -17,8 +17,9 @@ from mosmedai.catalog.families import IMAGE, ToolOutput
 from mosmedai.catalog.families import mammography as family
 from mosmedai.catalog.imaging import fit_geometry, to_display
 from mosmedai.catalog.tools import HeaderFacts, accepts
-from mosmedai_training import TEST_SEED
-from mosmedai_training import mammography as mg
+from mosmedai.phantoms import TEST_SEED
+from mosmedai.phantoms import mammography as mg
+from mosmedai_training import mammography as mg_training
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 SPEC = {spec.name: spec for spec in family.TOOLS}
@@ -102,18 +103,19 @@ def test_density_postprocess_reports_the_category_and_dense_rule():
 
 
 def test_metrics_helpers():
-    assert mg.weighted_kappa([0, 1, 2, 3], [0, 1, 2, 3]) == 1.0
-    assert mg.weighted_kappa([0, 1, 2, 3, 0, 3], [3, 2, 1, 0, 3, 0]) < 0
-    assert mg.confusion([0, 1, 1], [0, 1, 2]).tolist()[1] == [0, 1, 1, 0]
+    assert mg_training.weighted_kappa([0, 1, 2, 3], [0, 1, 2, 3]) == 1.0
+    assert mg_training.weighted_kappa([0, 1, 2, 3, 0, 3], [3, 2, 1, 0, 3, 0]) < 0
+    assert mg_training.confusion([0, 1, 1], [0, 1, 2]).tolist()[1] == [0, 1, 1, 0]
     truth = np.array([100, 100, 120, 120], np.float32)
-    assert mg.location_hit(np.array([95, 95, 125, 125]), truth, 0.25)
-    assert mg.location_hit(np.array([120, 120, 130, 130]), truth, 0.25)  # centre 15 px = 3.75 mm off: within 4 mm
-    assert not mg.location_hit(np.array([200, 200, 210, 210]), truth, 0.25)
+    assert mg_training.location_hit(np.array([95, 95, 125, 125]), truth, 0.25)
+    # centre 15 px = 3.75 mm off: within 4 mm
+    assert mg_training.location_hit(np.array([120, 120, 130, 130]), truth, 0.25)
+    assert not mg_training.location_hit(np.array([200, 200, 210, 210]), truth, 0.25)
 
 
-@pytest.mark.parametrize("tool", mg.TOOLS)
+@pytest.mark.parametrize("tool", mg_training.TOOLS)
 def test_cases_are_valid_dicom_the_routing_accepts(tool):
-    cases = mg.cases(tool, TEST_SEED, 4)
+    cases = mg_training.cases(tool, TEST_SEED, 4)
     assert [(c.truth["laterality"], c.truth["view"]) for c in cases] == [("L", "CC"), ("R", "CC"), ("L", "MLO"), ("R", "MLO")]
     for case in cases:
         (dataset,) = case.instances
@@ -151,7 +153,7 @@ def _served(tool: str, cases):
         decoded = decode(to_bytes(case.instances[0]), 50_000_000)
         reduced, fr, fc = reduce_for_transport(decoded.stored)
         image, geometry = preprocess(reduced, decoded.params)
-        raw = mg.onnx_run(REPOSITORY / f"{tool}_net" / "1" / "model.onnx", image[None, None])
+        raw = mg_training.onnx_run(REPOSITORY / f"{tool}_net" / "1" / "model.onnx", image[None, None])
         out = family.postprocess(spec, {k: v[0] for k, v in raw.items()}, geometry.as_vector(), None, calibration,
                                  spec.default_threshold)
         if out.location[0] >= 0:
@@ -160,20 +162,22 @@ def _served(tool: str, cases):
     return outputs
 
 
-@pytest.mark.parametrize("tool", mg.TOOLS)
+@pytest.mark.parametrize("tool", mg_training.TOOLS)
 def test_committed_models_match_their_cards(tool):
     card = REPOSITORY / tool / "evaluation.json"
     if not (REPOSITORY / f"{tool}_net" / "1" / "model.onnx").exists() or not card.exists():
         pytest.skip("model not trained yet")
     expected = json.loads(card.read_text())
-    result = mg.evaluate(tool, REPOSITORY, n=48)
-    for metric in mg.HEADLINE[tool]:
+    result = mg_training.evaluate(tool, REPOSITORY, n=48)
+    for metric in mg_training.HEADLINE[tool]:
         if expected.get(metric) is None or result.get(metric) is None:
             continue
-        assert abs(result[metric] - expected[metric]) <= mg.TOLERANCE[metric], (metric, result[metric], expected[metric])
-    cases = mg.cases(tool, TEST_SEED, 12)
-    served = mg.score(tool, _served(tool, cases), cases)
-    for metric in mg.HEADLINE[tool]:
+        assert abs(result[metric] - expected[metric]) <= mg_training.TOLERANCE[metric], \
+            (metric, result[metric], expected[metric])
+    cases = mg_training.cases(tool, TEST_SEED, 12)
+    served = mg_training.score(tool, _served(tool, cases), cases)
+    for metric in mg_training.HEADLINE[tool]:
         if expected.get(metric) is None or served.get(metric) is None:
             continue
-        assert abs(served[metric] - expected[metric]) <= mg.TOLERANCE[metric] + 0.1, (metric, served[metric], expected[metric])
+        assert abs(served[metric] - expected[metric]) <= mg_training.TOLERANCE[metric] + 0.1, \
+            (metric, served[metric], expected[metric])

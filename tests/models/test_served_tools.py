@@ -21,7 +21,7 @@ from mosmedai.phantoms.dicom_build import to_bytes
 from mosmedai.catalog.families import IMAGE, ToolOutput
 from mosmedai.catalog.tools import CATALOG
 from mosmedai.ingress.tenants import auth_headers
-from mosmedai_training import TEST_SEED
+from mosmedai.phantoms import TEST_SEED
 
 #: Cases per tool: enough for the tolerances the families state, few enough for CI.
 CASES = {"image": 20, "volume": 12}

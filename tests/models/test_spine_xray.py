@@ -15,8 +15,9 @@ from mosmedai.catalog.families import spine_xray as family
 from mosmedai.catalog.families.chest_xray import TOOLS as CXR_TOOLS
 from mosmedai.catalog.imaging import fit_geometry
 from mosmedai.catalog.tools import accepts
-from mosmedai_training import TEST_SEED
-from mosmedai_training import spine_xray as spine
+from mosmedai.phantoms import TEST_SEED
+from mosmedai.phantoms import spine_xray as spine
+from mosmedai_training import spine_xray as spine_training
 
 REPOSITORY = REPO_ROOT / "model_repository"
 SPEC = family.TOOLS[0]
@@ -55,7 +56,7 @@ def test_forced_cobb_angle_and_vertebrae_where_the_truth_says():
 def test_map_targets_carry_the_vertebral_tilts():
     phantom = spine.make_phantom((TEST_SEED, 31), rows_range=SMALL, cobb=50.0)
     image, geometry = spine.network_input(phantom)
-    cover, tilt = spine.map_targets(phantom, geometry)
+    cover, tilt = spine_training.map_targets(phantom, geometry)
     degrees = tilt[cover > 0.5] * family.TILT_SCALE_DEG
     assert degrees.max() <= phantom.tilts_deg.max() + 1e-3 and degrees.min() >= phantom.tilts_deg.min() - 1e-3
     assert degrees.max() - degrees.min() > 0.7 * phantom.cobb_deg
@@ -96,9 +97,9 @@ def test_postprocess_measures_the_tilt_profile():
 
 def test_evaluate_agrees_with_the_card():
     card = json.loads((REPOSITORY / "spine_scoliosis" / "evaluation.json").read_text())
-    result = spine.evaluate("spine_scoliosis", REPOSITORY, n=20, seed=TEST_SEED)
+    result = spine_training.evaluate("spine_scoliosis", REPOSITORY, n=20, seed=TEST_SEED)
     assert result["model_sha256"] == card["model_sha256"]
-    for metric, tolerance in spine.TOLERANCE.items():
+    for metric, tolerance in spine_training.TOLERANCE.items():
         if result.get(metric) is None or card.get(metric) is None:
             continue
         assert abs(result[metric] - card[metric]) <= tolerance, (metric, result[metric], card[metric])
@@ -107,7 +108,7 @@ def test_evaluate_agrees_with_the_card():
 def test_cases_are_valid_dicom_routed_to_the_tool():
     from mosmedai.catalog.families import fluorography
 
-    for case in spine.cases("spine_scoliosis", TEST_SEED, 3):
+    for case in spine_training.cases("spine_scoliosis", TEST_SEED, 3):
         (dataset,) = case.instances
         body = to_bytes(dataset)
         again = pydicom.dcmread(io.BytesIO(body))

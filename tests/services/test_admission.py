@@ -1,10 +1,10 @@
-"""The gateway's admission gate (mosmedai.ingress.admission): waiting in turn, refusals by deadline and share."""
+"""The gateway's admission gate (mosmedai.studies.admission): waiting in turn, refusals by deadline and share."""
 
 import asyncio
 
 import pytest
 
-from mosmedai.ingress.admission import AdmissionGate
+from mosmedai.studies.admission import AdmissionGate
 from mosmedai.serving.throughput import Throughput
 
 

@@ -14,7 +14,7 @@ from tritonclient.grpc import model_config_pb2
 from mosmedai.config import REPO_ROOT
 from mosmedai.serving.model_repo import rendered_files
 from mosmedai.catalog.tools import CATALOG
-from mosmedai_training import HELD_OUT_SEED
+from mosmedai.phantoms import HELD_OUT_SEED
 
 REPOSITORY = REPO_ROOT / "model_repository"
 ONNX_TYPES = {"TYPE_FP32": "tensor(float)"}

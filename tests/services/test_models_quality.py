@@ -16,16 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mosmedai_training import CALIBRATION_SEED, HELD_OUT_SEED, TEST_SEED, TRAIN_SEED
-from mosmedai_training.evaluate import (
-    auc_score,
-    auc_standard_error,
-    box_hit,
-    evaluate,
-    expected_calibration_error,
-    read_threshold,
-)
+from mosmedai.phantoms import CALIBRATION_SEED, HELD_OUT_SEED, TEST_SEED, TRAIN_SEED
 from mosmedai.phantoms.chest_xray import TOOLS
+from mosmedai.serving.model_repo import read_threshold
+from mosmedai_training.evaluate import evaluate
+from mosmedai_training.metrics import auc_score, auc_standard_error, box_hit, expected_calibration_error
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 

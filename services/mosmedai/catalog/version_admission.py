@@ -1,6 +1,6 @@
 """The admission gate of tool versions: a version goes live only after its held-out reference
 set, run through the real platform, clears the thresholds its model card declares. (Not
-``mosmedai.ingress.admission``: that is the gateway's admission control under load.)
+``mosmedai.studies.admission``: that is the gateway's admission control under load.)
 
 This module owns:
 
@@ -27,24 +27,16 @@ recorded too. An unknown tool or version, or a platform that cannot run the vers
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import importlib
-import itertools
 import json
 import math
 import re
-import socket
 import textwrap
-import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-
-import numpy as np
 
 from mosmedai.catalog import byo
 from mosmedai.catalog.tools import CATALOG, family_module

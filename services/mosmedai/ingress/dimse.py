@@ -9,8 +9,8 @@ for presentation / for processing, Digital Mammography for presentation, CT Imag
 common uncompressed and compressed transfer syntaxes; any other SOP class is refused at
 presentation-context negotiation, and a C-STORE naming another SOP class gets 0x0122.
 
-Each instance is checked, persisted with :meth:`JobStore.put_pending` and only then
-acknowledged (0x0000). Statuses (PS3.4 B.2.3):
+Each instance is checked (``dimse_checks``), stored by the study service's durable intake
+(``mosmedai.studies.intake``) and only then acknowledged (0x0000). Statuses (PS3.4 B.2.3):
 
 * 0xA900 the data set does not match the SOP class (SOP Class / Instance UID differ from the
   request's, Modality not one the IOD allows, Rows / Columns / Pixel Data or a UID missing);
@@ -20,8 +20,7 @@ acknowledged (0x0000). Statuses (PS3.4 B.2.3):
 
 Two background threads: *series completion* turns series with no new instance for
 ``series_quiet_s`` into jobs (``reply_to`` = the tenant's result destination), and *result
-delivery* sends the SR / SC objects of finished jobs back by C-STORE, one worker thread per
-destination (an outage of one never delays another), retrying with exponential backoff.
+delivery* (``dimse_delivery``) sends the SR / SC objects of finished jobs back by C-STORE.
 
 Run with ``python -m mosmedai.ingress.dimse`` (reads :class:`mosmedai.config.Settings`, see
 :meth:`DimseOptions.from_settings` for the fields).
@@ -29,97 +28,42 @@ Run with ``python -m mosmedai.ingress.dimse`` (reads :class:`mosmedai.config.Set
 
 from __future__ import annotations
 
-import io
 import logging
-import queue
-import re
 import signal
-import struct
 import threading
-import time
 from dataclasses import dataclass, fields
-from typing import Iterable, Protocol
+from typing import Protocol
 
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.filereader import data_element_generator
-from pydicom.uid import (
-    JPEG2000,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    RLELossless,
-)
 from pynetdicom import AE, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-LOGGER = logging.getLogger("mosmedai.ingress.dimse")
-
-# --- what the SCP accepts ----------------------------------------------------------------
-
-CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
-MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-
-#: SOP class -> the Modality values its IOD allows (PS3.3 A.2, A.26, A.27, A.3).
-#: Not accepted: Enhanced CT (multi-frame; the CT path reads one slice per instance),
-#: Secondary Capture (no acquisition facts to route on), DX/MG for intra-oral and MG for
-#: processing (no tool reads them).
-STORAGE_SOP_CLASSES: dict[str, frozenset[str]] = {
-    CR_IMAGE_STORAGE: frozenset({"CR"}),
-    DX_FOR_PRESENTATION: frozenset({"DX"}),
-    DX_FOR_PROCESSING: frozenset({"DX"}),
-    MG_FOR_PRESENTATION: frozenset({"MG"}),
-    CT_IMAGE_STORAGE: frozenset({"CT"}),
-}
-
-#: Uncompressed little endian, JPEG baseline / extended / lossless, JPEG-LS lossless,
-#: JPEG 2000 (lossless and lossy), RLE. Not offered: Explicit VR Big Endian (retired) and
-#: Deflated (nobody sends images deflated); a peer then falls back to Implicit VR LE.
-STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = (
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    RLELossless,
+from mosmedai.ingress.dimse_checks import (  # noqa: F401 (the door's statuses and checks, used by its tests)
+    CANNOT_UNDERSTAND,
+    DOES_NOT_MATCH_SOP_CLASS,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    REASON_CALLED_AE_NOT_RECOGNISED,
+    REASON_CALLING_AE_NOT_RECOGNISED,
+    REJECTED_PERMANENT,
+    SERVICE_USER,
+    SOP_CLASS_NOT_SUPPORTED,
+    STORAGE_SOP_CLASSES,
+    STORAGE_TRANSFER_SYNTAXES,
+    SUCCESS,
+    _Refused,
+    _status,
+    check_instance,
+    dimse_status,
 )
+from mosmedai.ingress.dimse_delivery import ResultDelivery, backoff_s, send_objects  # noqa: F401 (API)
+from mosmedai.pipeline.errors import InputError
+from mosmedai.studies.intake import Origin, StudyIntake
 
-# C-STORE statuses (PS3.4 B.2.3, PS3.7 C).
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-PROCESSING_FAILURE = 0x0110
-STORE_SUCCESS_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})  # success and warnings
-
-# A-ASSOCIATE-RJ (PS3.8 9.3.4): result, source, reason.
-REJECTED_PERMANENT = 0x01
-SERVICE_USER = 0x01
-REASON_CALLING_AE_NOT_RECOGNISED = 0x03
-REASON_CALLED_AE_NOT_RECOGNISED = 0x07
-
-PIXEL_DATA = 0x7FE00010
-PIXEL_DATA_TAG_LE = b"\xe0\x7f\x10\x00"
-SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"
-UNDEFINED_LENGTH = 0xFFFFFFFF
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # PS3.5 9.1 (at most 64 characters, checked apart)
-
+LOGGER = logging.getLogger("mosmedai.ingress.dimse")
 
 # --- the interfaces used (mosmedai.ingress.tenants, mosmedai.jobs.store) -------------------------------
 
@@ -200,11 +144,6 @@ class DimseOptions:
         return cls(**values)
 
 
-def backoff_s(attempt: int, base_s: float, max_s: float) -> float:
-    """Delay before retry number ``attempt`` (1 = after the first failure): base * 2^(n-1)."""
-    return min(max_s, base_s * (2 ** max(0, attempt - 1)))
-
-
 # --- inbound: association checks ---------------------------------------------------------
 
 
@@ -252,110 +191,6 @@ class _TenantRequestHandler(RequestHandler):
         return assoc
 
 
-# --- inbound: C-STORE checks -------------------------------------------------------------
-
-
-class _Refused(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def _read_header(raw: bytes, implicit: bool) -> tuple[Dataset, int | None]:
-    """The data set's elements before Pixel Data, and the offset of Pixel Data (or None).
-
-    pydicom reads a damaged data set without complaint (a value cut short is simply shorter);
-    here every top-level element must hold the bytes its length says.
-    """
-    stream = io.BytesIO(raw)
-    elements = {}
-    try:
-        for element in data_element_generator(stream, implicit, True,
-                                              stop_when=lambda tag, vr, length: tag == PIXEL_DATA):
-            length = getattr(element, "length", None)
-            value = element.value
-            if length is not None and length != UNDEFINED_LENGTH and isinstance(value, bytes) \
-                    and len(value) != length:
-                raise _Refused(CANNOT_UNDERSTAND, f"element {element.tag} is cut short or its length is "
-                                                  f"wrong ({len(value)} of {length} bytes)")
-            elements[element.tag] = element
-    except _Refused:
-        raise
-    except Exception as error:  # pydicom raises many types on a damaged data set
-        raise _Refused(CANNOT_UNDERSTAND, f"the data set cannot be parsed: {error}") from None
-    offset = stream.tell()
-    return Dataset(elements), (offset if raw[offset:offset + 4] == PIXEL_DATA_TAG_LE else None)
-
-
-def _check_pixel_data(raw: bytes, offset: int, implicit: bool, compressed: bool, needed: int) -> None:
-    header = 8 if implicit else 12
-    if len(raw) < offset + header:
-        raise _Refused(CANNOT_UNDERSTAND, "the data set ends inside the Pixel Data element's header")
-    (length,) = struct.unpack_from("<I", raw, offset + header - 4)
-    if length == UNDEFINED_LENGTH:
-        if not compressed:
-            raise _Refused(CANNOT_UNDERSTAND, "encapsulated Pixel Data in an uncompressed transfer syntax")
-        if raw.rfind(SEQUENCE_DELIMITER, offset + header) < 0:
-            raise _Refused(CANNOT_UNDERSTAND, "the encapsulated Pixel Data has no sequence delimiter (cut short)")
-        return
-    if compressed:
-        raise _Refused(CANNOT_UNDERSTAND, "native Pixel Data in a compressed transfer syntax")
-    if offset + header + length > len(raw):
-        raise _Refused(CANNOT_UNDERSTAND, f"the Pixel Data is cut short ({len(raw) - offset - header} of "
-                                          f"{length} bytes)")
-    if length < needed:
-        raise _Refused(DOES_NOT_MATCH_SOP_CLASS, f"the Pixel Data holds {length} bytes; the image attributes "
-                                                 f"need {needed}")
-
-
-def check_instance(raw: bytes, transfer_syntax: str, affected_sop_class: str,
-                   affected_sop_instance: str) -> Dataset:
-    """Check a received data set (as sent, without file meta) against its SOP class.
-
-    Returns the header (elements before Pixel Data). Raises :class:`_Refused` with 0xC000
-    (cannot be parsed) or 0xA900 (does not match the SOP class).
-    """
-    implicit = transfer_syntax == ImplicitVRLittleEndian
-    compressed = transfer_syntax not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
-    dataset, pixel_offset = _read_header(raw, implicit)
-    try:
-        sop_class = str(dataset.get("SOPClassUID", "") or "").strip()
-        sop_instance = str(dataset.get("SOPInstanceUID", "") or "").strip()
-        modality = str(dataset.get("Modality", "") or "").strip().upper()
-        numbers = {key: int(dataset.get(key, 0) or 0)
-                   for key in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel")}
-        frames = int(dataset.get("NumberOfFrames", 1) or 1)
-        uids = {key: str(dataset.get(key, "") or "").strip() for key in ("StudyInstanceUID", "SeriesInstanceUID")}
-    except Exception as error:  # a value pydicom cannot convert
-        raise _Refused(CANNOT_UNDERSTAND, f"the data set cannot be parsed: {error}") from None
-    if sop_class != affected_sop_class:
-        raise _Refused(DOES_NOT_MATCH_SOP_CLASS,
-                       f"SOP Class UID {sop_class or '(none)'} differs from the request's {affected_sop_class}")
-    if sop_instance != affected_sop_instance:
-        raise _Refused(DOES_NOT_MATCH_SOP_CLASS,
-                       f"SOP Instance UID {sop_instance or '(none)'} differs from the request's "
-                       f"{affected_sop_instance}")
-    allowed = STORAGE_SOP_CLASSES[affected_sop_class]
-    if modality not in allowed:
-        raise _Refused(DOES_NOT_MATCH_SOP_CLASS,
-                       f"Modality {modality or '(none)'} is not allowed for SOP class {affected_sop_class} "
-                       f"({', '.join(sorted(allowed))})")
-    missing = [key for key, value in uids.items() if not value]
-    bad = [f"{key} {value!r}" for key, value in {**uids, "SOPInstanceUID": sop_instance}.items()
-           if value and (len(value) > 64 or not _UID.match(value))]
-    if bad:
-        raise _Refused(DOES_NOT_MATCH_SOP_CLASS, f"not a DICOM UID: {', '.join(bad)}")
-    missing += [key for key in ("Rows", "Columns", "BitsAllocated") if numbers[key] <= 0]
-    if pixel_offset is None:
-        missing.append("PixelData")
-    if missing:
-        raise _Refused(DOES_NOT_MATCH_SOP_CLASS, f"required attributes missing: {', '.join(missing)}")
-    needed = (numbers["Rows"] * numbers["Columns"] * max(1, numbers["SamplesPerPixel"]) * max(1, frames)
-              * numbers["BitsAllocated"] + 7) // 8
-    _check_pixel_data(raw, pixel_offset, implicit, compressed, needed)
-    return dataset
-
-
 # --- the server --------------------------------------------------------------------------
 
 
@@ -370,6 +205,8 @@ class DimseServer:
                  **overrides):
         self.registry = registry
         self.store = store
+        # Instances and series go into the study service's durable intake (as every door's do).
+        self.intake = StudyIntake(store)
         base = options or DimseOptions()
         self.config = DimseOptions(**{f.name: overrides.get(f.name, getattr(base, f.name))
                                      for f in fields(DimseOptions)})
@@ -379,8 +216,7 @@ class DimseServer:
         self._server: ThreadedAssociationServer | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._workers: dict[tuple[str, str, int], _DestinationWorker] = {}
+        self.delivery = ResultDelivery(store, self.config, self._stop)
         self.ae = self._make_ae()
 
     # ---- lifecycle
@@ -425,14 +261,9 @@ class DimseServer:
             self._server.shutdown()
             if self._server in self.ae._servers:
                 self.ae._servers.remove(self._server)
-        with self._lock:
-            workers = list(self._workers.values())
-        for worker in workers:
-            worker.stop()
         for thread in self._threads:
             thread.join(timeout=self.config.network_timeout_s)
-        for worker in workers:
-            worker.join(timeout=self.config.network_timeout_s)
+        self.delivery.stop()
 
     def __enter__(self) -> "DimseServer":
         return self.start()
@@ -485,27 +316,20 @@ class DimseServer:
             LOGGER.info("C-STORE %s refused (0x%04X): %s", sop_instance, refused.status, refused)
             return _status(refused.status, str(refused))
         part10 = event.encoded_dataset(include_meta=True)
+        origin = Origin("dimse", f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
+                        event.assoc.requestor.ae_title)
         try:
-            self.store.put_pending(tenant.id, part10, str(dataset.StudyInstanceUID),
-                                   str(dataset.SeriesInstanceUID), sop_instance)
-        except Exception as error:  # storage.StorageError and anything else on the way to S3
-            LOGGER.error("C-STORE %s for tenant %s not persisted: %s", sop_instance, tenant.id, error)
-            return _status(OUT_OF_RESOURCES, f"the instance could not be stored: {error}")
+            self.intake.receive_instance(tenant.id, part10, str(dataset.StudyInstanceUID),
+                                         str(dataset.SeriesInstanceUID), sop_instance, origin)
+        except InputError as error:
+            return _status(dimse_status(error), error.message)
         return SUCCESS
 
     # ---- series completion
 
     def complete_series(self, now: float | None = None) -> list:
         """One pass: every quiet pending series becomes a job. Returns the jobs."""
-        jobs = []
-        for series in self.store.pending_series(self.config.series_quiet_s, now=now):
-            try:
-                reply_to = self._reply_to(series)
-                jobs.append(self.store.job_from_pending(series, reply_to))
-            except Exception:
-                LOGGER.exception("job for pending series %s of tenant %s not created",
-                                 series.series_uid, series.tenant)
-        return jobs
+        return self.intake.complete_quiet_series(self.config.series_quiet_s, self._reply_to, now=now)
 
     def _reply_to(self, series) -> dict | None:
         tenant = self.registry.get(series.tenant)
@@ -514,159 +338,16 @@ class DimseServer:
             return None
         return {"ae_title": destination.ae_title, "host": destination.host, "port": int(destination.port)}
 
-    # ---- result delivery
+    # ---- result delivery (mosmedai.ingress.dimse_delivery)
 
     def dispatch_deliveries(self, now: float | None = None) -> int:
-        """One pass: hand every due undelivered job to its destination's worker.
-
-        Returns how many were handed over (jobs already queued or in flight are skipped).
-        """
-        handed = 0
-        for job in self.store.undelivered(time.time() if now is None else now):
-            reply_to = getattr(job, "reply_to", None)
-            if not reply_to:
-                continue
-            key = (str(reply_to["ae_title"]), str(reply_to["host"]), int(reply_to["port"]))
-            with self._lock:
-                worker = self._workers.get(key)
-                if worker is None:
-                    worker = self._workers[key] = _DestinationWorker(self, key)
-                    worker.start()
-            if worker.offer(job):
-                handed += 1
-        return handed
+        return self.delivery.dispatch_deliveries(now)
 
     def idle(self) -> bool:
-        """Whether no delivery is queued or in flight."""
-        with self._lock:
-            return all(worker.idle() for worker in self._workers.values())
+        return self.delivery.idle()
 
     def deliver(self, job, destination: tuple[str, str, int]) -> None:
-        """Send the job's result objects to the destination; record the outcome."""
-        job_id = job.id
-        try:
-            keys = self.store.object_keys(job)  # name -> key
-            if not keys:
-                raise RuntimeError("the job has no result objects")
-            objects = [self.store.read(keys[name]) for name in sorted(keys)]
-            send_objects(objects, destination, calling_ae=self.config.ae_title,
-                         connect_timeout_s=self.config.connect_timeout_s,
-                         network_timeout_s=self.config.network_timeout_s, max_pdu=self.config.max_pdu)
-        except Exception as error:
-            attempt = int((job.delivery or {}).get("attempts") or 0) + 1
-            delay = backoff_s(attempt, self.config.retry_base_s, self.config.retry_max_s)
-            LOGGER.warning("delivery of job %s to %s@%s:%d failed (attempt %d, retry in %.0f s): %s",
-                           job_id, destination[0], destination[1], destination[2], attempt, delay, error)
-            try:
-                self.store.delivery_failed(job, f"{type(error).__name__}: {error}", time.time() + delay)
-            except Exception:
-                LOGGER.exception("recording the failed delivery of job %s failed", job_id)
-            return
-        self.store.delivered(job)
-        LOGGER.info("job %s delivered to %s@%s:%d", job_id, *destination)
-
-
-class _DestinationWorker:
-    """One thread per destination: its jobs go one after another; others do not wait."""
-
-    def __init__(self, server: DimseServer, destination: tuple[str, str, int]):
-        self.server = server
-        self.destination = destination
-        self._queue: queue.Queue = queue.Queue()
-        self._pending: set[str] = set()  # job ids queued or in flight
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"dimse-deliver-{destination[0]}@{destination[1]}:{destination[2]}")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._queue.put(None)
-
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
-
-    def idle(self) -> bool:
-        with self._lock:
-            return not self._pending
-
-    def offer(self, job) -> bool:
-        job_id = job.id
-        with self._lock:
-            if job_id in self._pending:
-                return False
-            self._pending.add(job_id)
-        self._queue.put((job_id, job))
-        return True
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            job_id, job = item
-            try:
-                if not self.server._stop.is_set():
-                    self.server.deliver(job, self.destination)
-            except Exception:
-                LOGGER.exception("delivery worker for %s failed on job %s", self.destination, job_id)
-            finally:
-                with self._lock:
-                    self._pending.discard(job_id)
-
-
-def send_objects(objects: Iterable[bytes], destination: tuple[str, str, int], *, calling_ae: str,
-                 connect_timeout_s: float = 10.0, network_timeout_s: float = 60.0,
-                 max_pdu: int = 262144) -> None:
-    """C-STORE Part-10 objects to ``(ae_title, host, port)`` on one association.
-
-    Raises ``ConnectionError`` when the association fails and ``RuntimeError`` when a
-    C-STORE is refused or gets no answer; success and warning statuses count as stored.
-    """
-    datasets = [pydicom.dcmread(io.BytesIO(body)) for body in objects]
-    if not datasets:
-        return
-    ae = AE(ae_title=calling_ae)
-    ae.maximum_pdu_size = max_pdu
-    ae.connection_timeout = connect_timeout_s
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = network_timeout_s
-    contexts: dict[str, list[str]] = {}
-    for dataset in datasets:
-        syntaxes = contexts.setdefault(str(dataset.SOPClassUID), [])
-        for syntax in (str(dataset.file_meta.TransferSyntaxUID), ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if syntax not in syntaxes:
-                syntaxes.append(syntax)
-    for sop_class, syntaxes in contexts.items():
-        ae.add_requested_context(sop_class, syntaxes)
-    ae_title, host, port = destination
-    assoc = ae.associate(host, int(port), ae_title=ae_title)
-    if not assoc.is_established:
-        state = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        raise ConnectionError(f"association with {ae_title}@{host}:{port} {state}")
-    try:
-        for dataset in datasets:
-            status = assoc.send_c_store(dataset)
-            code = getattr(status, "Status", None)
-            if code is None:
-                raise RuntimeError(f"no C-STORE response for {dataset.SOPInstanceUID} (timeout or abort)")
-            if int(code) not in STORE_SUCCESS_STATUSES:
-                raise RuntimeError(f"C-STORE of {dataset.SOPInstanceUID} refused with status 0x{int(code):04X}")
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        else:
-            assoc.abort()
-
-
-def _status(code: int, comment: str) -> tuple[int, Dataset] | int:
-    """A C-STORE status with Error Comment (0000,0902, at most 64 characters)."""
-    if code == SUCCESS:
-        return SUCCESS
-    status = Dataset()
-    status.Status = code
-    status.ErrorComment = comment[:64]
-    return status
+        self.delivery.deliver(job, destination)
 
 
 # --- entry point -------------------------------------------------------------------------

@@ -25,8 +25,17 @@ import numpy as np
 
 from mosmedai.catalog.families import ToolOutput
 from mosmedai.catalog.tools import CATALOG
-from mosmedai.catalog.version_admission import (ADMITTED, DEFAULT_N, REFUSED, RETRIES, AdmissionError,
-                                                AdmissionRecords, Decision, Preflight, preflight)
+from mosmedai.catalog.version_admission import (
+    ADMITTED,
+    DEFAULT_N,
+    REFUSED,
+    RETRIES,
+    AdmissionError,
+    AdmissionRecords,
+    Decision,
+    Preflight,
+    preflight,
+)
 from mosmedai.phantoms import HELD_OUT_SEED
 from mosmedai.phantoms.dicom_build import to_bytes
 from mosmedai.pipeline.multipart import multipart_body

@@ -52,7 +52,7 @@ from mosmedai.config import Settings
 from mosmedai.phantoms.dicom_build import ct_series, to_bytes
 from mosmedai.pipeline.dicom_input import decode
 from mosmedai.catalog.imaging import preprocess
-from mosmedai.serving.model_repo import output_names
+from mosmedai.serving.model_repo import output_names, read_threshold
 from mosmedai.pipeline.work import image_input
 from mosmedai.pipeline.multipart import multipart_body
 from mosmedai.catalog.postprocess import Calibration, postprocess
@@ -97,7 +97,6 @@ def _path_work(body: bytes, settings: Settings):
     import onnxruntime
 
     from mosmedai.catalog.imaging import GrayscaleParams
-    from mosmedai_training.evaluate import read_threshold
 
     spec = CATALOG[TOOL]
     repository = settings.model_repository
@@ -577,7 +576,7 @@ CT_SERIES = {"slices": 128, "matrix": 512, "spacing_mm": (2.5, 0.7, 0.7), "studi
 def ct_study(settings: Settings) -> dict | None:
     """One 128-slice 512 x 512 chest CT series through the full path (multipart/related to the
     gateway, every enabled chest CT tool): seconds per study and where the time goes."""
-    from mosmedai_training.ct_chest import make_phantom as chest_phantom
+    from mosmedai.phantoms.ct_chest import make_phantom as chest_phantom
 
     tools = [name for name in settings.enabled_tools if CATALOG[name].family.name == "ct_chest"]
     if not tools:

@@ -1,7 +1,7 @@
 """Synthetic example studies, one per family, for `mosmedai example` and the tests.
 
 Every family of the catalog has an example a new user can send to the platform, drawn by
-the family's reference phantom (``mosmedai_training.*``) with a finding of its tools:
+the family's reference phantom (``mosmedai.phantoms.*``) with a finding of its tools:
 
 =============  ============================================  ============================
 family         what is written                               tools that read it
@@ -69,7 +69,7 @@ def _chest_xray(seed: int, finding: str | None) -> Example:
 
 
 def _fluorography(seed: int, finding: str | None) -> Example:
-    from mosmedai_training import fluorography
+    from mosmedai.phantoms import fluorography
 
     phantom = fluorography.make_phantom((seed, 0), findings=[finding] if finding else [])
     box = phantom.box(f"flg_{finding}") if finding in ("nodule", "fibrosis") else None
@@ -81,7 +81,7 @@ def _fluorography(seed: int, finding: str | None) -> Example:
 
 
 def _mammography(seed: int, finding: str | None) -> Example:
-    from mosmedai_training import mammography
+    from mosmedai.phantoms import mammography
 
     study, patient = generate_uid(), f"PHANTOM-MG-{seed}"
     datasets, where = [], ""
@@ -101,7 +101,7 @@ def _mammography(seed: int, finding: str | None) -> Example:
 
 
 def _spine_xray(seed: int, finding: str | None) -> Example:
-    from mosmedai_training import spine_xray
+    from mosmedai.phantoms import spine_xray
 
     phantom = spine_xray.make_phantom((seed, 0), cobb=28.0 if finding else 0.0)
     rows, columns = phantom.stored.shape
@@ -110,8 +110,8 @@ def _spine_xray(seed: int, finding: str | None) -> Example:
 
 
 def _ct_brain(seed: int, finding: str | None) -> Example:
+    from mosmedai.phantoms import ct_brain
     from mosmedai.phantoms.dicom_build import ct_series
-    from mosmedai_training import ct_brain
 
     # The first anatomy of the seed with (or without) a haemorrhage that shifts the midline.
     for index in range(200):
@@ -131,8 +131,8 @@ def _ct_brain(seed: int, finding: str | None) -> Example:
 
 
 def _ct_chest(seed: int, finding: str | None) -> Example:
+    from mosmedai.phantoms import ct_chest
     from mosmedai.phantoms.dicom_build import ct_series
-    from mosmedai_training import ct_chest
 
     findings = {name: name == finding for name in ct_chest.FINDINGS}
     phantom = ct_chest.make_phantom((seed, 0), findings=findings)

@@ -37,7 +37,7 @@ import httpx
 from mosmedai.config import REPO_ROOT, Settings
 from mosmedai.serving.model_repo import rate_limit_args
 
-GROUPS = ("s3", "triton", "triton-RU-TA", "serve", "grpc", "dimse", "prometheus")
+GROUPS = ("s3", "triton", "triton-RU-TA", "serve", "dimse", "prometheus")
 
 
 def local_pools(settings: Settings) -> dict[str, tuple[str, dict[str, int], list[str]]]:
@@ -253,10 +253,9 @@ def running_pid(settings: Settings, group: str) -> int | None:
 MALLOC_ARENAS = "2"
 #: Groups whose large buffers go straight back to the system when freed (glibc otherwise raises
 #: its mmap threshold to the largest block freed, up to 32 MiB, and keeps such blocks in its
-#: heap). The gRPC front door copies each 10 MiB study three times on its way to the gateway:
-#: after 16 concurrent Submits it held 866 MiB, with a fixed 1 MiB threshold 434 MiB. Not the
-#: Serve processes: the gateway would pay page faults for every image on the measured path.
-MMAP_THRESHOLD_GROUPS = {"grpc": "1048576", "dimse": "1048576", "s3": "1048576"}
+#: heap). Not the Serve processes (whose gateway replica also hosts the gRPC door): the gateway
+#: would pay page faults for every image on the measured path.
+MMAP_THRESHOLD_GROUPS = {"dimse": "1048576", "s3": "1048576"}
 
 
 #: CPU priority of each local pool's Triton (nice, and the nice of its session's scheduling
@@ -515,14 +514,13 @@ def up(settings: Settings) -> dict[str, str]:
         if not _port_usable(settings.bind_host, settings.gateway_http_port):
             raise RuntimeError(f"port {settings.gateway_http_port} is taken by another program; "
                                "free it or set MOSMEDAI_GATEWAY_HTTP_PORT")
+        if not _port_free(settings.bind_host, settings.grpc_port):
+            raise RuntimeError(f"port {settings.grpc_port} is taken by another program; free it or set MOSMEDAI_GRPC_PORT")
         _start(settings, "serve", *serve_command(settings))
     _wait("gateway", lambda: _http_ok(f"{urls['gateway']}/readyz"), settings.startup_timeout_s,
           settings.log_dir / "serve.log", (settings, "serve"))
-    if running_pid(settings, "grpc") is None:
-        if not _port_free(settings.bind_host, settings.grpc_port):
-            raise RuntimeError(f"port {settings.grpc_port} is taken by another program; free it or set MOSMEDAI_GRPC_PORT")
-        _start(settings, "grpc", *_python_module_command(settings, "mosmedai.ingress.grpc_door"))
-    _wait("gRPC", lambda: _listening(settings.grpc_port), 60.0, settings.log_dir / "grpc.log", (settings, "grpc"))
+    # The gRPC door is the gateway replica's own (mosmedai.ingress.grpc_door); readiness started it.
+    _wait("gRPC", lambda: _listening(settings.grpc_port), 60.0, settings.log_dir / "serve.log", (settings, "serve"))
     if running_pid(settings, "dimse") is None:
         if not _port_free(settings.bind_host, settings.dimse_port):
             raise RuntimeError(f"port {settings.dimse_port} is taken by another program; free it or set MOSMEDAI_DIMSE_PORT")

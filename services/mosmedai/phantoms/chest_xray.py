@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from mosmedai.catalog.imaging import NETWORK_SIZE, GrayscaleParams, Letterbox, VoiFunction, preprocess
-from mosmedai_training.common import apply_overrides, map_items, stack_columns
+from mosmedai.phantoms.common import apply_overrides, map_items, stack_columns
 
 TOOLS = ("cxr_opacity", "cxr_nodule", "cxr_pneumothorax")
 

@@ -330,3 +330,20 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def read_threshold(repository: str | Path, tool: str) -> float | None:
+    """The `threshold` parameter of ``<repository>/<tool>_post/config.pbtxt`` (as
+    :func:`postprocess_config` renders it); None without the file or the parameter."""
+    import re
+
+    path = Path(repository) / f"{tool}_post" / "config.pbtxt"
+    if not path.exists():
+        return None
+    match = re.search(r'key\s*:\s*"threshold"\s*value\s*\{\s*string_value\s*:\s*"([^"]*)"', path.read_text())
+    if match is None:
+        return None
+    value = float(match.group(1))
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{path}: threshold {value} is not a probability")
+    return value

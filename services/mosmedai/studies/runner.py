@@ -19,8 +19,7 @@ import threading
 import time
 
 from mosmedai.config import Settings
-from mosmedai.jobs.storage import StorageError
-from mosmedai.jobs.store import DONE, FAILED, Job, JobError, JobStore
+from mosmedai.jobs.store import DONE, FAILED, Job, JobStore
 from mosmedai.pipeline.errors import InputError, ToolsFailed
 from mosmedai.pipeline.work import failures_of, infer_items, no_tool_error, prepare
 from mosmedai.results.dicom_objects import study_objects
@@ -54,36 +53,6 @@ async def analyse(settings: Settings, infer, bodies: list[bytes], wanted: list[s
                     "total": (finished - started) * 1000.0},
     )
     return results, items
-
-
-async def accept(jobs: JobStore, runner: "JobRunner", tenant: str, bodies: list[bytes], images,
-                 idempotency_key: str | None = None, source: str = "http") -> Job:
-    """Persist every instance, then the job record - the moment the study is accepted - and
-    hand the job to the runner. Raises InputError: 422 for a bad submission, 503 when the
-    store is unavailable (then nothing was accepted)."""
-    studies = sorted({image.study_instance_uid for image in images})
-    if len(studies) > 1:
-        raise InputError(422, "mixed_studies", f"an asynchronous submission is one study; got {len(studies)}: "
-                         f"{studies[:5]}", study_instance_uids=studies[:20])
-    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
-        raise InputError(400, "bad_idempotency_key", "Idempotency-Key must be 1 to 200 characters")
-    try:
-        keys = await asyncio.gather(*(
-            asyncio.to_thread(jobs.put_instance, tenant, body, image.study_instance_uid,
-                              image.series_instance_uid, image.sop_instance_uid)
-            for body, image in zip(bodies, images)))
-        job, _ = await asyncio.to_thread(
-            jobs.create_job, tenant, keys, study_uid=studies[0],
-            sop_uids=[image.sop_instance_uid for image in images], source=source,
-            idempotency_key=idempotency_key)
-    except JobError as error:
-        raise InputError(422, "invalid_submission", str(error)) from None
-    except StorageError as error:
-        log.warning("storage unavailable, study not accepted: %s", error)
-        raise InputError(503, "storage_unavailable", "the study could not be stored and was NOT accepted; "
-                         "try again") from None
-    runner.submit(job)
-    return job
 
 
 class JobRunner:
