@@ -6,13 +6,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install system-deps up down status test test-unit test-integration bench loadtest models model-configs gpu-check clean
+.PHONY: help install system-deps up down status test test-unit test-integration lint-imports bench loadtest models model-configs gpu-check clean
 
 help:
 	@echo "make up           start the local platform (Triton + Ray Serve gateway/router); logs in .run/logs"
 	@echo "make down         stop everything make up started"
 	@echo "make status       which local processes run"
-	@echo "make test         unit and integration tests (starts its own platform on other ports)"
+	@echo "make test         import-layer contracts, then unit and integration tests (starts its own platform on other ports)"
 	@echo "make bench        side-by-side throughput/latency of the work, Triton, and the full path"
 	@echo "make loadtest     short Locust run against the local platform; report in .run/loadtest"
 	@echo "make models       retrain the 18 reference networks and rewrite their model cards (needs torch; about an hour on 2 cores)"
@@ -52,7 +52,11 @@ down:
 status: install
 	$(BIN)/mosmedai status
 
-test: install
+# The layers of the code (pyproject.toml [tool.importlinter]): a broken contract fails the suite.
+lint-imports: install
+	$(BIN)/lint-imports --no-cache
+
+test: install lint-imports
 	$(BIN)/python -m pytest -q
 
 test-unit: install

@@ -506,7 +506,7 @@ def test_kuberay_scenario_renders_a_rayservice_instead_of_the_gateway_deployment
 def test_network_policies_expose_only_the_gateway_grpc_and_dimse(rendered) -> None:
     """From outside the namespace: the gateway's port (study API, DICOMweb), the gRPC
     front door's and the DIMSE port, each on its own pods only."""
-    public = {"gateway": 8000, "grpc": 9000, "dimse": 11112}
+    public = {"gateway": 8000, "grpc-public": 9000, "dimse": 11112}
     for scenario in ("monitoring-values.yaml", "kuberay-values.yaml", "integrators-values.yaml"):
         policies = [d for d in rendered[scenario] if d["kind"] == "NetworkPolicy"]
         assert policies, scenario
@@ -520,14 +520,16 @@ def test_network_policies_expose_only_the_gateway_grpc_and_dimse(rendered) -> No
                 selector = policy["spec"]["podSelector"].get("matchLabels", {})
                 if peers is None:  # from anywhere: the public ports only, each on its own pods
                     component = selector.get("app.kubernetes.io/component")
-                    assert component in public, policy["metadata"]["name"]
-                    assert [p["port"] for p in rule["ports"]] == [public[component]]
-                    opened.add(component)
+                    # the gRPC door is the gateway pods' second port, under a policy of its own
+                    door = "grpc-public" if policy["metadata"]["name"].endswith("-grpc-public") else component
+                    assert door in public and component in ("gateway", "dimse"), policy["metadata"]["name"]
+                    assert [p["port"] for p in rule["ports"]] == [public[door]]
+                    opened.add(door)
                 else:  # from one named namespace (Prometheus, KubeRay): named ports only
                     (peer,) = peers
                     assert set(peer) == {"namespaceSelector"}
                     assert rule["ports"] and all(p["port"] != gateway_port or selector for p in rule["ports"])
-        expected = {"gateway", "grpc"} | ({"dimse"} if scenario == "integrators-values.yaml" else set())
+        expected = {"gateway", "grpc-public"} | ({"dimse"} if scenario == "integrators-values.yaml" else set())
         assert opened == expected, scenario
 
 
@@ -792,7 +794,7 @@ def test_engine_build_job_is_renamed_when_its_template_changes() -> None:
 
 
 # --- integrators: DIMSE, gRPC, DICOMweb, tenants -------------------------------------------
-PLATFORM_COMPONENTS = ("gateway", "grpc", "dimse")
+PLATFORM_COMPONENTS = ("gateway", "dimse")
 
 
 def platform_containers(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
@@ -857,14 +859,17 @@ def test_integrators_scenario(rendered, tmp_path: Path) -> None:
     assert service["spec"]["type"] == "LoadBalancer" and service["spec"]["ports"][0]["port"] == 11112
     assert service["spec"]["loadBalancerSourceRanges"] == ["10.20.0.0/16", "10.30.0.0/16"]
     assert service["spec"]["externalTrafficPolicy"] == "Local"
-    # gRPC: Deployment, Service 9000, PDB (2 replicas); calls the region's Triton and the gateway.
-    (grpc,) = component(docs, "Deployment", "grpc")
-    genv = {e["name"]: e.get("value") for e in grpc["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert genv["MOSMEDAI_TRITON_URL"] == f"ru-ta.{NAMESPACE}.svc:8001" and genv["MOSMEDAI_GRPC_PORT"] == "9000"
-    assert genv["MOSMEDAI_GATEWAY_URL"] == f"http://mosmedai-gateway.{NAMESPACE}.svc:80"
+    # gRPC: no pods of its own; its Service 9000 selects the gateway's pods, which open the port
+    # and reach the region's Triton.
+    assert not component(docs, "Deployment", "grpc") and not component(docs, "PodDisruptionBudget", "grpc")
     (gservice,) = component(docs, "Service", "grpc")
-    assert gservice["spec"]["ports"][0]["port"] == 9000
-    assert component(docs, "PodDisruptionBudget", "grpc")
+    assert gservice["spec"]["ports"][0]["port"] == 9000 and gservice["spec"]["ports"][0]["targetPort"] == 9000
+    (gateway,) = component(docs, "Deployment", "gateway")
+    assert gservice["spec"]["selector"] == gateway["spec"]["selector"]["matchLabels"]
+    gw = gateway["spec"]["template"]["spec"]["containers"][0]
+    genv = {e["name"]: e.get("value") for e in gw["env"]}
+    assert genv["MOSMEDAI_TRITON_URL"] == f"ru-ta.{NAMESPACE}.svc:8001" and genv["MOSMEDAI_GRPC_PORT"] == "9000"
+    assert {"name": "grpc", "containerPort": 9000, "protocol": "TCP"} in gw["ports"]
     # The gateway: the jobs' object store and credentials.
     (gateway,) = component(docs, "Deployment", "gateway")
     gw = gateway["spec"]["template"]["spec"]["containers"][0]

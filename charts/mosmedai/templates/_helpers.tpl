@@ -130,6 +130,9 @@ securityContext:
   value: "0.0.0.0"
 - name: MOSMEDAI_GATEWAY_HTTP_PORT
   value: {{ .Values.gateway.port | quote }}
+# The gRPC door (mosmedai.ingress.grpc_door) is the gateway replica's own.
+- name: MOSMEDAI_GRPC_PORT
+  value: {{ .Values.grpc.port | quote }}
 - name: MOSMEDAI_TRITON_URL
   value: {{ include "mosmedai.tritonUrl" . | quote }}
 - name: MOSMEDAI_TRITON_HTTP_URL
@@ -406,7 +409,7 @@ envFrom:
 - {name: tools, mountPath: /etc/mosmedai/tools, readOnly: true}
 {{- end -}}
 
-{{/* The gateway Service's in-cluster URL (MOSMEDAI_GATEWAY_URL of gRPC and DIMSE). */}}
+{{/* The gateway Service's in-cluster URL (MOSMEDAI_GATEWAY_URL of DIMSE). */}}
 {{- define "mosmedai.gatewayUrl" -}}
 {{- printf "http://%s.%s.svc:%v" (include "mosmedai.componentName" (dict "root" . "component" "gateway")) .Release.Namespace .Values.gateway.service.port -}}
 {{- end -}}

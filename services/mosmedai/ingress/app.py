@@ -20,7 +20,7 @@ from mosmedai import __version__
 from mosmedai.catalog import tool_config
 from mosmedai.config import Settings
 from mosmedai.ingress import dicomweb, http_oip, http_ops, http_studies, http_tools
-from mosmedai.ingress.auth import RequestMetricsMiddleware, TenantAuthMiddleware
+from mosmedai.ingress.auth import RequestMetricsMiddleware, TenantAuthMiddleware, install_studies
 from mosmedai.ingress.drain import DrainWatcher
 from mosmedai.ingress.grpc_door import GrpcDoor
 from mosmedai.ingress.http_errors import install_error_handlers
@@ -90,8 +90,7 @@ class Gateway:
         install_registry(tenants)
         self.grpc = GrpcDoor(self.studies, self.settings)
         self._grpc_started = False
-        app.state.studies = self.studies
-        app.state.keep_going = self._keep_going
+        install_studies(self.studies, self._keep_going)
         try:
             self._keep_going()
         except RuntimeError:  # no running loop in this constructor: the first request or check_health

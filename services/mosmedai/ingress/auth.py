@@ -77,13 +77,26 @@ def tenant_of(request: Request):
     return request.scope["mosmedai.tenant"]
 
 
+#: The replica's study service and its keep-going hook (one gateway replica per process).
+_replica: dict = {}
+
+
+def install_studies(service, keep_going) -> None:
+    """Called by the gateway replica at start: the study service every HTTP route adapts to, and
+    the hook that keeps its background work (job runner, watchers, gRPC door) going."""
+    _replica.update(studies=service, keep_going=keep_going)
+
+
 def studies_of(request: Request):
-    """The replica's study service (``mosmedai.studies.service.StudyService``), set on the app's
-    state when the gateway replica starts."""
-    service = getattr(request.app.state, "studies", None)
+    """The replica's study service (``mosmedai.studies.service.StudyService``)."""
+    service = _replica.get("studies")
     if service is None:
         raise InputError(503, "not_ready", "the gateway is starting")
     return service
+
+
+def keep_going() -> None:
+    _replica["keep_going"]()
 
 
 def origin_of(request: Request, door: str):

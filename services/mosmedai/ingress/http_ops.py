@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from mosmedai.ingress.auth import studies_of
+from mosmedai.ingress.auth import keep_going, studies_of
 from mosmedai.results.schemas import ErrorBody, PoolsAnswer
 
 router = APIRouter()
@@ -29,7 +29,7 @@ async def metrics(request: Request) -> Response:
 
 async def readiness(request: Request) -> JSONResponse:
     service = studies_of(request)
-    request.app.state.keep_going()
+    keep_going()
     if service.draining():
         return JSONResponse({"error": "draining", "detail": "this gateway replica is shutting down"}, 503,
                             headers=DRAINING_HEADERS)
