@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="district_spill: a study spills to the neighbour pool when its wait would exceed this x the SLO")
     p.add_argument("--spill-delay-s", type=float, default=SpillOver.delay_s,
                    help="district_spill: network transfer of a spilled study to the neighbour district's pool, s "
-                   "(default: the hop measured by tests/services/test_network_hop.py)")
+                   "(default: the hop measured by tests/services/serving/test_network_hop.py)")
     p.add_argument("--neighbours", help="district_spill: override neighbours DISTRICT=NEIGHBOUR,... (default: the districts file)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("capacity-report"), help="folder for report.html, report.md, results.json")

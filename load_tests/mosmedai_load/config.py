@@ -114,7 +114,7 @@ class SpillOver:
 
     wait_fraction: float = 0.25  # of the SLO p95
     # Network transfer of a study to the neighbour district's pool. Measured by
-    # tests/services/test_network_hop.py: 0.3 ms for a transport-reduced chest X-ray over a
+    # tests/services/serving/test_network_hop.py: 0.3 ms for a transport-reduced chest X-ray over a
     # real veth hop, plus two round trips of the 20 ms inter-district link that its netem
     # delay emulates where the kernel has sch_netem: 0.04 s, rounded up.
     delay_s: float = 0.05

@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         registry = load_tenants(args[1], "cluster", False)
         print(json.dumps([t.id for t in registry.all()]))
         return
-    print("usage: python -m mosmedai.ingress.tenants hash-token TOKEN | check FILE", file=sys.stderr)
+    print("usage: mosmedai tenants hash-token TOKEN | check FILE", file=sys.stderr)
     raise SystemExit(2)
 
 

@@ -6,7 +6,7 @@
 - Overload row: the peak (closed loop, concurrency 16), then twice that rate as open-loop
   arrivals with a deadline (``Prefer: wait``): goodput, admitted p99, p99 time to a refusal.
 
-The load generators are shared with the tests (tests/services/test_overload.py); they send
+The load generators are shared with the tests (tests/services/studies/test_overload.py); they send
 with ``mosmedai.local.http_load``, whose cost per request is small enough to offer twice the
 capacity from the platform's own cores.
 """

@@ -314,6 +314,9 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 #: Subcommands with parsers of their own (the capacity planner in load_tests/mosmedai_load).
 DELEGATED = {
+    "tenants": ("mosmedai.ingress.tenants", "hash a tenant token (hash-token TOKEN), or check a tenants file (check FILE)"),
+    "tool-choice": ("mosmedai.local.tool_config_check", "check a per-region tool choice file (check FILE) against "
+                    "this deployment"),
     "capacity": ("mosmedai_load.capacity", "plan GPUs per region pool for a quarter of national volume"),
     "profile": ("mosmedai_load.profile", "measure per-tool service times of a live Triton at several batch sizes"),
 }

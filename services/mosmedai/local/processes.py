@@ -263,7 +263,7 @@ MMAP_THRESHOLD_GROUPS = {"dimse": "1048576", "s3": "1048576"}
 #: they are other nodes. Linux shares a busy CPU between sessions (autogroups), so a saturated
 #: pool took as much as the whole front door, and a quiet tenant's study waited in the gateway's
 #: and router's event loops behind it. At nice 10 the front door's short, latency-bound work
-#: goes first and inference takes the rest: at twice the capacity (tests/services/test_overload)
+#: goes first and inference takes the rest: at twice the capacity (tests/services/studies/test_overload)
 #: the quiet tenant's p50 went from 50 to 34 ms (unloaded: 22), with the same peak.
 TRITON_NICE = 10
 

@@ -1,4 +1,4 @@
-"""``python -m mosmedai.local.tool_config_check check FILE``: check a per-region tool choice file
+"""``mosmedai tool-choice check FILE``: check a per-region tool choice file
 (``mosmedai.catalog.tool_config``) against this deployment's settings, tenants and pools before
 applying it."""
 
@@ -14,9 +14,9 @@ from mosmedai.serving.pools import directory_for
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m mosmedai.local.tool_config_check check FILE``: validate a file against this deployment's
+    """``mosmedai tool-choice check FILE``: validate a file against this deployment's
     settings and tenants (MOSMEDAI_* environment); the pools of pools_file or the local default."""
-    parser = argparse.ArgumentParser(prog="python -m mosmedai.local.tool_config_check", description=__doc__,
+    parser = argparse.ArgumentParser(prog="mosmedai tool-choice", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["check"])
     parser.add_argument("file")

@@ -16,5 +16,5 @@ TRAIN_SEED = 1001
 CALIBRATION_SEED = 2002
 #: Held-out split: the metrics of the model cards (evaluation.json, MODEL_CARD.md).
 HELD_OUT_SEED = 3003
-#: Fresh split used only by the quality tests (tests/services/test_models_quality.py).
+#: Fresh split used only by the quality tests (tests/services/serving/test_models_quality.py).
 TEST_SEED = 4004

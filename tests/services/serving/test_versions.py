@@ -147,7 +147,7 @@ def test_a_study_run_with_version_2_names_version_2_in_json_grpc_and_the_sr(vers
     report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
     groups = report.get_planar_roi_measurement_groups() + report.get_image_measurement_groups()
     algorithms = set()
-    for group in groups:  # as tests/services/test_results_dicom.py reads them
+    for group in groups:  # as tests/services/results/test_results_dicom.py reads them
         values = {item.ConceptNameCodeSequence[0].CodeValue: str(item.TextValue)
                   for item in group[0].ContentSequence if item.ValueType == "TEXT"}
         algorithms.add((values["111001"], values["111003"]))  # Algorithm Name, Algorithm Version

@@ -22,7 +22,7 @@ from mosmedai.serving.model_repo import read_threshold
 from mosmedai_training.evaluate import evaluate
 from mosmedai_training.metrics import auc_score, auc_standard_error, box_hit, expected_calibration_error
 
-REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+REPOSITORY = Path(__file__).resolve().parents[3] / "model_repository"
 
 #: Images per tool: one set of phantoms serves all three tools (~50 % prevalence each).
 N = 120

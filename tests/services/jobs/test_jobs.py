@@ -14,7 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from mosmedai.jobs.deid import deidentify
 from mosmedai.jobs.store import ACCEPTED, DONE, FAILED, RUNNING, JobError, JobStore
-from mosmedai.jobs.store import storage
+from mosmedai.jobs import storage
 from mosmedai.jobs.storage import ObjectStore, start_local_s3
 
 _n = itertools.count()

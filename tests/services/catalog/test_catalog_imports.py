@@ -16,11 +16,13 @@ PACKAGE = Path(mosmedai.__file__).parent
 #: Each module, and the catalog modules it must never import.
 ORDER = {"byo": {"tools", "model_repo"}, "tools": {"model_repo"}, "model_repo": set()}
 CATALOG_MODULES = set(ORDER)
+#: Where each lives (catalog/ holds the tools; serving/ the Triton model repository built from them).
+HOMES = {"byo": "catalog", "tools": "catalog", "model_repo": "serving"}
 
 
 def imported_catalog_modules(module: str) -> set[str]:
     """The catalog modules a module's source imports anywhere (top level or in a function)."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    tree = ast.parse((PACKAGE / HOMES[module] / f"{module}.py").read_text())
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -31,8 +33,9 @@ def imported_catalog_modules(module: str) -> set[str]:
             continue
         for name in names:
             parts = name.split(".")
-            if parts[0] == "mosmedai" and len(parts) > 1 and parts[1] in CATALOG_MODULES:
-                found.add(parts[1])
+            if parts[0] == "mosmedai" and len(parts) > 2 and parts[2] in CATALOG_MODULES \
+                    and HOMES[parts[2]] == parts[1]:
+                found.add(parts[2])
     return found - {module}
 
 
