@@ -61,9 +61,19 @@ def platform(platform_settings):
     assert all(pid is None for pid in local.status(platform_settings).values())
 
 
+def _order(item) -> tuple:
+    """Unit tests first; the integration tests, which share one platform, after them in the order
+    of their top folder and file name (tests/services/<package>/test_x.py as test_x.py), so the
+    platform meets them in one fixed order whatever sub-package holds them."""
+    integration = "platform" in getattr(item, "fixturenames", ())
+    if not integration:
+        return (False,)
+    parts = item.path.relative_to(item.config.rootpath).parts
+    return (True, parts[1] if len(parts) > 2 else "", item.path.name)
+
+
 def pytest_collection_modifyitems(config, items):
-    # Integration tests share one platform; run them after the fast unit tests.
-    items.sort(key=lambda item: "platform" in getattr(item, "fixturenames", ()))
+    items.sort(key=_order)
     for item in items:
         if "platform" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)

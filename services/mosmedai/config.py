@@ -277,10 +277,12 @@ class Settings(BaseSettings):
 
     # --- gRPC and DIMSE ------------------------------------------------------------------------
     gateway_url: str = Field(
-        "", description="Base URL of the gateway's HTTP API that the gRPC study service and DIMSE call. "
+        "", description="Base URL of the gateway's HTTP API, for clients of this deployment (no door calls "
+        "another: the gRPC door runs in the gateway replica, DIMSE writes to the job store). "
         "Empty: http://bind_host:gateway_http_port (the local platform). In a cluster: the gateway Service.",
     )
-    grpc_port: int = Field(9000, ge=1, le=65535, description="gRPC port: Open Inference Protocol and the study service.")
+    grpc_port: int = Field(9000, ge=1, le=65535, description="gRPC port of each gateway replica: Open Inference "
+                           "Protocol and the study service (replicas of one host share it).")
     dimse_port: int = Field(11112, ge=1, le=65535, description="DICOM C-STORE/C-ECHO port (listens on bind_host).")
     dimse_ae_title: str = Field(
         "MOSMEDAI", pattern=r"^[ -~]{1,16}$", description="Our calling AE title when sending results back by C-STORE.",

@@ -819,7 +819,7 @@ def test_every_platform_pod_runs_the_cluster_profile_without_demo_tenants(render
             (volume,) = [v for v in spec["volumes"] if v["name"] == "tenants"]
             assert volume["secret"]["items"][0]["path"] == "tenants.yaml"
             seen += 1
-    assert seen >= 14
+    assert seen >= 9  # the gateway (plain and KubeRay pods, which also serve gRPC) and DIMSE of every scenario
 
 
 def test_platform_env_is_valid_settings(rendered, monkeypatch) -> None:

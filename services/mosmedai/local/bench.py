@@ -494,6 +494,15 @@ def _row(run: Run, base: float | None = None, batch: float | None = None, note: 
             f"{run.percentile(99):8.1f} {ratio} {size} {cpu_text}{note}")
 
 
+def _cpu_ratio(runs: list[Run], reference: list[Run]) -> float | None:
+    """CPU per image of the best of ``runs`` over that of the best ``reference`` run (each at its
+    saturation), or None where either was not measured."""
+    best, base = max(runs, key=lambda run: run.rate), max(reference, key=lambda run: run.rate)
+    if not best.cpu_ms_per_image or not base.cpu_ms_per_image:
+        return None
+    return best.cpu_ms_per_image / base.cpu_ms_per_image
+
+
 def ceiling(b_saturated: Run, upload_cpu_ms: float, upload_wall_ms: float, limit_img_s: float) -> dict:
     """What (c) can reach on this machine at most: (b)'s CPU per image at its best, plus moving
     the body to the gateway, on every core and nothing else (no HTTP, no Ray, no gateway
@@ -541,6 +550,11 @@ def measure(body: bytes, settings: Settings, seconds: float, profile: Profiler |
           f"{batch_fill:.2f} (target >= 0.8)")
     print(f"where the {sum(stages.values()):.1f} ms of (c) at concurrency {c[0].concurrency} go (medians; (b) "
           f"takes {b[0].percentile(50):.1f}): " + ", ".join(f"{name} {ms:.1f}" for name, ms in stages.items()))
+    grpc_cpu_over_c = _cpu_ratio(grpc_runs, c)
+    if grpc_cpu_over_c is not None:
+        print(f"gRPC Submit at saturation: {max(r.rate for r in grpc_runs) / c_best:.2f} of (c)'s throughput, "
+              f"{grpc_cpu_over_c:.2f} x (c)'s CPU per image (target <= 1.3: the gRPC door calls the study "
+              "service in the gateway replica, no hop)")
     most = ceiling(max(b, key=lambda run: run.rate), upload_cpu_ms, upload_wall_ms, limit.rate)
     print(f"ceiling of (c) here: (b)'s {most['triton_cpu_ms_per_image']:.1f} ms of CPU per image plus "
           f"{most['upload_cpu_ms']:.1f} ms to move the {len(body) / 2**20:.1f} MiB body over loopback TCP "
@@ -558,7 +572,7 @@ def measure(body: bytes, settings: Settings, seconds: float, profile: Profiler |
     return {
         "limit_img_s": limit.rate, "triton_img_s": b_best, "full_img_s": c_best,
         "added_p50_ms": added_p50, "added_p99_ms": added_p99, "batch_fill": batch_fill,
-        "stages_ms": stages, "profile": profiled, "ceiling": most,
+        "stages_ms": stages, "profile": profiled, "ceiling": most, "grpc_cpu_over_c": grpc_cpu_over_c,
         "rows": {
             "a": summary(a), "limit": {"processes": limit.concurrency, "rate": limit.rate},
             "b": [summary(run) for run in b],

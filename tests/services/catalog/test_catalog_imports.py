@@ -49,9 +49,11 @@ def test_catalog_modules_import_one_way():
 
 
 def test_each_module_loads_without_the_ones_above_it():
-    code = ("import sys, importlib; importlib.import_module(f'mosmedai.{sys.argv[1]}'); "
-            "print(' '.join(sorted(m for m in ('byo', 'tools', 'model_repo') if f'mosmedai.{m}' in sys.modules)))")
-    loaded = {module: subprocess.run([sys.executable, "-c", code, module], capture_output=True, text=True,
+    code = ("import sys, importlib; homes = dict(h.split(':') for h in sys.argv[2:]); "
+            "importlib.import_module(f'mosmedai.{homes[sys.argv[1]]}.{sys.argv[1]}'); "
+            "print(' '.join(sorted(m for m in homes if f'mosmedai.{homes[m]}.{m}' in sys.modules)))")
+    homes = [f"{module}:{home}" for module, home in HOMES.items()]
+    loaded = {module: subprocess.run([sys.executable, "-c", code, module, *homes], capture_output=True, text=True,
                                      timeout=120, check=True).stdout.split()
               for module in ORDER}
     assert loaded == {"byo": ["byo"], "tools": ["byo", "tools"], "model_repo": ["byo", "model_repo", "tools"]}

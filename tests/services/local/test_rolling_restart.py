@@ -27,7 +27,7 @@ from mosmedai.local.http_load import HttpLoadClient
 from mosmedai.jobs.storage import ObjectStore
 from mosmedai.ingress.tenants import DEMO_TOKENS, auth_headers
 from mosmedai.phantoms.chest_xray import dicom_bytes, make_phantom
-from tests.services.test_national import assert_done_exactly_once
+from tests.services.serving.test_national import assert_done_exactly_once
 
 TATARSTAN = auth_headers(DEMO_TOKENS["demo-tatarstan"])
 #: Seconds for the router to take a restarted pool back (probe 1 s, ejection up to 10 s).
